@@ -1,0 +1,53 @@
+"""Resolving settings from the one ``configs/`` tree (Hydra's compose API).
+
+The CLI and the Flower apps call :func:`load_config` with ``key=value``
+overrides, so there is exactly one source of defaults. A run with no data
+configured is switched to the synthetic dataset here, loudly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from common.errors import ConfigError
+from common.paths import data_root
+
+log = logging.getLogger(__name__)
+
+
+def config_dir() -> Path:
+    import configs
+
+    return Path(configs.__file__).parent
+
+
+def load_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose ``configs/config.yaml`` with ``overrides`` and apply the data fallback."""
+    overrides = list(overrides)
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        key = next((o.split("=")[0] for o in overrides if o.split("=")[0] in str(exc)), "overrides")
+        raise ConfigError(key, str(exc).splitlines()[0]) from None
+    needs_root = cfg.dataset.name in ("brain_mri", "lung_ct") and not Path(
+        str(cfg.dataset.get("path") or "")
+    ).is_absolute()
+    if needs_root and data_root(cfg.data_root) is None:
+        domain = cfg.dataset.domain
+        log.warning("No data configured (data_root / FEDSCAN_DATA): using the SYNTHETIC "
+                    "embedded default for %s", domain)
+        fallback = [o for o in overrides if not o.startswith(("dataset=", "dataset."))]
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose(config_name="config",
+                          overrides=[*fallback, "dataset=synthetic", f"dataset.domain={domain}"])
+        # Pretrained trunks need more than 32 px; the synthetic default is 64 px.
+    OmegaConf.set_readonly(cfg, False)
+    return cfg

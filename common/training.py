@@ -1,0 +1,311 @@
+"""Training and evaluation loops shared by the centralised baseline and every site.
+
+Two input kinds feed the same loops: uint8 images from the decode-once cache
+(augmented on the fly) and cached activations of a frozen trunk. The second is
+what makes pretrained models practical on a CPU-only hospital server: the frozen
+stages run once per image instead of once per image per epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.utils.class_weight import compute_class_weight
+from torch import nn
+from tqdm import tqdm
+
+from common.errors import ConfigError
+from common.models.staged import StagedModel
+from common.parallel import available_cpus
+from common.transforms import Augment, to_float
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The ``train`` config group, validated."""
+
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    class_weighting: str = "none"  # none | balanced
+    sampler: str = "random"  # random | balanced
+    augment: str = "light"
+    label_smoothing: float = 0.0
+    select_best: bool = True
+    best_metric: str = "val_macro_f1"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("train.epochs", self.epochs >= 1, "must be >= 1"),
+            ("train.batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("train.lr", self.lr > 0, "must be > 0"),
+            ("train.weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("train.optimizer", self.optimizer in ("adamw", "sgd"), "use adamw or sgd"),
+            ("train.class_weighting", self.class_weighting in ("none", "balanced"),
+             "use none or balanced"),
+            ("train.sampler", self.sampler in ("random", "balanced"), "use random or balanced"),
+            ("train.label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
+            ("train.best_metric", self.best_metric in ("val_macro_f1", "val_accuracy", "val_loss"),
+             "use val_macro_f1, val_accuracy or val_loss"),
+        ]
+        for key, ok, msg in checks:
+            if not ok:
+                raise ConfigError(key, f"{msg} (got {getattr(self, key.split('.')[1])!r})")
+
+
+def select_device(preference: str = "auto", num_threads: int | None = None) -> torch.device:
+    """A GPU when present (``auto``), else the CPU limited to the cores we may use."""
+    if preference not in ("auto", "cpu", "cuda"):
+        raise ConfigError("device", f"use auto, cpu or cuda (got '{preference}')")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", "cuda requested but no GPU is visible")
+    use_cuda = preference == "cuda" or (preference == "auto" and torch.cuda.is_available())
+    if not use_cuda:
+        torch.set_num_threads(num_threads or available_cpus())
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision on GPUs (bfloat16 where supported); full precision on CPUs."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+class Batches:
+    """Mini-batches of ``x[indices]`` (uint8 images or float features) and labels.
+
+    Deterministic for a given seed and epoch; ``balanced`` sampling draws with
+    replacement so that every class is seen equally often.
+    """
+
+    def __init__(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        indices: np.ndarray,
+        *,
+        batch_size: int,
+        shuffle: bool = False,
+        balanced: bool = False,
+        augment: Augment | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.x, self.y, self.indices = x, y, np.asarray(indices, dtype=np.int64)
+        self.batch_size, self.shuffle, self.balanced = batch_size, shuffle, balanced
+        self.augment, self.seed, self.epoch = augment, seed, 0
+        self.is_images = x.dtype == np.uint8
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.indices)
+
+    def _order(self) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.balanced:
+            labels = self.y[self.indices]
+            counts = np.bincount(labels)
+            w = 1.0 / counts[labels]
+            return rng.choice(self.indices, size=len(self.indices), replace=True, p=w / w.sum())
+        return rng.permutation(self.indices) if self.shuffle else self.indices
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self._order()
+        self.epoch += 1
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s : s + self.batch_size]
+            sorted_idx = np.sort(idx)  # memmap reads are faster in file order
+            xb = torch.from_numpy(np.ascontiguousarray(self.x[sorted_idx]))
+            yb = torch.from_numpy(self.y[sorted_idx].astype(np.int64))
+            if self.is_images:
+                xb = to_float(xb)
+                if self.augment is not None:
+                    xb = self.augment(xb)
+            else:
+                xb = xb.float()
+            yield xb, yb
+
+
+def loss_function(settings: TrainSettings, train_labels: np.ndarray, num_classes: int) -> nn.Module:
+    weight = None
+    if settings.class_weighting == "balanced":
+        present = np.unique(train_labels)
+        w = np.ones(num_classes)
+        w[present] = compute_class_weight("balanced", classes=present, y=train_labels)
+        weight = torch.tensor(w, dtype=torch.float32)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=settings.label_smoothing)
+
+
+def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=settings.lr, momentum=0.9,
+                               weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def proximal_term(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's (mu / 2) * ||w - w_global||^2 over the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return (mu / 2.0) * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+
+
+def train_one_epoch(
+    model: StagedModel,
+    batches: Batches,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    *,
+    device: torch.device,
+    start: int = 0,
+    proximal_mu: float = 0.0,
+    anchor: list[torch.Tensor] | None = None,
+    desc: str = "train",
+) -> tuple[float, float]:
+    """One pass; returns (mean loss, accuracy). ``start`` > 0 when inputs are cached features."""
+    model.train()
+    loss_fn = loss_fn.to(device)
+    total, correct, loss_sum = 0, 0, 0.0
+    for xb, yb in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 20):
+        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device):
+            logits = model.forward_from(xb, start)
+            loss = loss_fn(logits.float(), yb)
+        objective = loss
+        if proximal_mu > 0 and anchor is not None:
+            objective = loss + proximal_term(model, anchor, proximal_mu)
+        if not torch.isfinite(objective):
+            raise FloatingPointError(f"non-finite training loss ({objective.item()})")
+        objective.backward()
+        optimizer.step()
+        n = len(yb)
+        total += n
+        loss_sum += loss.item() * n
+        correct += int((logits.argmax(1) == yb).sum())
+    return loss_sum / max(total, 1), correct / max(total, 1)
+
+
+@torch.inference_mode()
+def predict(
+    model: StagedModel, batches: Batches, *, device: torch.device, start: int = 0
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """(probabilities [N, C], labels [N], mean cross-entropy) in the batches' order."""
+    model.eval()
+    probs, labels, loss_sum = [], [], 0.0
+    for xb, yb in batches:
+        with autocast(device):
+            logits = model.forward_from(xb.to(device), start).float()
+        loss_sum += float(nn.functional.cross_entropy(logits, yb.to(device), reduction="sum"))
+        probs.append(torch.softmax(logits, 1).cpu().numpy())
+        labels.append(yb.numpy())
+    if not probs:
+        return np.zeros((0, model.num_classes)), np.zeros(0, np.int64), float("nan")
+    y = np.concatenate(labels)
+    return np.concatenate(probs), y, loss_sum / len(y)
+
+
+def prefix_digest(model: StagedModel, cut: int) -> str:
+    """Identity of the frozen stages' weights, part of the feature-cache key."""
+    h = hashlib.sha1(model.name.encode() + str(cut).encode())
+    for k, v in model.stages[:cut].state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@torch.inference_mode()
+def cached_features(
+    model: StagedModel,
+    images: np.ndarray,
+    indices: np.ndarray,
+    *,
+    cut: int,
+    cache_file: Path,
+    device: torch.device,
+    batch_size: int = 16,
+) -> np.ndarray:
+    """Outputs of ``stages[:cut]`` for every image in ``indices`` (float16, memmapped).
+
+    Rows outside ``indices`` are zeros. Reused when ``cache_file`` exists; its name
+    must carry the image-cache key and :func:`prefix_digest`.
+    """
+    if cache_file.exists():
+        return np.load(cache_file, mmap_mode="r")
+    model.eval()
+    probe = model.forward_until(to_float(torch.from_numpy(images[:1].copy())).to(device), cut)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(".partial.npy")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
+                                    shape=(len(images), *probe.shape[1:]))
+    idx = np.sort(np.asarray(indices))
+    for s in tqdm(range(0, len(idx), batch_size), desc="frozen trunk", leave=False):
+        b = idx[s : s + batch_size]
+        xb = to_float(torch.from_numpy(np.ascontiguousarray(images[b]))).to(device)
+        if device.type == "cpu":
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            out[b] = model.forward_until(xb, cut).float().cpu().numpy().astype(np.float16)
+    out.flush()
+    del out
+    tmp.replace(cache_file)
+    return np.load(cache_file, mmap_mode="r")
+
+
+def fit(
+    model: StagedModel,
+    train: Batches,
+    val: Batches,
+    settings: TrainSettings,
+    *,
+    device: torch.device,
+    start: int = 0,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Train for ``settings.epochs`` epochs; keep the best epoch's weights if asked.
+
+    Returns the per-epoch history (train/val loss and accuracy, val macro-F1).
+    """
+    from common.metrics import classification_metrics
+
+    model.to(device)
+    if device.type == "cpu":
+        model.to(memory_format=torch.channels_last)
+    loss_fn = loss_function(settings, train.y[train.indices], model.num_classes)
+    optimizer = make_optimizer(model, settings)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
+    history: list[dict] = []
+    best_score, best_state = -np.inf, None
+    classes = [str(i) for i in range(model.num_classes)]
+    for epoch in range(1, settings.epochs + 1):
+        tr_loss, tr_acc = train_one_epoch(model, train, optimizer, loss_fn, device=device,
+                                          start=start, desc=f"epoch {epoch}")
+        sched.step()
+        probs, y, va_loss = predict(model, val, device=device, start=start)
+        m = classification_metrics(y, probs, classes, loss=va_loss)
+        row = {"epoch": epoch, "train_loss": tr_loss, "train_accuracy": tr_acc,
+               "val_loss": va_loss, "val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"],
+               "lr": optimizer.param_groups[0]["lr"]}
+        history.append(row)
+        if on_epoch:
+            on_epoch(row)
+        score = row[settings.best_metric] * (-1 if settings.best_metric.endswith("loss") else 1)
+        if settings.select_best and score > best_score:
+            best_score, best_state = score, copy.deepcopy(model.state_dict())
+    if settings.select_best and best_state is not None:
+        model.load_state_dict(best_state)
+    return history
