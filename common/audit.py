@@ -26,11 +26,13 @@ def detect(path: Path, cache_root: Path) -> ImageCollection:
     if not path.is_dir():
         raise DataError(path, "audit path is not a folder")
     if (path / "Training").is_dir() and (path / "Testing").is_dir():
-        return load_dataset({"name": "brain_mri", "path": str(path)}, data_root=None,
-                            cache_root=cache_root)
+        return load_dataset(
+            {"name": "brain_mri", "path": str(path)}, data_root=None, cache_root=cache_root
+        )
     if any(p.name.lower().endswith(" cases") for p in path.iterdir() if p.is_dir()):
-        return load_dataset({"name": "lung_ct", "path": str(path)}, data_root=None,
-                            cache_root=cache_root)
+        return load_dataset(
+            {"name": "lung_ct", "path": str(path)}, data_root=None, cache_root=cache_root
+        )
     errors = []
     for domain in ("brain_mri", "lung_ct"):
         try:
@@ -46,22 +48,32 @@ def audit(path: Path, cache_root: Path) -> dict[str, Any]:
     rel = [c.relpath(i) for i in range(len(c))]
     groups = exact_duplicate_groups(fp)
     split = [s or "" for s in c.official_split]
-    train_hashes = {fp.pixel_hash[i] for i in range(len(c)) if split[i] == "train" and fp.readable[i]}
-    cross = [rel[i] for i in range(len(c))
-             if split[i] == "test" and fp.readable[i] and fp.pixel_hash[i] in train_hashes]
-    near = [(int(a), int(b)) for a, b in near_duplicate_pairs(fp, NEAR_DISTANCE)
-            if fp.pixel_hash[a] != fp.pixel_hash[b]]
+    train_hashes = {
+        fp.pixel_hash[i] for i in range(len(c)) if split[i] == "train" and fp.readable[i]
+    }
+    cross = [
+        rel[i]
+        for i in range(len(c))
+        if split[i] == "test" and fp.readable[i] and fp.pixel_hash[i] in train_hashes
+    ]
+    near = [
+        (int(a), int(b))
+        for a, b in near_duplicate_pairs(fp, NEAR_DISTANCE)
+        if fp.pixel_hash[a] != fp.pixel_hash[b]
+    ]
     near_cross = [(a, b) for a, b in near if {split[a], split[b]} == {"train", "test"}]
     conflicts = [g for g in groups if len({int(c.labels[i]) for i in g}) > 1]
-    sizes = Counter(f"{w}x{h}" for w, h, ok in zip(fp.width, fp.height, fp.readable, strict=True)
-                    if ok)
+    sizes = Counter(
+        f"{w}x{h}" for w, h, ok in zip(fp.width, fp.height, fp.readable, strict=True) if ok
+    )
     report: dict[str, Any] = {
         "path": str(c.root),
         "dataset": c.name,
         "images": len(c),
         "classes": c.class_counts(),
-        "unreadable": [{"path": rel[i], "reason": str(fp.error[i])}
-                       for i in np.flatnonzero(~fp.readable)],
+        "unreadable": [
+            {"path": rel[i], "reason": str(fp.error[i])} for i in np.flatnonzero(~fp.readable)
+        ],
         "non_image_files": [p.relative_to(c.root).as_posix() for p in c.skipped],
         "exact_duplicate_groups": [[rel[i] for i in g] for g in groups],
         "removable_duplicates": [rel[i] for g in groups for i in g[1:]],
@@ -73,13 +85,14 @@ def audit(path: Path, cache_root: Path) -> dict[str, Any]:
         "image_sizes": dict(sizes.most_common()),
     }
     if any(s for s in split):
-        report["splits"] = {s: c.class_counts(np.flatnonzero(np.array(split) == s))
-                            for s in sorted(set(split)) if s}
+        report["splits"] = {
+            s: c.class_counts(np.flatnonzero(np.array(split) == s)) for s in sorted(set(split)) if s
+        }
     if (c.numbers >= 0).all():
         sg = scan_groups(c, fp)
         report["scan_groups"] = {
             cls: {
-                "groups": int(len(np.unique(sg[c.labels == k]))),
+                "groups": len(np.unique(sg[c.labels == k])),
                 "sizes": np.unique(sg[c.labels == k], return_counts=True)[1].tolist(),
             }
             for k, cls in enumerate(c.classes)
@@ -101,15 +114,20 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(f"  exact-duplicate groups: {n_groups} ({n_rm} removable images)")
     lines.append(f"  duplicate groups with conflicting labels: {len(r['label_conflicts'])}")
     if "splits" in r:
-        lines.append(f"  test images pixel-identical to a training image: "
-                     f"{len(r['cross_split_duplicates'])}")
-    lines.append(f"  near-duplicate pairs (phash distance <= {r['near_duplicate_distance']}, "
-                 f"not identical): {len(r['near_duplicate_pairs'])}"
-                 + (f", {len(r['cross_split_near_duplicates'])} across train/test"
-                    if "splits" in r else ""))
+        lines.append(
+            f"  test images pixel-identical to a training image: {len(r['cross_split_duplicates'])}"
+        )
+    lines.append(
+        f"  near-duplicate pairs (phash distance <= {r['near_duplicate_distance']}, "
+        f"not identical): {len(r['near_duplicate_pairs'])}"
+        + (f", {len(r['cross_split_near_duplicates'])} across train/test" if "splits" in r else "")
+    )
     for cls, g in r.get("scan_groups", {}).items():
-        lines.append(f"  scan groups [{cls}]: {g['groups']} (sizes {min(g['sizes'])}-"
-                     f"{max(g['sizes'])}, median {int(np.median(g['sizes']))})")
-    lines.append("  image sizes: " + ", ".join(f"{k} x{v}" for k, v in
-                                               list(r["image_sizes"].items())[:6]))
+        lines.append(
+            f"  scan groups [{cls}]: {g['groups']} (sizes {min(g['sizes'])}-"
+            f"{max(g['sizes'])}, median {int(np.median(g['sizes']))})"
+        )
+    lines.append(
+        "  image sizes: " + ", ".join(f"{k} x{v}" for k, v in list(r["image_sizes"].items())[:6])
+    )
     return "\n".join(lines)

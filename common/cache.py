@@ -34,8 +34,12 @@ class PreprocessSpec:
     channels: int = 1
 
     def as_dict(self) -> dict:
-        return {"size": self.size, "resample": self.resample, "channels": self.channels,
-                "version": PREPROCESS_VERSION}
+        return {
+            "size": self.size,
+            "resample": self.resample,
+            "channels": self.channels,
+            "version": PREPROCESS_VERSION,
+        }
 
 
 @dataclass(frozen=True)
@@ -89,8 +93,15 @@ def build_cache(collection: ImageCollection, spec: PreprocessSpec, cache_root: P
         out.flush()
         del out
         tmp.replace(data)
-        meta.write_text(json.dumps({"spec": spec.as_dict(), "n": len(collection),
-                                    "errors": {str(k): v for k, v in errors.items()}}))
+        meta.write_text(
+            json.dumps(
+                {
+                    "spec": spec.as_dict(),
+                    "n": len(collection),
+                    "errors": {str(k): v for k, v in errors.items()},
+                }
+            )
+        )
     info = json.loads(meta.read_text())
     errors = {int(k): v for k, v in info["errors"].items()}
     ok = np.ones(len(collection), bool)

@@ -28,26 +28,35 @@ def config_dir() -> Path:
     return Path(configs.__file__).parent
 
 
-def load_config(overrides: Sequence[str] = ()) -> DictConfig:
-    """Compose ``configs/config.yaml`` with ``overrides`` and apply the data fallback."""
-    overrides = list(overrides)
+def _compose(overrides: list[str]) -> DictConfig:
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=overrides)
+            return compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as exc:
         key = next((o.split("=")[0] for o in overrides if o.split("=")[0] in str(exc)), "overrides")
         raise ConfigError(key, str(exc).splitlines()[0]) from None
-    needs_root = cfg.dataset.name in ("brain_mri", "lung_ct") and not Path(
-        str(cfg.dataset.get("path") or "")
-    ).is_absolute()
-    if needs_root and data_root(cfg.data_root) is None:
-        domain = cfg.dataset.domain
-        log.warning("No data configured (data_root / FEDSCAN_DATA): using the SYNTHETIC "
-                    "embedded default for %s", domain)
-        fallback = [o for o in overrides if not o.startswith(("dataset=", "dataset."))]
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose(config_name="config",
-                          overrides=[*fallback, "dataset=synthetic", f"dataset.domain={domain}"])
-        # Pretrained trunks need more than 32 px; the synthetic default is 64 px.
+
+
+def load_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose ``configs/config.yaml`` with ``overrides`` and apply the data fallback.
+
+    With no data root configured for a dataset that needs one, the synthetic
+    dataset of the same domain is used instead (with a warning); ``dataset.*``
+    overrides still apply to it.
+    """
+    overrides = list(overrides)
+    probe = _compose([o for o in overrides if not o.startswith("dataset.")])
+    ds_path = str(probe.dataset.get("path") or "")
+    needs_root = probe.dataset.name in ("brain_mri", "lung_ct") and not Path(ds_path).is_absolute()
+    if needs_root and data_root(probe.data_root) is None:
+        log.warning(
+            "No data configured (data_root / FEDSCAN_DATA): using the SYNTHETIC "
+            "embedded default for %s",
+            probe.dataset.domain,
+        )
+        overrides = [o for o in overrides if not o.startswith("dataset=")] + ["dataset=synthetic"]
+        if not any(o.startswith("dataset.domain=") for o in overrides):
+            overrides.append(f"dataset.domain={probe.dataset.domain}")
+    cfg = _compose(overrides)
     OmegaConf.set_readonly(cfg, False)
     return cfg

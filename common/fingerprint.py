@@ -63,8 +63,10 @@ def _stat_key(path: Path) -> str:
 
 def compute_fingerprints(collection: ImageCollection, cache_root: Path) -> Fingerprints:
     """Fingerprint every file of ``collection``, reusing cached rows of unchanged files."""
-    store = cache_root / "fingerprints" / (
-        hashlib.sha1(str(collection.root).encode()).hexdigest()[:16] + f"-v{VERSION}.npz"
+    store = (
+        cache_root
+        / "fingerprints"
+        / (hashlib.sha1(str(collection.root).encode()).hexdigest()[:16] + f"-v{VERSION}.npz")
     )
     rel = [collection.relpath(i) for i in range(len(collection))]
     keys = [f"{r}|{_stat_key(p)}" for r, p in zip(rel, collection.paths, strict=True)]
@@ -74,17 +76,25 @@ def compute_fingerprints(collection: ImageCollection, cache_root: Path) -> Finge
         cached = np.load(store, allow_pickle=False)
         old = {k: i for i, k in enumerate(cached["keys"].tolist())}
     todo = [i for i, k in enumerate(keys) if k not in old]
-    fresh = dict(zip(todo, pmap(_one, [collection.paths[i] for i in todo], desc="fingerprint"),
-                     strict=True))
+    fresh = dict(
+        zip(todo, pmap(_one, [collection.paths[i] for i in todo], desc="fingerprint"), strict=True)
+    )
     rows = []
     for i, k in enumerate(keys):
         if i in fresh:
             rows.append(fresh[i])
         else:
             j = old[k]
-            rows.append((str(cached["pixel_hash"][j]), int(cached["phash"][j]),
-                         int(cached["height"][j]), int(cached["width"][j]),
-                         cached["thumbs"][j], str(cached["error"][j])))
+            rows.append(
+                (
+                    str(cached["pixel_hash"][j]),
+                    int(cached["phash"][j]),
+                    int(cached["height"][j]),
+                    int(cached["width"][j]),
+                    cached["thumbs"][j],
+                    str(cached["error"][j]),
+                )
+            )
     fp = Fingerprints(
         pixel_hash=np.array([r[0] for r in rows], dtype="U40"),
         phash=np.array([r[1] for r in rows], dtype=np.uint64),
@@ -96,7 +106,15 @@ def compute_fingerprints(collection: ImageCollection, cache_root: Path) -> Finge
     if todo:
         store.parent.mkdir(parents=True, exist_ok=True)
         tmp = store.with_suffix(".tmp.npz")
-        np.savez(tmp, keys=np.array(keys), pixel_hash=fp.pixel_hash, phash=fp.phash,
-                 height=fp.height, width=fp.width, thumbs=fp.thumbs, error=fp.error)
+        np.savez(
+            tmp,
+            keys=np.array(keys),
+            pixel_hash=fp.pixel_hash,
+            phash=fp.phash,
+            height=fp.height,
+            width=fp.width,
+            thumbs=fp.thumbs,
+            error=fp.error,
+        )
         tmp.replace(store)
     return fp

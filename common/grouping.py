@@ -18,6 +18,8 @@ neighbour, because a lone slice is far more likely a mis-cut than a patient.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -80,7 +82,7 @@ def scan_groups(
         unreadable = ~fp.readable[members[1:]] | ~fp.readable[members[:-1]]
         cut = ((diff > threshold) | resized) & ~unreadable
         bounds = [0, *(np.flatnonzero(cut) + 1).tolist(), len(members)]
-        segments = [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        segments = [list(range(a, b)) for a, b in pairwise(bounds)]
         segments = _merge_small(segments, diff, min_size)
         for seg in segments:
             groups[members[seg]] = next_id
@@ -101,13 +103,15 @@ def _merge_small(segments: list[list[int]], diff: np.ndarray, min_size: int) -> 
             right = diff[seg[-1]] if k < len(segs) - 1 else np.inf
             j = k - 1 if left <= right else k + 1
             a, b = sorted((k, j))
-            segs[a:b + 1] = [segs[a] + segs[b]]
+            segs[a : b + 1] = [segs[a] + segs[b]]
             changed = True
             break
     return segs
 
 
-def leakage_groups(base: np.ndarray, fp: Fingerprints, *, near_distance: int | None = 0) -> np.ndarray:
+def leakage_groups(
+    base: np.ndarray, fp: Fingerprints, *, near_distance: int | None = 0
+) -> np.ndarray:
     """Join ``base`` group ids with exact (and optionally near-) duplicate groups.
 
     The result is the unit of every split and partition: two images end up on the

@@ -26,9 +26,7 @@ def classification_metrics(
     probs = np.asarray(probs, dtype=np.float64)
     labels = list(range(len(classes)))
     y_pred = probs.argmax(axis=1)
-    p, r, f, s = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     mp, mr, mf, _ = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, average="macro", zero_division=0
     )
@@ -37,7 +35,7 @@ def classification_metrics(
         norm = probs / probs.sum(axis=1, keepdims=True)
         auc = float(roc_auc_score(y_true, norm, multi_class="ovr", labels=labels))
     out = {
-        "n": int(len(y_true)),
+        "n": len(y_true),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
         "macro_precision": float(mp),
@@ -45,8 +43,12 @@ def classification_metrics(
         "macro_f1": float(mf),
         "roc_auc_ovr": auc,
         "per_class": {
-            c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-                "support": int(s[i])}
+            c: {
+                "precision": float(p[i]),
+                "recall": float(r[i]),
+                "f1": float(f[i]),
+                "support": int(s[i]),
+            }
             for i, c in enumerate(classes)
         },
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),

@@ -21,14 +21,22 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def pmap(fn: Callable[[A], R], items: Sequence[A], *, desc: str, workers: int | None = None) -> list[R]:
+def pmap(
+    fn: Callable[[A], R], items: Sequence[A], *, desc: str, workers: int | None = None
+) -> list[R]:
     """Order-preserving map; small jobs stay in-process because a pool costs ~1 s to start."""
     workers = workers or available_cpus()
     show = len(items) >= 200
     if workers <= 1 or len(items) < 200:
-        return [fn(x) for x in tqdm(items, desc=desc, disable=not show, leave=False)]
+        return [fn(x) for x in tqdm(items, desc=desc, disable=None if show else True, leave=False)]
     chunk = max(1, len(items) // (workers * 8))
     with ProcessPoolExecutor(max_workers=workers) as pool:
         return list(
-            tqdm(pool.map(fn, items, chunksize=chunk), total=len(items), desc=desc, leave=False)
+            tqdm(
+                pool.map(fn, items, chunksize=chunk),
+                total=len(items),
+                desc=desc,
+                leave=False,
+                disable=None,
+            )
         )

@@ -71,21 +71,27 @@ def prepare_data(cfg: DictConfig) -> PreparedData:
     if not 16 <= size <= 1024:
         raise ConfigError("dataset.image_size", f"must be in [16, 1024], got {size}")
     croot = cache_root(cfg.cache_dir)
-    collection = load_dataset(OmegaConf.to_container(ds), data_root=data_root(cfg.data_root),
-                              cache_root=croot)
+    collection = load_dataset(
+        OmegaConf.to_container(ds), data_root=data_root(cfg.data_root), cache_root=croot
+    )
     fp = compute_fingerprints(collection, croot)
     bad = np.flatnonzero(~fp.readable)
     if len(bad):
         listing = "; ".join(f"{collection.paths[i]} ({fp.error[i]})" for i in bad[:5])
         if ds.on_unreadable == "error":
-            raise DataError(collection.paths[bad[0]], f"{len(bad)} unreadable image(s): {listing}"
-                            " — fix them or set dataset.on_unreadable=skip")
+            raise DataError(
+                collection.paths[bad[0]],
+                f"{len(bad)} unreadable image(s): {listing}"
+                " — fix them or set dataset.on_unreadable=skip",
+            )
         if ds.on_unreadable != "skip":
             raise ConfigError("dataset.on_unreadable", f"use error or skip, got {ds.on_unreadable}")
         log.warning("skipping %d unreadable image(s): %s", len(bad), listing)
     sp = ds.split
     splits = make_splits(
-        collection, fp, policy=str(sp.policy),
+        collection,
+        fp,
+        policy=str(sp.policy),
         val_fraction=_typed(sp, "val_fraction", float, "dataset.split"),
         test_fraction=_typed(sp, "test_fraction", float, "dataset.split"),
         seed=int(cfg.seed),
@@ -113,7 +119,7 @@ def model_inputs(
     folder = cache_root(cfg.cache_dir) / "features"
     name = f"{data.cache.key}-{model.name}-cut{cut}-{prefix_digest(model, cut)}.npy"
     model.to(device)
-    feats = cached_features(model, data.cache.images, needed, cut=cut, cache_file=folder / name,
-                            device=device)
+    feats = cached_features(
+        model, data.cache.images, needed, cut=cut, cache_file=folder / name, device=device
+    )
     return feats, cut
-

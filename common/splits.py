@@ -48,15 +48,21 @@ def _keep_first_per_hash(indices: np.ndarray, fp: Fingerprints) -> tuple[np.ndar
 
 
 def _group_holdout(
-    indices: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int, what: str
+    indices: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    fraction: float,
+    seed: int,
+    what: str,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split ``indices`` into (rest, held-out ~fraction) by whole groups, stratified by label."""
     n_splits = max(2, round(1.0 / fraction))
     n_groups = len(np.unique(groups[indices]))
     if n_groups < n_splits:
         raise DataError(
-            "split", f"only {n_groups} groups for the {what} split; need at least {n_splits} "
-            f"(lower split.{what}_fraction or add data)"
+            "split",
+            f"only {n_groups} groups for the {what} split; need at least {n_splits} "
+            f"(lower split.{what}_fraction or add data)",
         )
     sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     rest, held = next(sgkf.split(indices, labels[indices], groups[indices]))
@@ -94,10 +100,12 @@ def make_splits(
         train_pool, dropped_train = _keep_first_per_hash(train_all, fp)
         train, val = _group_holdout(train_pool, labels, groups, val_fraction, seed, "val")
         train_hashes = set(fp.pixel_hash[train_all].tolist())
-        test_unique, dropped_test = _keep_first_per_hash(test_all, fp)
+        test_unique, _ = _keep_first_per_hash(test_all, fp)
         dedup = np.array([i for i in test_unique if fp.pixel_hash[i] not in train_hashes], np.int64)
         excluded["train_duplicate_collapsed"] = dropped_train
-        excluded["test_pixel_identical_to_train"] = sorted(set(test_all.tolist()) - set(dedup.tolist()))
+        excluded["test_pixel_identical_to_train"] = sorted(
+            set(test_all.tolist()) - set(dedup.tolist())
+        )
         tests = {"test_official": test_all, "test_dedup": dedup}
     elif policy in ("scan_groups", "grouped"):
         if policy == "scan_groups":
@@ -108,12 +116,15 @@ def make_splits(
             test_name = "test_grouped"
         groups = leakage_groups(base, fp, near_distance=near_distance)
         rest, test = _group_holdout(readable, labels, groups, test_fraction, seed, "test")
-        train, val = _group_holdout(rest, labels, groups, val_fraction / (1 - test_fraction),
-                                    seed + 1, "val")
+        train, val = _group_holdout(
+            rest, labels, groups, val_fraction / (1 - test_fraction), seed + 1, "val"
+        )
         tests = {test_name: test}
     else:
-        raise ConfigError("dataset.split.policy",
-                          f"unknown policy '{policy}'; use official, scan_groups or grouped")
+        raise ConfigError(
+            "dataset.split.policy",
+            f"unknown policy '{policy}'; use official, scan_groups or grouped",
+        )
     groups = groups.astype(np.int64)
     groups[~fp.readable] = -1
     return Splits(train=train, val=val, tests=tests, groups=groups, excluded=excluded)

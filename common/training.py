@@ -51,12 +51,18 @@ class TrainSettings:
             ("train.lr", self.lr > 0, "must be > 0"),
             ("train.weight_decay", self.weight_decay >= 0, "must be >= 0"),
             ("train.optimizer", self.optimizer in ("adamw", "sgd"), "use adamw or sgd"),
-            ("train.class_weighting", self.class_weighting in ("none", "balanced"),
-             "use none or balanced"),
+            (
+                "train.class_weighting",
+                self.class_weighting in ("none", "balanced"),
+                "use none or balanced",
+            ),
             ("train.sampler", self.sampler in ("random", "balanced"), "use random or balanced"),
             ("train.label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
-            ("train.best_metric", self.best_metric in ("val_macro_f1", "val_accuracy", "val_loss"),
-             "use val_macro_f1, val_accuracy or val_loss"),
+            (
+                "train.best_metric",
+                self.best_metric in ("val_macro_f1", "val_accuracy", "val_loss"),
+                "use val_macro_f1, val_accuracy or val_loss",
+            ),
         ]
         for key, ok, msg in checks:
             if not ok:
@@ -153,8 +159,9 @@ def loss_function(settings: TrainSettings, train_labels: np.ndarray, num_classes
 def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if settings.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=settings.lr, momentum=0.9,
-                               weight_decay=settings.weight_decay)
+        return torch.optim.SGD(
+            params, lr=settings.lr, momentum=0.9, weight_decay=settings.weight_decay
+        )
     return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
 
 
@@ -180,7 +187,9 @@ def train_one_epoch(
     model.train()
     loss_fn = loss_fn.to(device)
     total, correct, loss_sum = 0, 0, 0.0
-    for xb, yb in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 20):
+    for xb, yb in tqdm(
+        batches, desc=desc, leave=False, disable=True if len(batches) < 20 else None
+    ):
         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device):
@@ -250,10 +259,11 @@ def cached_features(
     probe = model.forward_until(to_float(torch.from_numpy(images[:1].copy())).to(device), cut)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_suffix(".partial.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
-                                    shape=(len(images), *probe.shape[1:]))
+    out = np.lib.format.open_memmap(
+        tmp, mode="w+", dtype=np.float16, shape=(len(images), *probe.shape[1:])
+    )
     idx = np.sort(np.asarray(indices))
-    for s in tqdm(range(0, len(idx), batch_size), desc="frozen trunk", leave=False):
+    for s in tqdm(range(0, len(idx), batch_size), desc="frozen trunk", leave=False, disable=None):
         b = idx[s : s + batch_size]
         xb = to_float(torch.from_numpy(np.ascontiguousarray(images[b]))).to(device)
         if device.type == "cpu":
@@ -292,14 +302,21 @@ def fit(
     best_score, best_state = -np.inf, None
     classes = [str(i) for i in range(model.num_classes)]
     for epoch in range(1, settings.epochs + 1):
-        tr_loss, tr_acc = train_one_epoch(model, train, optimizer, loss_fn, device=device,
-                                          start=start, desc=f"epoch {epoch}")
+        tr_loss, tr_acc = train_one_epoch(
+            model, train, optimizer, loss_fn, device=device, start=start, desc=f"epoch {epoch}"
+        )
         sched.step()
         probs, y, va_loss = predict(model, val, device=device, start=start)
         m = classification_metrics(y, probs, classes, loss=va_loss)
-        row = {"epoch": epoch, "train_loss": tr_loss, "train_accuracy": tr_acc,
-               "val_loss": va_loss, "val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"],
-               "lr": optimizer.param_groups[0]["lr"]}
+        row = {
+            "epoch": epoch,
+            "train_loss": tr_loss,
+            "train_accuracy": tr_acc,
+            "val_loss": va_loss,
+            "val_accuracy": m["accuracy"],
+            "val_macro_f1": m["macro_f1"],
+            "lr": optimizer.param_groups[0]["lr"],
+        }
         history.append(row)
         if on_epoch:
             on_epoch(row)

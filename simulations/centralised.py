@@ -34,25 +34,44 @@ def run_centralised(cfg: DictConfig) -> Path:
     augment = Augment(settings.augment, seed=settings.seed) if start == 0 else None
     if augment is None and settings.augment != "none":
         log.info("augmentation off: the trainable stages read cached frozen-trunk features")
-    train = Batches(x, c.labels, s.train, batch_size=settings.batch_size, shuffle=True,
-                    balanced=settings.sampler == "balanced", augment=augment, seed=settings.seed)
-    evaluate = {name: Batches(x, c.labels, idx, batch_size=64)
-                for name, idx in {"val": s.val, **s.tests}.items()}
+    train = Batches(
+        x,
+        c.labels,
+        s.train,
+        batch_size=settings.batch_size,
+        shuffle=True,
+        balanced=settings.sampler == "balanced",
+        augment=augment,
+        seed=settings.seed,
+    )
+    evaluate = {
+        name: Batches(x, c.labels, idx, batch_size=64)
+        for name, idx in {"val": s.val, **s.tests}.items()
+    }
 
     run_dir = new_run_dir(cfg, "centralised")
     write_config(run_dir, cfg)
     log.info("run folder: %s", run_dir)
-    log.info("data: %s | %s", data.label, ", ".join(
-        f"{k} {v['total']}" for k, v in s.summary(c).items()))
+    log.info(
+        "data: %s | %s", data.label, ", ".join(f"{k} {v['total']}" for k, v in s.summary(c).items())
+    )
 
     def on_epoch(row: dict) -> None:
-        log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f",
-                 row["epoch"], settings.epochs, row["train_loss"], row["train_accuracy"],
-                 row["val_loss"], row["val_accuracy"], row["val_macro_f1"])
+        log.info(
+            "epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f",
+            row["epoch"],
+            settings.epochs,
+            row["train_loss"],
+            row["train_accuracy"],
+            row["val_loss"],
+            row["val_accuracy"],
+            row["val_macro_f1"],
+        )
 
     t_fit = time.perf_counter()
-    history = fit(model, train, evaluate["val"], settings, device=device, start=start,
-                  on_epoch=on_epoch)
+    history = fit(
+        model, train, evaluate["val"], settings, device=device, start=start, on_epoch=on_epoch
+    )
     t_fit = time.perf_counter() - t_fit
 
     results = {}
@@ -63,35 +82,55 @@ def run_centralised(cfg: DictConfig) -> Path:
 
     title = f"{data.label} | {model.name} ({cfg.model.mode}) | {cfg.dataset.image_size}px"
     plot_curves(history, run_dir / "curves.png", title=title)
-    plot_confusion({k: v["confusion_matrix"] for k, v in results.items() if k != "val"},
-                   c.classes, run_dir / "confusion_matrix.png", title=title)
+    plot_confusion(
+        {k: v["confusion_matrix"] for k, v in results.items() if k != "val"},
+        c.classes,
+        run_dir / "confusion_matrix.png",
+        title=title,
+    )
     torch.save(
-        {"state_dict": model.cpu().state_dict(), "model": OmegaConf.to_container(cfg.model),
-         "classes": list(c.classes), "image_size": int(cfg.dataset.image_size),
-         "dataset": c.name, "synthetic": c.synthetic},
+        {
+            "state_dict": model.cpu().state_dict(),
+            "model": OmegaConf.to_container(cfg.model),
+            "classes": list(c.classes),
+            "image_size": int(cfg.dataset.image_size),
+            "dataset": c.name,
+            "synthetic": c.synthetic,
+        },
         run_dir / "model.pt",
     )
-    write_json(run_dir / "metrics.json", {
-        "label": data.label,
-        "synthetic": c.synthetic,
-        "dataset": c.name,
-        "model": model.name,
-        "mode": str(cfg.model.mode),
-        "image_size": int(cfg.dataset.image_size),
-        "device": str(device),
-        "threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "wall_time_s": round(wall, 1),
-        "prepare_time_s": round(t_prep, 1),
-        "fit_time_s": round(t_fit, 1),
-        "splits": s.summary(c),
-        "excluded": {k: len(v) for k, v in s.excluded.items()},
-        "history": history,
-        "final": results,
-    })
+    write_json(
+        run_dir / "metrics.json",
+        {
+            "label": data.label,
+            "synthetic": c.synthetic,
+            "dataset": c.name,
+            "model": model.name,
+            "mode": str(cfg.model.mode),
+            "image_size": int(cfg.dataset.image_size),
+            "device": str(device),
+            "threads": torch.get_num_threads() if device.type == "cpu" else None,
+            "wall_time_s": round(wall, 1),
+            "prepare_time_s": round(t_prep, 1),
+            "fit_time_s": round(t_fit, 1),
+            "splits": s.summary(c),
+            "excluded": {k: len(v) for k, v in s.excluded.items()},
+            "history": history,
+            "final": results,
+        },
+    )
     for name, m in results.items():
         recalls = ", ".join(f"{k} {v['recall']:.3f}" for k, v in m["per_class"].items())
-        log.info("%-18s n=%-5d acc %.4f  bal-acc %.4f  macro-F1 %.4f | recall: %s",
-                 name, m["n"], m["accuracy"], m["balanced_accuracy"], m["macro_f1"], recalls)
-    log.info("wall time %.1f s (prepare %.1f s, fit %.1f s); results in %s",
-             wall, t_prep, t_fit, run_dir)
+        log.info(
+            "%-18s n=%-5d acc %.4f  bal-acc %.4f  macro-F1 %.4f | recall: %s",
+            name,
+            m["n"],
+            m["accuracy"],
+            m["balanced_accuracy"],
+            m["macro_f1"],
+            recalls,
+        )
+    log.info(
+        "wall time %.1f s (prepare %.1f s, fit %.1f s); results in %s", wall, t_prep, t_fit, run_dir
+    )
     return run_dir

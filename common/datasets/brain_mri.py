@@ -28,6 +28,10 @@ def load(cfg: Mapping[str, Any], *, data_root: Path | None, cache_root: Path) ->
             rows += [(p, cls, split) for p in images]
             skipped += other
     return assemble(
-        name="brain_mri", domain="brain_mri", classes=BRAIN_CLASSES, root=root, rows=rows,
+        name="brain_mri",
+        domain="brain_mri",
+        classes=BRAIN_CLASSES,
+        root=root,
+        rows=rows,
         skipped=skipped,
     )

@@ -26,6 +26,10 @@ def load(cfg: Mapping[str, Any], *, data_root: Path | None, cache_root: Path) ->
         rows += [(p, cls, None) for p in images]
         skipped += other
     return assemble(
-        name="lung_ct", domain="lung_ct", classes=LUNG_CLASSES, root=root, rows=rows,
+        name="lung_ct",
+        domain="lung_ct",
+        classes=LUNG_CLASSES,
+        root=root,
+        rows=rows,
         skipped=skipped,
     )

@@ -29,7 +29,12 @@ def read_site_folder(
         rows += [(p, cls, None) for p in images]
         skipped += other
     return assemble(
-        name=name, domain=domain, classes=classes, root=root, rows=rows, skipped=skipped,
+        name=name,
+        domain=domain,
+        classes=classes,
+        root=root,
+        rows=rows,
+        skipped=skipped,
         synthetic=synthetic,
     )
 

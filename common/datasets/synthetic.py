@@ -57,8 +57,14 @@ def render(label: int, n_classes: int, size: int, rng: np.random.Generator) -> n
 def generate(folder: Path, domain: str, *, per_class: int, size: int, seed: int) -> Path:
     """Write the dataset under ``folder`` once; later calls reuse it."""
     marker = folder / "fedscan-synthetic.json"
-    meta = {"version": GENERATOR_VERSION, "domain": domain, "per_class": per_class,
-            "size": size, "seed": seed, "label": SYNTHETIC_LABEL}
+    meta = {
+        "version": GENERATOR_VERSION,
+        "domain": domain,
+        "per_class": per_class,
+        "size": size,
+        "seed": seed,
+        "label": SYNTHETIC_LABEL,
+    }
     if marker.exists() and json.loads(marker.read_text()) == meta:
         return folder
     classes = CLASSES[domain]
@@ -66,7 +72,9 @@ def generate(folder: Path, domain: str, *, per_class: int, size: int, seed: int)
     for label, cls in enumerate(classes):
         (folder / cls).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            Image.fromarray(render(label, len(classes), size, rng)).save(folder / cls / f"{i:04d}.png")
+            Image.fromarray(render(label, len(classes), size, rng)).save(
+                folder / cls / f"{i:04d}.png"
+            )
     marker.write_text(json.dumps(meta))
     return folder
 

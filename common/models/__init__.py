@@ -7,6 +7,7 @@ from typing import Any
 
 from common.errors import ConfigError
 from common.models.staged import (
+    MODES,
     StagedModel,
     batchnorm_to_groupnorm,
     cut_index,
@@ -21,9 +22,13 @@ MODELS: Registry[ModelFactory] = Registry("model", "model.name")
 def build_model(cfg: Mapping[str, Any], num_classes: int) -> StagedModel:
     """Build, optionally convert to GroupNorm, and freeze according to ``model.mode``."""
     mode = str(cfg.get("mode", "scratch"))
+    if mode not in MODES:
+        raise ConfigError("model.mode", f"unknown mode '{mode}'; use one of {MODES}")
     pretrained = bool(cfg.get("pretrained", mode != "scratch"))
     if mode != "scratch" and not pretrained:
-        raise ConfigError("model.mode", f"mode '{mode}' needs pretrained weights (model.pretrained)")
+        raise ConfigError(
+            "model.mode", f"mode '{mode}' needs pretrained weights (model.pretrained)"
+        )
     norm = str(cfg.get("norm", "batch"))
     if norm not in ("batch", "group"):
         raise ConfigError("model.norm", f"use 'batch' or 'group', got '{norm}'")

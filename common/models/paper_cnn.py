@@ -26,7 +26,9 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 @MODELS.register("paper_cnn")
 def paper_cnn(num_classes: int, *, pretrained: bool = False) -> StagedModel:
     if pretrained:
-        raise ConfigError("model.pretrained", "paper_cnn has no pretrained weights; use mode=scratch")
+        raise ConfigError(
+            "model.pretrained", "paper_cnn has no pretrained weights; use mode=scratch"
+        )
     stages: list[tuple[str, nn.Module]] = [("input", InputAdapter(1, [0.5], [0.5]))]
     cin = 1
     for i, w in enumerate(WIDTHS):
@@ -36,7 +38,10 @@ def paper_cnn(num_classes: int, *, pretrained: bool = False) -> StagedModel:
         (
             "fc",
             nn.Sequential(
-                nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(cin * 16, 256), nn.ReLU(),
+                nn.AdaptiveAvgPool2d(4),
+                nn.Flatten(),
+                nn.Linear(cin * 16, 256),
+                nn.ReLU(),
                 nn.Dropout(0.5),
             ),
         )

@@ -36,7 +36,9 @@ class InputAdapter(nn.Module):
 class StagedModel(nn.Module):
     """``stages[0]`` adapts the input, ``stages[-1]`` is the classifier."""
 
-    def __init__(self, name: str, stages: Sequence[tuple[str, nn.Module]], num_classes: int) -> None:
+    def __init__(
+        self, name: str, stages: Sequence[tuple[str, nn.Module]], num_classes: int
+    ) -> None:
         super().__init__()
         self.name = name
         self.num_classes = num_classes
@@ -71,7 +73,7 @@ class StagedModel(nn.Module):
 
 
 def cut_index(model: StagedModel, mode: str, finetune_blocks: int) -> int:
-    """First trainable stage for ``mode``: 0 (scratch), the classifier (features), or N before it."""
+    """First trainable stage: 0 (scratch), the classifier (features) or N blocks before it."""
     if mode not in MODES:
         raise ConfigError("model.mode", f"unknown mode '{mode}'; use one of {MODES}")
     if mode == "scratch":

@@ -1,0 +1,52 @@
+import os
+from pathlib import Path
+
+import numpy as np
+
+from common.cache import PreprocessSpec, build_cache, cache_key
+from common.datasets.site_folder import read_site_folder
+from tests.conftest import noise, save_gray
+
+
+def _site(root: Path) -> Path:
+    for k, cls in enumerate(["glioma", "notumor"]):
+        for i in range(4):
+            save_gray(root / cls / f"{i}.png", noise(10 * k + i, 40))
+    return root
+
+
+def test_cache_matches_decode_and_is_reused(tmp_path: Path):
+    c = read_site_folder(_site(tmp_path / "s"), "brain_mri")
+    a = build_cache(c, PreprocessSpec(size=20), tmp_path / "cache")
+    assert a.images.shape == (8, 20, 20) and a.images.dtype == np.uint8 and a.ok.all()
+    mtime = a.path.stat().st_mtime_ns
+    b = build_cache(c, PreprocessSpec(size=20), tmp_path / "cache")
+    assert b.path == a.path and b.path.stat().st_mtime_ns == mtime
+    assert isinstance(b.images, np.memmap)
+
+
+def test_changed_file_size_or_preprocessing_invalidates(tmp_path: Path):
+    root = _site(tmp_path / "s")
+    c = read_site_folder(root, "brain_mri")
+    k0 = cache_key(c, PreprocessSpec(size=20))
+    assert cache_key(c, PreprocessSpec(size=24)) != k0
+    assert cache_key(c, PreprocessSpec(size=20, resample="nearest")) != k0
+    before = build_cache(c, PreprocessSpec(size=20), tmp_path / "cache").images[0].copy()
+    target = c.paths[0]
+    save_gray(target, 255 - noise(0, 40))
+    st = target.stat()
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    c2 = read_site_folder(root, "brain_mri")
+    assert cache_key(c2, PreprocessSpec(size=20)) != k0
+    after = build_cache(c2, PreprocessSpec(size=20), tmp_path / "cache").images[0]
+    assert not np.array_equal(before, after)
+
+
+def test_unreadable_file_is_flagged_not_fatal(tmp_path: Path):
+    root = _site(tmp_path / "s")
+    (root / "glioma" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
+    c = read_site_folder(root, "brain_mri")
+    cache = build_cache(c, PreprocessSpec(size=16), tmp_path / "cache")
+    bad = next(i for i, p in enumerate(c.paths) if p.name == "broken.png")
+    assert not cache.ok[bad] and cache.ok.sum() == 8
+    assert "corrupt" in cache.errors[bad] or "identify" in cache.errors[bad]

@@ -1,0 +1,83 @@
+"""End to end: the main command on the embedded synthetic default."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from common.config import load_config
+from common.errors import ConfigError
+from simulations.cli import build_parser, main
+
+
+def test_help_lists_commands():
+    text = build_parser().format_help()
+    for cmd in ("train", "audit", "config"):
+        assert cmd in text
+
+
+def test_train_on_synthetic_default_writes_a_labelled_run(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("FEDSCAN_DATA", raising=False)
+    code = main(
+        [
+            "train",
+            f"runs_dir={tmp_path}",
+            "model=paper_cnn",
+            "dataset.image_size=32",
+            "train.epochs=2",
+            "dataset.per_class=16",
+            "dataset.size=32",
+        ]
+    )
+    assert code == 0
+    (run,) = list(tmp_path.iterdir())
+    for name in ("config.yaml", "metrics.json", "curves.png", "confusion_matrix.png", "model.pt"):
+        assert (run / name).stat().st_size > 0, name
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["synthetic"] is True and "SYNTHETIC" in m["label"]
+    assert len(m["history"]) == 2
+    assert set(m["final"]) == {"val", "test_grouped"}
+    assert 0.0 <= m["final"]["test_grouped"]["accuracy"] <= 1.0
+
+
+def test_feature_cache_path_trains(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("FEDSCAN_DATA", raising=False)
+    code = main(
+        [
+            "train",
+            f"runs_dir={tmp_path}",
+            "train.epochs=4",
+            "train.batch_size=16",
+            "dataset.per_class=40",
+        ]
+    )
+    assert code == 0
+    (run,) = list(tmp_path.iterdir())
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["model"] == "efficientnet_lite0" and m["mode"] == "finetune"
+    # a pretrained trunk separates the synthetic classes easily
+    assert m["final"]["test_grouped"]["accuracy"] >= 0.75
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train.epochs=0", "train.epochs"),
+        ("train.lr=abc", "train.lr"),
+        ("dataset.image_size=8", "dataset.image_size"),
+        ("model.mode=bogus", "model.mode"),
+    ],
+)
+def test_bad_config_values_exit_2_naming_the_key(tmp_path: Path, capsys, override, key):
+    assert main(["train", f"runs_dir={tmp_path}", "dataset.per_class=16", override]) == 2
+    assert key in capsys.readouterr().err
+
+
+def test_unknown_group_option_names_the_key():
+    with pytest.raises(ConfigError, match="dataset"):
+        load_config(["dataset=chest_xray"])
+
+
+def test_configured_missing_data_root_is_an_error(tmp_path: Path, capsys):
+    assert main(["train", f"data_root={tmp_path / 'nowhere'}", f"runs_dir={tmp_path}"]) == 2
+    assert "nowhere" in capsys.readouterr().err

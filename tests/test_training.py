@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+import torch
+
+from common.errors import ConfigError
+from common.models import build_model
+from common.training import Batches, TrainSettings, proximal_term
+from common.transforms import Augment
+
+
+def test_batches_are_deterministic_and_cover_the_split():
+    x = np.arange(20 * 4 * 4, dtype=np.uint8).reshape(20, 4, 4)
+    y = np.arange(20) % 2
+    idx = np.arange(3, 17)
+    a = [yb.tolist() for _, yb in Batches(x, y, idx, batch_size=4, shuffle=True, seed=1)]
+    b = [yb.tolist() for _, yb in Batches(x, y, idx, batch_size=4, shuffle=True, seed=1)]
+    assert a == b
+    xs = torch.cat([xb for xb, _ in Batches(x, y, idx, batch_size=4)])
+    assert xs.shape == (14, 1, 4, 4) and float(xs.max()) <= 1.0
+
+
+def test_balanced_sampler_evens_out_classes():
+    y = np.array([0] * 90 + [1] * 10)
+    x = np.zeros((100, 2, 2), np.uint8)
+    b = Batches(x, y, np.arange(100), batch_size=100, balanced=True, seed=0)
+    seen = np.concatenate([yb.numpy() for _ in range(20) for _, yb in b])
+    assert 0.4 < seen.mean() < 0.6
+
+
+def test_augment_is_seedable():
+    x = torch.rand(3, 1, 16, 16)
+    assert torch.equal(Augment("standard", seed=5)(x), Augment("standard", seed=5)(x))
+    assert not torch.equal(Augment("standard", seed=5)(x), Augment("standard", seed=6)(x))
+    assert torch.equal(Augment("none")(x), x)
+
+
+def test_proximal_term_zero_at_anchor_and_mu_zero():
+    m = build_model({"name": "paper_cnn"}, 3)
+    anchor = [p.detach().clone() for p in m.parameters() if p.requires_grad]
+    assert float(proximal_term(m, anchor, 0.5)) == 0.0
+    with torch.no_grad():
+        next(m.parameters()).add_(1.0)
+    assert float(proximal_term(m, anchor, 0.0)) == 0.0
+    assert float(proximal_term(m, anchor, 0.5)) > 0.0
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("epochs", 0), ("lr", -1.0), ("sampler", "magic"), ("best_metric", "test_accuracy")],
+)
+def test_bad_train_settings_name_the_key(key, value):
+    with pytest.raises(ConfigError, match=f"train.{key}"):
+        TrainSettings(**{key: value})
