@@ -73,7 +73,8 @@ def compute_fingerprints(collection: ImageCollection, cache_root: Path) -> Finge
     old: dict[str, int] = {}
     cached = None
     if store.exists():
-        cached = np.load(store, allow_pickle=False)
+        with np.load(store, allow_pickle=False) as npz:
+            cached = {k: npz[k] for k in npz.files}  # NpzFile re-reads an array per access
         old = {k: i for i, k in enumerate(cached["keys"].tolist())}
     todo = [i for i, k in enumerate(keys) if k not in old]
     fresh = dict(

@@ -50,3 +50,13 @@ def test_unreadable_file_is_flagged_not_fatal(tmp_path: Path):
     bad = next(i for i, p in enumerate(c.paths) if p.name == "broken.png")
     assert not cache.ok[bad] and cache.ok.sum() == 8
     assert "corrupt" in cache.errors[bad] or "identify" in cache.errors[bad]
+
+
+def test_fingerprints_reused_from_disk_match_fresh(tmp_path: Path):
+    from common.fingerprint import compute_fingerprints
+
+    c = read_site_folder(_site(tmp_path / "s"), "brain_mri")
+    fresh = compute_fingerprints(c, tmp_path / "cache")
+    again = compute_fingerprints(c, tmp_path / "cache")
+    for field in ("pixel_hash", "phash", "height", "width", "thumbs", "error"):
+        assert np.array_equal(getattr(fresh, field), getattr(again, field)), field
