@@ -4,7 +4,9 @@ The baseline is the pipeline of Flower's PyTorch examples: a torchvision
 ``ImageFolder``-style dataset that opens, decodes, resizes and converts every
 image with PIL on every epoch, fed through a ``DataLoader``. fedscan decodes
 once into a uint8 memmap and batches from it. Both produce the same float
-batches [B, 1, S, S] in [0, 1], with and without the same light augmentation.
+batches [B, 1, S, S] in [0, 1], with and without the same light augmentation
+(flip, pad-and-crop shift, brightness/contrast): per sample with torchvision in
+the baseline, per batch with per-sample parameters (kornia) in fedscan.
 
     python benchmarks/input_throughput.py [--images 2000] [--size 224]
 
@@ -29,7 +31,7 @@ from common.cache import PreprocessSpec, build_cache
 from common.datasets import load_dataset
 from common.paths import cache_root, data_root
 from common.training import Batches
-from common.transforms import Augment, preset_transform
+from common.transforms import Augment
 
 
 class PilFolder(Dataset):
@@ -37,10 +39,19 @@ class PilFolder(Dataset):
 
     def __init__(self, paths: list[Path], labels: np.ndarray, size: int, augment: bool) -> None:
         self.paths, self.labels = paths, labels
-        steps = [v2.Grayscale(), v2.Resize((size, size)), v2.ToImage(),
-                 v2.ToDtype(torch.float32, scale=True)]
-        aug = preset_transform("light") if augment else None
-        self.tf = v2.Compose(steps + ([aug] if aug else []))
+        steps = [
+            v2.Grayscale(),
+            v2.Resize((size, size)),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+        # The same "light" preset as fedscan's, drawn per sample by torchvision.
+        aug = [
+            v2.RandomHorizontalFlip(),
+            v2.RandomCrop(size, padding=max(1, round(0.05 * size))),
+            v2.ColorJitter(brightness=0.1, contrast=0.1),
+        ]
+        self.tf = v2.Compose(steps + (aug if augment else []))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -70,27 +81,44 @@ def main() -> None:
     if root:
         c = load_dataset({"name": "brain_mri"}, data_root=root, cache_root=tmp)
     else:
-        c = load_dataset({"name": "synthetic", "per_class": 250, "size": 256}, data_root=None,
-                         cache_root=cache_root(None))
+        c = load_dataset(
+            {"name": "synthetic", "per_class": 250, "size": 256},
+            data_root=None,
+            cache_root=cache_root(None),
+        )
     idx = np.random.default_rng(0).permutation(len(c))[: args.images]
-    print(f"data: {c.name}{' (SYNTHETIC)' if c.synthetic else ''}, {len(idx)} images, "
-          f"{args.size}px, batch {args.batch_size}, {torch.get_num_threads()} threads")
+    print(
+        f"data: {c.name}{' (SYNTHETIC)' if c.synthetic else ''}, {len(idx)} images, "
+        f"{args.size}px, batch {args.batch_size}, {torch.get_num_threads()} threads"
+    )
     t = time.perf_counter()
     cache = build_cache(c, PreprocessSpec(size=args.size), tmp)
     print(f"one-off cache build (all {len(c)} images): {time.perf_counter() - t:.1f} s")
 
     rows = []
     for augment in (False, True):
-        pil = DataLoader(PilFolder([c.paths[i] for i in idx], c.labels[idx], args.size, augment),
-                         batch_size=args.batch_size, shuffle=True, num_workers=0)
-        ours = Batches(cache.images, c.labels, idx, batch_size=args.batch_size, shuffle=True,
-                       augment=Augment("light", seed=0) if augment else None)
+        pil = DataLoader(
+            PilFolder([c.paths[i] for i in idx], c.labels[idx], args.size, augment),
+            batch_size=args.batch_size,
+            shuffle=True,
+            num_workers=0,
+        )
+        ours = Batches(
+            cache.images,
+            c.labels,
+            idx,
+            batch_size=args.batch_size,
+            shuffle=True,
+            augment=Augment("light", seed=0) if augment else None,
+        )
         epoch_seconds(ours)  # warm the page cache for both sides alike
         t_pil, n = epoch_seconds(pil)
         t_ours, _ = epoch_seconds(ours)
         rows.append((augment, n / t_pil, n / t_ours))
-    print(f"{'augmentation':<14}{'PIL per-sample img/s':>22}{'decode-once cache img/s':>26}"
-          f"{'ratio':>8}")
+    print(
+        f"{'augmentation':<14}{'PIL per-sample img/s':>22}{'decode-once cache img/s':>26}"
+        f"{'ratio':>8}"
+    )
     for augment, a, b in rows:
         print(f"{'light' if augment else 'none':<14}{a:>22.0f}{b:>26.0f}{b / a:>7.1f}x")
 

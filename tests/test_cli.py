@@ -68,7 +68,10 @@ def test_feature_cache_path_trains(tmp_path: Path, monkeypatch):
         ("model.mode=bogus", "model.mode"),
     ],
 )
-def test_bad_config_values_exit_2_naming_the_key(tmp_path: Path, capsys, override, key):
+def test_bad_config_values_exit_2_naming_the_key(
+    tmp_path: Path, capsys, monkeypatch, override, key
+):
+    monkeypatch.delenv("FEDSCAN_DATA", raising=False)
     assert main(["train", f"runs_dir={tmp_path}", "dataset.per_class=16", override]) == 2
     assert key in capsys.readouterr().err
 

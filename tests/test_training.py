@@ -37,11 +37,11 @@ def test_augment_is_seedable():
 def test_proximal_term_zero_at_anchor_and_mu_zero():
     m = build_model({"name": "paper_cnn"}, 3)
     anchor = [p.detach().clone() for p in m.parameters() if p.requires_grad]
-    assert float(proximal_term(m, anchor, 0.5)) == 0.0
+    assert proximal_term(m, anchor, 0.5).item() == 0.0
     with torch.no_grad():
         next(m.parameters()).add_(1.0)
-    assert float(proximal_term(m, anchor, 0.0)) == 0.0
-    assert float(proximal_term(m, anchor, 0.5)) > 0.0
+    assert proximal_term(m, anchor, 0.0).item() == 0.0
+    assert proximal_term(m, anchor, 0.5).item() > 0.0
 
 
 @pytest.mark.parametrize(
