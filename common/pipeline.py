@@ -98,6 +98,7 @@ def prepare_data(cfg: DictConfig) -> PreparedData:
         scan_threshold=float(sp.get("scan_threshold", 15.0)),
         scan_min_size=int(sp.get("scan_min_size", 3)),
         near_distance=None if sp.get("near_distance") is None else int(sp.near_distance),
+        fold=_typed(sp, "fold", int, "dataset.split") if "fold" in sp else 0,
     )
     cache = build_cache(collection, PreprocessSpec(size=size), croot)
     return PreparedData(collection, fp, splits, cache)
@@ -114,8 +115,9 @@ def model_inputs(
     cut = model.frozen_until
     if not (cfg.model.get("feature_cache", False) and cut > 0):
         return data.cache.images, 0
-    s = data.splits
-    needed = np.unique(np.concatenate([s.train, s.val, *s.tests.values()]))
+    # Every readable image, not just this split's: the cache key does not depend on
+    # the split, so a later run with another seed or fold must find its rows filled.
+    needed = np.flatnonzero(data.cache.ok)
     folder = cache_root(cfg.cache_dir) / "features"
     name = f"{data.cache.key}-{model.name}-cut{cut}-{prefix_digest(model, cut)}.npy"
     model.to(device)

@@ -54,8 +54,13 @@ def _group_holdout(
     fraction: float,
     seed: int,
     what: str,
+    fold: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``indices`` into (rest, held-out ~fraction) by whole groups, stratified by label."""
+    """Split ``indices`` into (rest, held-out ~fraction) by whole groups, stratified by label.
+
+    ``fold`` picks which of the ``round(1 / fraction)`` folds is held out, so that
+    rotating it gives grouped cross-validation.
+    """
     n_splits = max(2, round(1.0 / fraction))
     n_groups = len(np.unique(groups[indices]))
     if n_groups < n_splits:
@@ -65,7 +70,10 @@ def _group_holdout(
             f"(lower split.{what}_fraction or add data)",
         )
     sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    rest, held = next(sgkf.split(indices, labels[indices], groups[indices]))
+    if not 0 <= fold < n_splits:
+        raise ConfigError("dataset.split.fold", f"must be in [0, {n_splits - 1}], got {fold}")
+    folds = sgkf.split(indices, labels[indices], groups[indices])
+    rest, held = next(f for i, f in enumerate(folds) if i == fold)
     return np.sort(indices[rest]), np.sort(indices[held])
 
 
@@ -80,6 +88,7 @@ def make_splits(
     scan_threshold: float = 15.0,
     scan_min_size: int = 3,
     near_distance: int | None = 0,
+    fold: int = 0,
 ) -> Splits:
     """Build the splits for ``collection``; unreadable images are excluded and listed."""
     for key, v in (("split.val_fraction", val_fraction), ("split.test_fraction", test_fraction)):
@@ -115,7 +124,7 @@ def make_splits(
             base = np.arange(len(collection))
             test_name = "test_grouped"
         groups = leakage_groups(base, fp, near_distance=near_distance)
-        rest, test = _group_holdout(readable, labels, groups, test_fraction, seed, "test")
+        rest, test = _group_holdout(readable, labels, groups, test_fraction, seed, "test", fold)
         train, val = _group_holdout(
             rest, labels, groups, val_fraction / (1 - test_fraction), seed + 1, "val"
         )

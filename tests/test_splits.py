@@ -130,3 +130,15 @@ def test_real_brain_subset_dedup(brain_subset: Path, tmp_path: Path):
     s = make_splits(c, fp, policy="official", val_fraction=0.2, seed=0)
     assert len(s.tests["test_dedup"]) <= len(s.tests["test_official"])
     assert_no_leak(s, fp)
+
+
+def test_rotating_the_fold_covers_every_image_once(tmp_path: Path):
+    c = read_site_folder(_site_with_duplicates(tmp_path / "s"), "lung_ct")
+    fp = compute_fingerprints(c, tmp_path / "cache")
+    tests = [
+        make_splits(c, fp, policy="grouped", test_fraction=0.2, fold=k).tests["test_grouped"]
+        for k in range(5)
+    ]
+    assert sorted(np.concatenate(tests).tolist()) == list(range(len(c)))
+    with pytest.raises(ConfigError, match=r"split\.fold"):
+        make_splits(c, fp, policy="grouped", test_fraction=0.2, fold=5)
