@@ -20,6 +20,7 @@ from common.errors import ConfigError
 from common.paths import data_root
 
 log = logging.getLogger(__name__)
+_warned: set[str] = set()
 
 
 def config_dir() -> Path:
@@ -49,14 +50,42 @@ def load_config(overrides: Sequence[str] = ()) -> DictConfig:
     ds_path = str(probe.dataset.get("path") or "")
     needs_root = probe.dataset.name in ("brain_mri", "lung_ct") and not Path(ds_path).is_absolute()
     if needs_root and data_root(probe.data_root) is None:
-        log.warning(
-            "No data configured (data_root / FEDSCAN_DATA): using the SYNTHETIC "
-            "embedded default for %s",
-            probe.dataset.domain,
-        )
+        if probe.dataset.domain not in _warned:  # once per process, not per message
+            _warned.add(probe.dataset.domain)
+            log.warning(
+                "No data configured (data_root / FEDSCAN_DATA): using the SYNTHETIC "
+                "embedded default for %s",
+                probe.dataset.domain,
+            )
         overrides = [o for o in overrides if not o.startswith("dataset=")] + ["dataset=synthetic"]
         if not any(o.startswith("dataset.domain=") for o in overrides):
             overrides.append(f"dataset.domain={probe.dataset.domain}")
     cfg = _compose(overrides)
     OmegaConf.set_readonly(cfg, False)
     return cfg
+
+
+# Flower run-config keys (pyproject [tool.flwr.app.config]) -> config-tree overrides.
+RUN_CONFIG_KEYS = {
+    "dataset": "dataset",
+    "model": "model",
+    "strategy": "strategy",
+    "num-rounds": "federation.rounds",
+    "runs-dir": "runs_dir",
+    "data-root": "data_root",
+}
+
+
+def overrides_from_run_config(run_config: dict) -> list[str]:
+    """``flwr run --run-config`` values as Hydra overrides of the one config tree.
+
+    Empty values mean "the tree's default"; ``overrides`` carries any other
+    ``key=value`` pairs, space-separated.
+    """
+    out = []
+    for key, target in RUN_CONFIG_KEYS.items():
+        value = run_config.get(key)
+        if value not in (None, "", 0):
+            out.append(f"{target}={value}")
+    out += str(run_config.get("overrides", "") or "").split()
+    return out

@@ -47,3 +47,23 @@ def plot_confusion(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_round_curves(rounds: Sequence[dict], path: Path, *, title: str) -> Path:
+    """Global accuracy and loss per federated round, one line per test split."""
+    xs = [r["round"] for r in rounds]
+    splits = list(rounds[-1]["global"])
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    for split in splits:
+        ax_acc.plot(xs, [r["global"][split]["accuracy"] for r in rounds], "-o", label=split)
+        ax_loss.plot(xs, [r["global"][split]["loss"] for r in rounds], "-o", label=split)
+    ax_acc.set(xlabel="round", ylabel="accuracy", title="Global accuracy")
+    ax_loss.set(xlabel="round", ylabel="loss", title="Global loss")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

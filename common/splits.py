@@ -47,7 +47,7 @@ def _keep_first_per_hash(indices: np.ndarray, fp: Fingerprints) -> tuple[np.ndar
     return np.array(keep, dtype=np.int64), dropped
 
 
-def _group_holdout(
+def group_holdout(
     indices: np.ndarray,
     labels: np.ndarray,
     groups: np.ndarray,
@@ -107,7 +107,7 @@ def make_splits(
         train_all = readable[split[readable] == "train"]
         test_all = readable[split[readable] == "test"]
         train_pool, dropped_train = _keep_first_per_hash(train_all, fp)
-        train, val = _group_holdout(train_pool, labels, groups, val_fraction, seed, "val")
+        train, val = group_holdout(train_pool, labels, groups, val_fraction, seed, "val")
         train_hashes = set(fp.pixel_hash[train_all].tolist())
         test_unique, _ = _keep_first_per_hash(test_all, fp)
         dedup = np.array([i for i in test_unique if fp.pixel_hash[i] not in train_hashes], np.int64)
@@ -124,8 +124,8 @@ def make_splits(
             base = np.arange(len(collection))
             test_name = "test_grouped"
         groups = leakage_groups(base, fp, near_distance=near_distance)
-        rest, test = _group_holdout(readable, labels, groups, test_fraction, seed, "test", fold)
-        train, val = _group_holdout(
+        rest, test = group_holdout(readable, labels, groups, test_fraction, seed, "test", fold)
+        train, val = group_holdout(
             rest, labels, groups, val_fraction / (1 - test_fraction), seed + 1, "val"
         )
         tests = {test_name: test}

@@ -22,6 +22,7 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger("flwr").propagate = False  # flwr has its own handler
     for noisy in ("matplotlib", "PIL", "hydra"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -31,6 +32,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from simulations.centralised import run_centralised
 
     run_dir = run_centralised(load_config(args.overrides))
+    print(f"results: {run_dir}")
+    return 0
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from simulations.federated import run_federated
+
+    run_dir = run_federated(args.overrides)
     print(f"results: {run_dir}")
     return 0
 
@@ -65,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="centralised baseline: train, evaluate, write a run folder")
     t.add_argument("overrides", nargs="*", help="config overrides, e.g. dataset=lung_ct")
     t.set_defaults(fn=_cmd_train)
+
+    s = sub.add_parser(
+        "simulate", help="federated simulation (same ServerApp/ClientApp as flwr run)"
+    )
+    s.add_argument("overrides", nargs="*", help="e.g. strategy=fedprox federation.num_sites=5")
+    s.set_defaults(fn=_cmd_simulate)
 
     a = sub.add_parser("audit", help="counts, unreadable files, duplicates, scan groups")
     a.add_argument("path", help="a dataset folder (brain, lung or <class>/ site layout)")

@@ -1,0 +1,136 @@
+"""fedscan ClientApp: unpack the global weights, train or evaluate on the site's data,
+pack the update and aggregate metrics. Nothing else leaves the site."""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from omegaconf import DictConfig, OmegaConf
+
+from common.classes import CLASSES
+from common.config import load_config, overrides_from_run_config
+from common.federation import (
+    exchanged_keys,
+    get_exchanged,
+    local_fit,
+    local_keys,
+    set_exchanged,
+)
+from common.metrics import classification_metrics
+from common.pipeline import train_settings
+from common.site import SiteData, fresh_model, load_site, site_config
+from common.training import Batches, predict, select_device
+from common.transforms import Augment
+
+log = logging.getLogger("fedscan.client")
+
+
+@lru_cache(maxsize=4)
+def _site(cfg_yaml: str, partition_id: int | None, num_partitions: int | None, data_path: str):
+    """Per-process cache: the site's data, cache and features are prepared once."""
+    cfg = site_config(OmegaConf.create(cfg_yaml), data_path or None)
+    device = select_device(str(cfg.device), cfg.num_threads)
+    probe = fresh_model(cfg, len(CLASSES[cfg.dataset.domain]))  # its frozen stages feed the cache
+    site = load_site(cfg, probe, device, partition_id=partition_id, num_partitions=num_partitions)
+    return cfg, device, site
+
+
+def resolve(context: Context, overrides: tuple[str, ...] = ()) -> tuple[DictConfig, SiteData]:
+    cfg = load_config([*overrides_from_run_config(dict(context.run_config)), *overrides])
+    nc = context.node_config
+    data_path = str(nc.get("data-path", "") or "")
+    pid = None if data_path else int(nc.get("partition-id", 0))
+    n = None if data_path else int(nc.get("num-partitions", 1))
+    cfg, device, site = _site(OmegaConf.to_yaml(cfg), pid, n, data_path)
+    return cfg, device, site
+
+
+LOCAL_STATE = "fedscan-local-state"
+
+
+def _model_with(cfg: DictConfig, site: SiteData, msg: Message, context: Context):
+    """The global weights, plus this site's own kept state (FedBN) from earlier rounds."""
+    model = fresh_model(cfg, len(site.prepared.collection.classes))
+    keys = exchanged_keys(model, fedbn=bool(cfg.federation.fedbn))
+    set_exchanged(model, msg.content["arrays"].to_torch_state_dict(), keys)
+    if LOCAL_STATE in context.state:
+        model.load_state_dict(context.state[LOCAL_STATE].to_torch_state_dict(), strict=False)
+    return model, keys
+
+
+def _val_metrics(model, cfg, site, device) -> dict[str, float]:
+    batches = Batches(site.x, site.labels, site.val, batch_size=64)
+    probs, y, loss = predict(model, batches, device=device, start=site.start)
+    m = classification_metrics(y, probs, site.prepared.collection.classes, loss=loss)
+    out = {"val_loss": m["loss"], "val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"]}
+    out.update({f"val_recall_{c}": v["recall"] for c, v in m["per_class"].items()})
+    return out
+
+
+def make_client_app(overrides: tuple[str, ...] = ()) -> ClientApp:
+    """A ClientApp whose config is the tree + run config + ``overrides`` (tests, simulate)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        cfg, device, site = resolve(context, overrides)
+        model, keys = _model_with(cfg, site, msg, context)
+        settings = train_settings(cfg)
+        config = msg.content["config"]
+        rnd = int(config.get("server-round", 1)) + int(config.get("round-offset", 0))
+        seed = (
+            int(cfg.seed) * 100_003 + rnd * 1_009 + int(context.node_config.get("partition-id", 0))
+        )
+        torch.manual_seed(seed)
+        augment = Augment(settings.augment, seed=seed) if site.start == 0 else None
+        loss, acc = local_fit(
+            model,
+            site.x,
+            site.labels,
+            site.train,
+            settings,
+            device=device,
+            start=site.start,
+            epochs=int(cfg.federation.local_epochs),
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
+            seed=seed,
+            augment=augment,
+        )
+        metrics = {
+            "num-examples": len(site.train),
+            "train_loss": loss,
+            "train_accuracy": acc,
+            "partition-id": int(context.node_config.get("partition-id", -1)),
+            **_val_metrics(model, cfg, site, device),
+        }
+        kept = local_keys(model, keys)
+        if kept:
+            context.state[LOCAL_STATE] = ArrayRecord(get_exchanged(model.cpu(), kept))
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord(get_exchanged(model.cpu(), keys)),
+                "metrics": MetricRecord(metrics),
+            }
+        )
+        return Message(content=content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        cfg, device, site = resolve(context, overrides)
+        model, _ = _model_with(cfg, site, msg, context)
+        model.to(device)
+        metrics = {
+            "num-examples": len(site.val),
+            "partition-id": int(context.node_config.get("partition-id", -1)),
+            **_val_metrics(model, cfg, site, device),
+        }
+        return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    return app
+
+
+app = make_client_app()

@@ -1,0 +1,123 @@
+"""fedscan ServerApp: pick the strategy from config, evaluate the global model on the
+held-out test sets every round, write the run folder, checkpoint and resume."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from omegaconf import DictConfig
+
+from common.config import load_config, overrides_from_run_config
+from common.federation import exchanged_keys, get_exchanged, set_exchanged
+from common.fedrun import FederatedRun
+from common.metrics import classification_metrics
+from common.models import build_model
+from common.pipeline import model_inputs, prepare_data
+from common.runs import new_run_dir
+from common.training import Batches, predict, select_device
+from server.strategies import build_strategy
+
+log = logging.getLogger("fedscan.server")
+
+
+def run_server(grid: Grid, cfg: DictConfig) -> Path:
+    """Everything the ServerApp does, callable from tests and ``fedscan simulate``."""
+    fed = cfg.federation
+    strategy = build_strategy(cfg.strategy, fed)  # validate before touching data
+    rounds = int(fed.rounds)
+    if rounds < 1:
+        from common.errors import ConfigError
+
+        raise ConfigError("federation.rounds", f"must be >= 1, got {rounds}")
+    device = select_device(str(cfg.device), cfg.num_threads)
+    torch.manual_seed(int(cfg.seed))
+    data = prepare_data(cfg)
+    classes = data.collection.classes
+    model = build_model(cfg.model, len(classes))
+    keys = exchanged_keys(model, fedbn=bool(fed.fedbn))
+    x, start = model_inputs(model, data, cfg, device)
+    tests = {
+        n: Batches(x, data.collection.labels, idx, batch_size=64)
+        for n, idx in data.splits.tests.items()
+    }
+
+    if fed.resume:
+        run_dir = Path(str(fed.resume)).expanduser().resolve()
+        run, state = FederatedRun.resume(run_dir, cfg, label=data.label, classes=classes)
+        done = int(state["round"])
+        set_exchanged(model, state["arrays"], keys)
+        strategy.import_state(state["strategy_state"])
+        log.info("resuming %s after round %d of %d", run_dir, done, rounds)
+    else:
+        run_dir = new_run_dir(cfg, "federated")
+        run = FederatedRun(run_dir, cfg, label=data.label, classes=classes)
+        done = 0
+    log.info("run folder: %s", run_dir)
+    if done >= rounds:
+        log.info("nothing to do: %d of %d rounds already done", done, rounds)
+        return run_dir
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        rnd = server_round + done
+        if server_round == 0:
+            return None
+        t0 = time.perf_counter()
+        state = arrays.to_torch_state_dict()
+        set_exchanged(model, state, keys)
+        model.to(device)
+        results = {}
+        for name, batches in tests.items():
+            probs, y, loss = predict(model, batches, device=device, start=start)
+            results[name] = classification_metrics(y, probs, classes, loss=loss)
+        sites = strategy.site_metrics.get(server_round, {})
+        row = run.record(rnd, results, sites)
+        run.checkpoint(rnd, state, strategy.export_state(), best=run.is_best(results))
+        first = next(iter(results))
+        log.info(
+            "round %d/%d  %s acc %.4f  macro-F1 %.4f  (%d sites)  %.1f s",
+            rnd,
+            rounds,
+            first,
+            results[first]["accuracy"],
+            results[first]["macro_f1"],
+            len(sites.get("train", [])),
+            row["seconds"] + time.perf_counter() - t0,
+        )
+        return MetricRecord({f"{n}_accuracy": m["accuracy"] for n, m in results.items()})
+
+    initial = ArrayRecord(get_exchanged(model.cpu(), keys))
+    strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=rounds - done,
+        timeout=float(fed.round_timeout_s),
+        train_config=ConfigRecord({"round-offset": done}),
+        evaluate_config=ConfigRecord({"round-offset": done}),
+        evaluate_fn=evaluate_fn,
+    )
+    run.finish()
+    log.info("results: %s", run_dir)
+    print(f"fedscan: results in {run_dir}", flush=True)
+    return run_dir
+
+
+def make_server_app(overrides: tuple[str, ...] = ()) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("flwr").propagate = False
+        cfg = load_config([*overrides_from_run_config(dict(context.run_config)), *overrides])
+        run_server(grid, cfg)
+
+    return app
+
+
+app = make_server_app()

@@ -1,0 +1,129 @@
+"""Strategy registry: Flower's strategies, subclassed only where behaviour must change.
+
+The one change: every strategy records each site's own metrics (Flower keeps
+aggregates only) and drops replies whose arrays are not finite, naming the site,
+before the parent's aggregation runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp import strategy as fl
+
+from common.errors import ConfigError
+from common.registry import Registry
+
+log = logging.getLogger("fedscan.server")
+
+STRATEGIES: Registry[type] = Registry("strategy", "strategy.name")
+# Server-side state that must survive a resume (FedOpt family).
+STATEFUL_ATTRS = ("current_arrays", "m_t", "v_t")
+
+
+class SiteRecording:
+    """Mixin: keeps per-site metrics per round and refuses non-finite updates."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.site_metrics: dict[int, dict[str, list[dict]]] = {}
+
+    def _record(self, rnd: int, phase: str, replies: Iterable[Message]) -> None:
+        rows = self.site_metrics.setdefault(rnd, {}).setdefault(phase, [])
+        for msg in replies:
+            if msg.has_content() and "metrics" in msg.content:
+                row = dict(msg.content["metrics"])
+                row["node_id"] = int(msg.metadata.src_node_id)
+                rows.append(row)
+
+    @staticmethod
+    def _finite(msg: Message) -> bool:
+        arrays = msg.content.get("arrays") if msg.has_content() else None
+        if arrays is None:
+            return True
+        return all(np.isfinite(a.numpy()).all() for a in arrays.values())
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        kept = []
+        for msg in replies:
+            if msg.has_error():
+                log.warning(
+                    "round %d: site %s failed: %s",
+                    server_round,
+                    msg.metadata.src_node_id,
+                    msg.error.reason,
+                )
+            elif not self._finite(msg):
+                log.warning(
+                    "round %d: update from site %s rejected: NaN/Inf in arrays",
+                    server_round,
+                    msg.metadata.src_node_id,
+                )
+            else:
+                kept.append(msg)
+        self._record(server_round, "train", kept)
+        return super().aggregate_train(server_round, kept)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
+        replies = [m for m in replies if not m.has_error()]
+        self._record(server_round, "evaluate", replies)
+        return super().aggregate_evaluate(server_round, replies)
+
+    def export_state(self) -> dict[str, Any]:
+        return {a: getattr(self, a) for a in STATEFUL_ATTRS if getattr(self, a, None) is not None}
+
+    def import_state(self, state: Mapping[str, Any]) -> None:
+        for a, v in state.items():
+            setattr(self, a, v)
+
+
+def _register(name: str, base: type) -> None:
+    STRATEGIES.register(name)(type(f"Recording{base.__name__}", (SiteRecording, base), {}))
+
+
+for _name, _base in {
+    "fedavg": fl.FedAvg,
+    "fedprox": fl.FedProx,
+    "fedadam": fl.FedAdam,
+    "fedyogi": fl.FedYogi,
+    "fedmedian": fl.FedMedian,
+    "fedtrimmedavg": fl.FedTrimmedAvg,
+    "krum": fl.Krum,
+}.items():
+    _register(_name, _base)
+
+
+def build_strategy(cfg: Mapping[str, Any], federation: Mapping[str, Any]) -> SiteRecording:
+    """Instantiate the configured strategy with the federation's sampling settings."""
+    cls = STRATEGIES.get(str(cfg["name"]))
+    params = {k: v for k, v in cfg.items() if k != "name"}
+    if "mu" in params:
+        params["proximal_mu"] = params.pop("mu")
+        if float(params["proximal_mu"]) < 0:
+            raise ConfigError("strategy.mu", f"must be >= 0, got {params['proximal_mu']}")
+    min_nodes = int(federation["min_nodes"])
+    if min_nodes < 1:
+        raise ConfigError("federation.min_nodes", f"must be >= 1, got {min_nodes}")
+    for key in ("fraction_train", "fraction_evaluate"):
+        if not 0.0 < float(federation[key]) <= 1.0:
+            raise ConfigError(f"federation.{key}", f"must be in (0, 1], got {federation[key]}")
+    try:
+        return cls(
+            fraction_train=float(federation["fraction_train"]),
+            fraction_evaluate=float(federation["fraction_evaluate"]),
+            min_train_nodes=min_nodes,
+            min_evaluate_nodes=min_nodes,
+            min_available_nodes=min_nodes,
+            **params,
+        )
+    except TypeError as exc:
+        raise ConfigError("strategy", f"bad parameter for {cfg['name']}: {exc}") from None
+
+
+def to_array_record(state: Mapping[str, Any]) -> ArrayRecord:
+    return ArrayRecord(dict(state))

@@ -1,0 +1,62 @@
+"""In-process federated simulation: the same ServerApp and ClientApp as ``flwr run``.
+
+``flwr.simulation.run_simulation`` leaves ``run_config`` empty, so the apps are
+built with the overrides baked in (``make_server_app(overrides)``); everything
+else, including the config tree, is shared with ``flwr run``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from common.config import load_config
+from common.parallel import available_cpus
+
+log = logging.getLogger("fedscan.simulate")
+
+
+def run_federated(overrides: Sequence[str]) -> Path:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    from flwr.simulation import run_simulation
+
+    from client.app import make_client_app
+    from server.app import make_server_app
+
+    overrides = list(overrides)
+    cfg = load_config(overrides)  # fail on a bad override before Ray starts
+    from server.strategies import build_strategy
+
+    build_strategy(cfg.strategy, cfg.federation)
+    sites = int(cfg.federation.num_sites)
+    if int(cfg.federation.min_nodes) > sites:
+        from common.errors import ConfigError
+
+        raise ConfigError(
+            "federation.min_nodes", f"{cfg.federation.min_nodes} is more than the {sites} sites"
+        )
+    runs_dir = Path(str(cfg.runs_dir)).expanduser().resolve()
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    before = set(runs_dir.iterdir())
+    # Absolute paths: Ray actors may start in another working directory.
+    overrides = [*overrides, f"runs_dir={runs_dir}"]
+    cpus = available_cpus()
+    run_simulation(
+        server_app=make_server_app(tuple(overrides)),
+        client_app=make_client_app(tuple(overrides)),
+        num_supernodes=sites,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": cpus, "include_dashboard": False},
+        },
+    )
+    if cfg.federation.resume:
+        return Path(str(cfg.federation.resume)).resolve()
+    new = sorted(set(runs_dir.iterdir()) - before)
+    if not new:
+        raise RuntimeError("the simulation finished without writing a run folder; see the log")
+    return new[-1]

@@ -1,0 +1,80 @@
+"""Server-side aggregation through fedscan's strategies, on hand-made site replies."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app.message.message import make_message
+from flwr.common import MessageType, Metadata
+
+from common.errors import ConfigError
+from server.strategies import STRATEGIES, build_strategy
+
+FED = {"min_nodes": 2, "fraction_train": 1.0, "fraction_evaluate": 1.0}
+
+
+def reply(node: int, value: float, n: int, *, shape=(3,)):
+    meta = Metadata(
+        run_id=1,
+        message_id=f"m{node}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="x",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type=MessageType.TRAIN,
+    )
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"w": torch.full(shape, value)}),
+            "metrics": MetricRecord({"num-examples": n, "train_loss": value}),
+        }
+    )
+    return make_message(metadata=meta, content=content)
+
+
+def test_fedavg_weights_by_samples_and_records_each_site():
+    s = build_strategy({"name": "fedavg"}, FED)
+    arrays, metrics = s.aggregate_train(1, [reply(1, 1.0, 30), reply(2, 5.0, 10)])
+    # site 1 has 3x the samples, so it weighs 3x: (3*1 + 1*5) / 4 = 2
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full(3, 2.0))
+    assert metrics["train_loss"] == pytest.approx(2.0)
+    rows = s.site_metrics[1]["train"]
+    assert sorted((r["node_id"], r["num-examples"]) for r in rows) == [(1, 30), (2, 10)]
+
+
+def test_non_finite_update_is_dropped(caplog):
+    s = build_strategy({"name": "fedavg"}, FED)
+    arrays, _ = s.aggregate_train(
+        2, [reply(1, 1.0, 10), reply(7, float("nan"), 10), reply(3, 3.0, 10)]
+    )
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full(3, 2.0))
+    assert "site 7" in caplog.text
+
+
+def test_median_resists_a_scaled_update():
+    s = build_strategy({"name": "fedmedian"}, FED)
+    arrays, _ = s.aggregate_train(1, [reply(1, 1.0, 10), reply(2, 1.2, 10), reply(3, 100.0, 10)])
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full(3, 1.2), rtol=1e-6)
+
+
+def test_registry_and_bad_settings():
+    assert set(STRATEGIES.names()) >= {
+        "fedavg",
+        "fedprox",
+        "fedadam",
+        "fedyogi",
+        "fedmedian",
+        "fedtrimmedavg",
+        "krum",
+    }
+    assert build_strategy({"name": "fedprox", "mu": 0.1}, FED).proximal_mu == 0.1
+    with pytest.raises(ConfigError, match=r"strategy\.name"):
+        build_strategy({"name": "fedmagic"}, FED)
+    with pytest.raises(ConfigError, match=r"strategy\.mu"):
+        build_strategy({"name": "fedprox", "mu": -1}, FED)
+    with pytest.raises(ConfigError, match=r"federation\.min_nodes"):
+        build_strategy({"name": "fedavg"}, {**FED, "min_nodes": 0})
