@@ -86,6 +86,8 @@ def overrides_from_run_config(run_config: dict) -> list[str]:
     for key, target in RUN_CONFIG_KEYS.items():
         value = run_config.get(key)
         if value not in (None, "", 0):
-            out.append(f"{target}={value}")
+            # Paths may hold characters Hydra's override grammar rejects (~, :).
+            quoted = target in ("runs_dir", "data_root")
+            out.append(f"{target}='{value}'" if quoted else f"{target}={value}")
     out += str(run_config.get("overrides", "") or "").split()
     return out

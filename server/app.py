@@ -13,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
 from common.config import load_config, overrides_from_run_config
+from common.errors import ConfigError
 from common.federation import exchanged_keys, get_exchanged, set_exchanged
 from common.fedrun import FederatedRun
 from common.metrics import classification_metrics
@@ -25,15 +26,31 @@ from server.strategies import build_strategy
 log = logging.getLogger("fedscan.server")
 
 
+def wait_for_nodes(grid: Grid, min_nodes: int, timeout_s: float) -> int:
+    """Block until ``min_nodes`` sites are connected; fail clearly instead of hanging."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        n = len(list(grid.get_node_ids()))
+        if n >= min_nodes:
+            return n
+        if time.monotonic() >= deadline:
+            raise ConfigError(
+                "federation.min_nodes",
+                f"{min_nodes} sites required but only {n} connected after {timeout_s:.0f} s "
+                "(lower federation.min_nodes or start more SuperNodes)",
+            )
+        time.sleep(1.0)
+
+
 def run_server(grid: Grid, cfg: DictConfig) -> Path:
     """Everything the ServerApp does, callable from tests and ``fedscan simulate``."""
     fed = cfg.federation
     strategy = build_strategy(cfg.strategy, fed)  # validate before touching data
     rounds = int(fed.rounds)
     if rounds < 1:
-        from common.errors import ConfigError
-
         raise ConfigError("federation.rounds", f"must be >= 1, got {rounds}")
+    n_nodes = wait_for_nodes(grid, int(fed.min_nodes), float(fed.wait_for_nodes_s))
+    log.info("%d sites connected", n_nodes)
     device = select_device(str(cfg.device), cfg.num_threads)
     torch.manual_seed(int(cfg.seed))
     data = prepare_data(cfg)
@@ -114,6 +131,7 @@ def make_server_app(overrides: tuple[str, ...] = ()) -> ServerApp:
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         logging.getLogger("flwr").propagate = False
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         cfg = load_config([*overrides_from_run_config(dict(context.run_config)), *overrides])
         run_server(grid, cfg)
 

@@ -78,3 +78,15 @@ def test_registry_and_bad_settings():
         build_strategy({"name": "fedprox", "mu": -1}, FED)
     with pytest.raises(ConfigError, match=r"federation\.min_nodes"):
         build_strategy({"name": "fedavg"}, {**FED, "min_nodes": 0})
+
+
+def test_too_few_sites_is_a_clear_error_not_a_hang():
+    from server.app import wait_for_nodes
+
+    class Grid:
+        def get_node_ids(self):
+            return [11]
+
+    with pytest.raises(ConfigError, match=r"federation\.min_nodes.*only 1 connected"):
+        wait_for_nodes(Grid(), 2, 0.0)
+    assert wait_for_nodes(Grid(), 1, 0.0) == 1

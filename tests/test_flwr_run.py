@@ -1,0 +1,67 @@
+"""`flwr run .` through a real local SuperLink (simulation), stopped by PID afterwards."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _superlinks_of(flwr_home: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "flower-superlink" in cmd and str(flwr_home) in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.fixture
+def flwr_env(tmp_path: Path):
+    home = tmp_path / "flwr-home"
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    env.pop("FEDSCAN_DATA", None)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    yield env
+    for pid in _superlinks_of(home):
+        os.kill(pid, 9)
+
+
+def test_flwr_run_out_of_the_box(tmp_path: Path, flwr_env):
+    runs = tmp_path / "runs"
+    cmd = [
+        "flwr",
+        "run",
+        ".",
+        "--stream",
+        "--run-config",
+        f"runs-dir='{runs}' num-rounds=2 model='paper_cnn' "
+        "overrides='dataset.image_size=32 dataset.size=32 dataset.per_class=24'",
+    ]
+    out = subprocess.run(cmd, cwd=ROOT, env=flwr_env, capture_output=True, text=True, timeout=400)
+    text = out.stdout + out.stderr
+    match = re.search(r"fedscan: results in (\S+)", text)
+    assert match, text[-3000:]
+    run = Path(match.group(1))
+    assert run.parent == runs
+    rounds = json.loads((run / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert len(rounds[-1]["sites"]["train"]) == 2  # the default local federation: 2 SuperNodes
+    assert _superlinks_of(Path(flwr_env["FLWR_HOME"]))  # it outlives the CLI; the fixture stops it
