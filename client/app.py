@@ -21,32 +21,47 @@ from common.federation import (
     set_exchanged,
 )
 from common.metrics import classification_metrics
-from common.pipeline import train_settings
-from common.site import SiteData, fresh_model, load_site, site_config
+from common.pipeline import model_inputs, prepare_data, train_settings
+from common.site import SiteData, fresh_model, site_config, site_indices
 from common.training import Batches, predict, select_device
 from common.transforms import Augment
 
 log = logging.getLogger("fedscan.client")
 
 
-@lru_cache(maxsize=4)
-def _site(cfg_yaml: str, partition_id: int | None, num_partitions: int | None, data_path: str):
-    """Per-process cache: the site's data, cache and features are prepared once."""
+@lru_cache(maxsize=2)
+def _prepared(cfg_yaml: str, data_path: str):
+    """Per process, once per config: data, decode cache and frozen-trunk features.
+
+    Shared by every partition a simulation actor serves, so rotating sites through
+    a few actors never re-reads the dataset.
+    """
     cfg = site_config(OmegaConf.create(cfg_yaml), data_path or None)
     device = select_device(str(cfg.device), cfg.num_threads)
     probe = fresh_model(cfg, len(CLASSES[cfg.dataset.domain]))  # its frozen stages feed the cache
-    site = load_site(cfg, probe, device, partition_id=partition_id, num_partitions=num_partitions)
-    return cfg, device, site
+    prepared = prepare_data(cfg)
+    x, start = model_inputs(probe, prepared, cfg, device)
+    return cfg, device, prepared, x, start
 
 
-def resolve(context: Context, overrides: tuple[str, ...] = ()) -> tuple[DictConfig, SiteData]:
+@lru_cache(maxsize=1024)
+def _site(cfg_yaml: str, partition_id: int | None, num_partitions: int | None, data_path: str):
+    cfg, device, prepared, x, start = _prepared(cfg_yaml, data_path)
+    train, val = site_indices(
+        cfg, prepared, partition_id=partition_id, num_partitions=num_partitions
+    )
+    return cfg, device, SiteData(prepared=prepared, x=x, start=start, train=train, val=val)
+
+
+def resolve(
+    context: Context, overrides: tuple[str, ...] = ()
+) -> tuple[DictConfig, torch.device, SiteData]:
     cfg = load_config([*overrides_from_run_config(dict(context.run_config)), *overrides])
     nc = context.node_config
     data_path = str(nc.get("data-path", "") or "")
     pid = None if data_path else int(nc.get("partition-id", 0))
     n = None if data_path else int(nc.get("num-partitions", 1))
-    cfg, device, site = _site(OmegaConf.to_yaml(cfg), pid, n, data_path)
-    return cfg, device, site
+    return _site(OmegaConf.to_yaml(cfg), pid, n, data_path)
 
 
 LOCAL_STATE = "fedscan-local-state"

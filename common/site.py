@@ -12,13 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from common.errors import ConfigError, DataError
 from common.models import StagedModel, build_model
 from common.partition import iid_partition
-from common.pipeline import PreparedData, model_inputs, prepare_data
+from common.pipeline import PreparedData
 from common.splits import group_holdout
 
 
@@ -51,15 +50,14 @@ def site_config(cfg: DictConfig, data_path: str | None) -> DictConfig:
     return cfg
 
 
-def load_site(
+def site_indices(
     cfg: DictConfig,
-    model: StagedModel,
-    device: torch.device,
+    prepared: PreparedData,
     *,
     partition_id: int | None,
     num_partitions: int | None,
-) -> SiteData:
-    prepared = prepare_data(cfg)
+) -> tuple[np.ndarray, np.ndarray]:
+    """The site's (train, val) indices: its partition, or its whole folder in deployment."""
     s = prepared.splits
     labels = prepared.collection.labels
     if partition_id is None:  # deployment: every readable sample of the site's folder
@@ -73,11 +71,9 @@ def load_site(
         ]
     fraction = float(cfg.federation.site_val_fraction)
     try:
-        train, val = group_holdout(pool, labels, s.groups, fraction, int(cfg.seed), "site val")
+        return group_holdout(pool, labels, s.groups, fraction, int(cfg.seed), "site val")
     except DataError as exc:
         raise DataError(prepared.collection.root, f"site has too little data: {exc}") from None
-    x, start = model_inputs(model, prepared, cfg, device)
-    return SiteData(prepared=prepared, x=x, start=start, train=train, val=val)
 
 
 def fresh_model(cfg: DictConfig, num_classes: int) -> StagedModel:

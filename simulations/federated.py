@@ -47,7 +47,8 @@ def run_federated(overrides: Sequence[str]) -> Path:
     cpus = available_cpus()
     run_simulation(
         server_app=make_server_app(tuple(overrides)),
-        client_app=make_client_app(tuple(overrides)),
+        # one CPU per site actor (below): one torch thread each, no oversubscription
+        client_app=make_client_app((*overrides, "num_threads=1")),
         num_supernodes=sites,
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},

@@ -1,0 +1,90 @@
+"""Federated overhead: wall time per sample-step, federated vs centralised, one run.
+
+Both sides train the same model on the same cached inputs. Centralised: E
+epochs over the pooled training split. Federated: E rounds x 1 local epoch at
+N simulated sites (in-process Flower simulation, Ray) whose training sets
+partition the same pool. Sample-steps differ slightly (each site holds out its
+own validation split), so the ratio is of seconds per trained sample:
+
+    overhead = (federated s / federated samples) / (centralised s / centralised samples)
+
+reported for the whole run (Ray start-up included) and for the steady-state
+rounds (after round 1, which pays for actor start and site preparation).
+
+    python benchmarks/federated_overhead.py [--dataset brain_mri] [--sites 5] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from common.config import load_config
+from simulations.centralised import run_centralised
+from simulations.federated import run_federated
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dataset", default="synthetic")
+    ap.add_argument("--sites", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="fedscan-overhead-"))
+    common = [f"dataset={a.dataset}", *a.overrides]
+    if a.dataset == "synthetic":
+        common += ["dataset.per_class=200"]
+
+    # Warm every cache (decode, fingerprints, frozen-trunk features) outside the timing.
+    run_centralised(load_config([*common, "train.epochs=1", f"runs_dir={tmp / 'warm'}"]))
+
+    t = time.perf_counter()
+    cent = run_centralised(
+        load_config([*common, f"train.epochs={a.rounds}", f"runs_dir={tmp / 'cent'}"])
+    )
+    t_cent = time.perf_counter() - t
+    m = json.loads((cent / "metrics.json").read_text())
+    cent_samples = m["splits"]["train"]["total"] * a.rounds
+    cent_fit = m["fit_time_s"]
+
+    t = time.perf_counter()
+    fed = run_federated(
+        [
+            *common,
+            f"federation.num_sites={a.sites}",
+            f"federation.min_nodes={a.sites}",
+            f"federation.rounds={a.rounds}",
+            f"runs_dir={tmp / 'fed'}",
+        ]
+    )
+    t_fed = time.perf_counter() - t
+    rounds = json.loads((fed / "metrics.json").read_text())["rounds"]
+    per_round_samples = sum(s["num-examples"] for s in rounds[-1]["sites"]["train"])
+    fed_samples = per_round_samples * a.rounds
+    steady = sum(r["seconds"] for r in rounds[1:]) / max(len(rounds) - 1, 1)
+
+    cent_rate = t_cent / cent_samples
+    print(
+        f"dataset {a.dataset}, model {m['model']} ({m['mode']}), {a.sites} sites, "
+        f"{a.rounds} rounds x 1 local epoch vs {a.rounds} epochs"
+    )
+    print(
+        f"centralised: {t_cent:7.1f} s wall ({cent_fit:.1f} s fit) for {cent_samples} sample-steps"
+    )
+    print(
+        f"federated:   {t_fed:7.1f} s wall for {fed_samples} sample-steps "
+        f"(round 1 {rounds[0]['seconds']:.1f} s, later rounds {steady:.1f} s)"
+    )
+    print(f"overhead, whole run (incl. Ray start):  {(t_fed / fed_samples) / cent_rate:5.2f}x")
+    print(
+        f"overhead, steady-state rounds vs epochs: "
+        f"{(steady / per_round_samples) / (cent_fit / cent_samples):5.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
