@@ -3,6 +3,7 @@ pack the update and aggregate metrics. Nothing else leaves the site."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from functools import lru_cache
 
@@ -23,10 +24,16 @@ from common.federation import (
 from common.metrics import classification_metrics
 from common.pipeline import model_inputs, prepare_data, train_settings
 from common.site import SiteData, fresh_model, site_config, site_indices
-from common.training import Batches, predict, select_device
+from common.training import Batches, place_model, predict, select_device
 from common.transforms import Augment
 
 log = logging.getLogger("fedscan.client")
+
+
+@lru_cache(maxsize=2)
+def _template(cfg_yaml: str):
+    cfg = OmegaConf.create(cfg_yaml)
+    return fresh_model(cfg, len(CLASSES[cfg.dataset.domain]))
 
 
 @lru_cache(maxsize=2)
@@ -38,7 +45,7 @@ def _prepared(cfg_yaml: str, data_path: str):
     """
     cfg = site_config(OmegaConf.create(cfg_yaml), data_path or None)
     device = select_device(str(cfg.device), cfg.num_threads)
-    probe = fresh_model(cfg, len(CLASSES[cfg.dataset.domain]))  # its frozen stages feed the cache
+    probe = _template(cfg_yaml)  # its frozen stages feed the feature cache
     prepared = prepare_data(cfg)
     x, start = model_inputs(probe, prepared, cfg, device)
     return cfg, device, prepared, x, start
@@ -69,7 +76,8 @@ LOCAL_STATE = "fedscan-local-state"
 
 def _model_with(cfg: DictConfig, site: SiteData, msg: Message, context: Context):
     """The global weights, plus this site's own kept state (FedBN) from earlier rounds."""
-    model = fresh_model(cfg, len(site.prepared.collection.classes))
+    # A copy of the per-process template: cheaper than rebuilding and re-reading weights.
+    model = copy.deepcopy(_template(OmegaConf.to_yaml(cfg)))
     keys = exchanged_keys(model, fedbn=bool(cfg.federation.fedbn))
     set_exchanged(model, msg.content["arrays"].to_torch_state_dict(), keys)
     if LOCAL_STATE in context.state:
@@ -137,7 +145,7 @@ def make_client_app(overrides: tuple[str, ...] = ()) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         cfg, device, site = resolve(context, overrides)
         model, _ = _model_with(cfg, site, msg, context)
-        model.to(device)
+        place_model(model, device)
         metrics = {
             "num-examples": len(site.val),
             "partition-id": int(context.node_config.get("partition-id", -1)),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -30,6 +31,16 @@ def config_dir() -> Path:
 
 
 def _compose(overrides: list[str]) -> DictConfig:
+    """Compose, memoised per process (a site composes the same config every round)."""
+    return OmegaConf.create(_compose_yaml(tuple(overrides)))
+
+
+@lru_cache(maxsize=64)
+def _compose_yaml(overrides: tuple[str, ...]) -> str:
+    return OmegaConf.to_yaml(_compose_uncached(list(overrides)))
+
+
+def _compose_uncached(overrides: list[str]) -> DictConfig:
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             return compose(config_name="config", overrides=overrides)

@@ -19,7 +19,14 @@ import torch
 from torch import nn
 
 from common.models.staged import StagedModel
-from common.training import Batches, TrainSettings, loss_function, make_optimizer, train_one_epoch
+from common.training import (
+    Batches,
+    TrainSettings,
+    loss_function,
+    make_optimizer,
+    place_model,
+    train_one_epoch,
+)
 
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
 
@@ -84,7 +91,7 @@ def local_fit(
     The optimizer is created fresh each round (Flower's examples do the same):
     momentum from a previous global model would point the wrong way.
     """
-    model.to(device)
+    place_model(model, device)
     anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     batches = Batches(
         x,

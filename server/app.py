@@ -20,7 +20,7 @@ from common.metrics import classification_metrics
 from common.models import build_model
 from common.pipeline import model_inputs, prepare_data
 from common.runs import new_run_dir
-from common.training import Batches, predict, select_device
+from common.training import Batches, place_model, predict, select_device
 from server.strategies import build_strategy
 
 log = logging.getLogger("fedscan.server")
@@ -86,7 +86,7 @@ def run_server(grid: Grid, cfg: DictConfig) -> Path:
         t0 = time.perf_counter()
         state = arrays.to_torch_state_dict()
         set_exchanged(model, state, keys)
-        model.to(device)
+        place_model(model, device)
         results = {}
         for name, batches in tests.items():
             probs, y, loss = predict(model, batches, device=device, start=start)
