@@ -34,3 +34,53 @@ def test_set_exchanged_refuses_bad_updates():
         set_exchanged(m, bad, keys)
     with pytest.raises(ValueError, match="names"):
         set_exchanged(m, {**good, "stages.99.weight": torch.zeros(1)}, keys)
+
+
+def test_proximal_term_pulls_local_model_towards_global():
+    import numpy as np
+
+    from common.federation import local_fit
+    from common.training import TrainSettings
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (64, 16, 16), dtype=np.uint8)
+    y = rng.integers(0, 3, 64)
+    settings = TrainSettings(batch_size=16, lr=0.05, optimizer="sgd", augment="none")
+
+    def drift(mu: float) -> float:
+        torch.manual_seed(0)
+        m = build_model({"name": "paper_cnn"}, 3)
+        start = [p.detach().clone() for p in m.parameters()]
+        local_fit(
+            m,
+            x,
+            y,
+            np.arange(64),
+            settings,
+            device=torch.device("cpu"),
+            start=0,
+            epochs=3,
+            proximal_mu=mu,
+            seed=1,
+        )
+        return sum(
+            float(((p.detach() - s) ** 2).sum()) for p, s in zip(m.parameters(), start, strict=True)
+        )
+
+    free, zero, prox = drift(0.0), drift(0.0), drift(1.0)
+    assert free == pytest.approx(zero)  # mu = 0 is plain local training
+    assert prox < 0.5 * free
+
+
+def test_missing_data_path_is_named(tmp_path):
+    from omegaconf import OmegaConf
+
+    from common.errors import DataError
+    from common.site import site_config
+
+    cfg = OmegaConf.create({"dataset": {"domain": "lung_ct", "split": {"policy": "scan_groups"}}})
+    with pytest.raises(DataError, match="data-path"):
+        site_config(cfg, str(tmp_path / "no-such-site"))
+    (tmp_path / "site").mkdir()
+    out = site_config(cfg, str(tmp_path / "site"))
+    assert out.dataset.name == "site" and out.dataset.split.policy == "grouped"
