@@ -51,6 +51,7 @@ def plot_confusion(
 
 def plot_round_curves(rounds: Sequence[dict], path: Path, *, title: str) -> Path:
     """Global accuracy and loss per federated round, one line per test split."""
+    rounds = [r for r in rounds if r["global"]]  # rounds evaluated on the server
     xs = [r["round"] for r in rounds]
     splits = list(rounds[-1]["global"])
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))

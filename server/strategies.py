@@ -109,9 +109,15 @@ def build_strategy(cfg: Mapping[str, Any], federation: Mapping[str, Any]) -> Sit
     min_nodes = int(federation["min_nodes"])
     if min_nodes < 1:
         raise ConfigError("federation.min_nodes", f"must be >= 1, got {min_nodes}")
-    for key in ("fraction_train", "fraction_evaluate"):
-        if not 0.0 < float(federation[key]) <= 1.0:
-            raise ConfigError(f"federation.{key}", f"must be in (0, 1], got {federation[key]}")
+    if not 0.0 < float(federation["fraction_train"]) <= 1.0:
+        raise ConfigError(
+            "federation.fraction_train", f"must be in (0, 1], got {federation['fraction_train']}"
+        )
+    if not 0.0 <= float(federation["fraction_evaluate"]) <= 1.0:  # 0: no federated evaluation
+        raise ConfigError(
+            "federation.fraction_evaluate",
+            f"must be in [0, 1], got {federation['fraction_evaluate']}",
+        )
     try:
         return cls(
             fraction_train=float(federation["fraction_train"]),

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.config import load_config
+from common.errors import ConfigError
 from common.parallel import available_cpus
 
 log = logging.getLogger("fedscan.simulate")
@@ -34,8 +35,6 @@ def run_federated(overrides: Sequence[str]) -> Path:
     build_strategy(cfg.strategy, cfg.federation)
     sites = int(cfg.federation.num_sites)
     if int(cfg.federation.min_nodes) > sites:
-        from common.errors import ConfigError
-
         raise ConfigError(
             "federation.min_nodes", f"{cfg.federation.min_nodes} is more than the {sites} sites"
         )
@@ -45,13 +44,16 @@ def run_federated(overrides: Sequence[str]) -> Path:
     # Absolute paths: Ray actors may start in another working directory.
     overrides = [*overrides, f"runs_dir={runs_dir}"]
     cpus = available_cpus()
+    per_site = int(cfg.federation.cpus_per_site or cpus)
+    if not 1 <= per_site <= cpus:
+        raise ConfigError("federation.cpus_per_site", f"must be in [1, {cpus}], got {per_site}")
     run_simulation(
         server_app=make_server_app(tuple(overrides)),
-        # one CPU per site actor (below): one torch thread each, no oversubscription
-        client_app=make_client_app((*overrides, "num_threads=1")),
+        # torch threads = the CPUs Ray gives each site actor: no oversubscription
+        client_app=make_client_app((*overrides, f"num_threads={per_site}")),
         num_supernodes=sites,
         backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "client_resources": {"num_cpus": per_site, "num_gpus": 0.0},
             "init_args": {"num_cpus": cpus, "include_dashboard": False},
         },
     )

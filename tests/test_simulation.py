@@ -25,10 +25,14 @@ def _no_real_data(monkeypatch):
 
 
 def test_two_round_simulation_writes_per_site_metrics(tmp_path: Path):
-    run = run_federated([*BASE, f"runs_dir={tmp_path}", "federation.rounds=2"])
+    run = run_federated(
+        [*BASE, f"runs_dir={tmp_path}", "federation.rounds=2", "federation.evaluate_every=2"]
+    )
     m = json.loads((run / "metrics.json").read_text())
     assert "SYNTHETIC" in m["label"]
     assert [r["round"] for r in m["rounds"]] == [1, 2]
+    assert m["rounds"][0]["global"] == {}  # evaluate_every=2: the server skipped round 1
+    assert m["rounds"][0]["sites"]["train"]  # ... but still recorded every site
     last = m["rounds"][-1]
     g = last["global"]["test_grouped"]
     for key in ("loss", "accuracy", "macro_f1", "per_class"):
