@@ -13,15 +13,21 @@ import numpy as np
 from sklearn.metrics import ConfusionMatrixDisplay
 
 
-def plot_curves(history: Sequence[dict], path: Path, *, title: str) -> Path:
-    """Training and validation accuracy and loss per epoch (two panels)."""
-    epochs = [h["epoch"] for h in history]
+def _accuracy_loss(
+    series: dict[str, tuple[list, list, list, str]],
+    path: Path,
+    *,
+    xlabel: str,
+    title: str,
+    prefix: str = "",
+) -> Path:
+    """Two panels, accuracy and loss; ``series`` maps label -> (x, accuracy, loss, style)."""
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
-    for split, style in (("train", "-o"), ("val", "-s")):
-        ax_acc.plot(epochs, [h[f"{split}_accuracy"] for h in history], style, label=split)
-        ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], style, label=split)
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    for label, (xs, acc, loss, style) in series.items():
+        ax_acc.plot(xs, acc, style, label=label)
+        ax_loss.plot(xs, loss, style, label=label)
+    ax_acc.set(xlabel=xlabel, ylabel="accuracy", title=f"{prefix}accuracy".capitalize())
+    ax_loss.set(xlabel=xlabel, ylabel="loss", title=f"{prefix}loss".capitalize())
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -30,6 +36,21 @@ def plot_curves(history: Sequence[dict], path: Path, *, title: str) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_curves(history: Sequence[dict], path: Path, *, title: str) -> Path:
+    """Training and validation accuracy and loss per epoch (the paper's figures)."""
+    epochs = [h["epoch"] for h in history]
+    series = {
+        split: (
+            epochs,
+            [h[f"{split}_accuracy"] for h in history],
+            [h[f"{split}_loss"] for h in history],
+            style,
+        )
+        for split, style in (("train", "-o"), ("val", "-s"))
+    }
+    return _accuracy_loss(series, path, xlabel="epoch", title=title)
 
 
 def plot_confusion(
@@ -53,18 +74,13 @@ def plot_round_curves(rounds: Sequence[dict], path: Path, *, title: str) -> Path
     """Global accuracy and loss per federated round, one line per test split."""
     rounds = [r for r in rounds if r["global"]]  # rounds evaluated on the server
     xs = [r["round"] for r in rounds]
-    splits = list(rounds[-1]["global"])
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
-    for split in splits:
-        ax_acc.plot(xs, [r["global"][split]["accuracy"] for r in rounds], "-o", label=split)
-        ax_loss.plot(xs, [r["global"][split]["loss"] for r in rounds], "-o", label=split)
-    ax_acc.set(xlabel="round", ylabel="accuracy", title="Global accuracy")
-    ax_loss.set(xlabel="round", ylabel="loss", title="Global loss")
-    for ax in (ax_acc, ax_loss):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    series = {
+        split: (
+            xs,
+            [r["global"][split]["accuracy"] for r in rounds],
+            [r["global"][split]["loss"] for r in rounds],
+            "-o",
+        )
+        for split in rounds[-1]["global"]
+    }
+    return _accuracy_loss(series, path, xlabel="round", title=title, prefix="global ")
