@@ -21,10 +21,9 @@ from common.federation import (
     local_keys,
     set_exchanged,
 )
-from common.metrics import classification_metrics
 from common.pipeline import model_inputs, prepare_data, train_settings
 from common.site import SiteData, fresh_model, site_config, site_indices
-from common.training import Batches, place_model, predict, select_device
+from common.training import Batches, evaluate_model, place_model, select_device
 from common.transforms import Augment
 
 log = logging.getLogger("fedscan.client")
@@ -87,8 +86,9 @@ def _model_with(cfg: DictConfig, site: SiteData, msg: Message, context: Context)
 
 def _val_metrics(model, cfg, site, device) -> dict[str, float]:
     batches = Batches(site.x, site.labels, site.val, batch_size=64)
-    probs, y, loss = predict(model, batches, device=device, start=site.start)
-    m = classification_metrics(y, probs, site.prepared.collection.classes, loss=loss)
+    m = evaluate_model(
+        model, batches, site.prepared.collection.classes, device=device, start=site.start
+    )
     out = {"val_loss": m["loss"], "val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"]}
     out.update({f"val_recall_{c}": v["recall"] for c, v in m["per_class"].items()})
     return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from common.errors import ConfigError
+from common.metrics import classification_metrics
 from common.models.staged import StagedModel
 from common.parallel import available_cpus
 from common.transforms import Augment, to_float
@@ -236,6 +237,19 @@ def predict(
     return np.concatenate(probs), y, loss_sum / len(y)
 
 
+def evaluate_model(
+    model: StagedModel,
+    batches: Batches,
+    classes: Sequence[str],
+    *,
+    device: torch.device,
+    start: int = 0,
+) -> dict:
+    """:func:`predict` then :func:`classification_metrics` (with the loss)."""
+    probs, y, loss = predict(model, batches, device=device, start=start)
+    return classification_metrics(y, probs, classes, loss=loss)
+
+
 def prefix_digest(model: StagedModel, cut: int) -> str:
     """Identity of the frozen stages' weights, part of the feature-cache key."""
     h = hashlib.sha1(model.name.encode() + str(cut).encode())
@@ -298,8 +312,6 @@ def fit(
 
     Returns the per-epoch history (train/val loss and accuracy, val macro-F1).
     """
-    from common.metrics import classification_metrics
-
     place_model(model, device)
     loss_fn = loss_function(settings, train.y[train.indices], model.num_classes)
     optimizer = make_optimizer(model, settings)
@@ -312,13 +324,12 @@ def fit(
             model, train, optimizer, loss_fn, device=device, start=start, desc=f"epoch {epoch}"
         )
         sched.step()
-        probs, y, va_loss = predict(model, val, device=device, start=start)
-        m = classification_metrics(y, probs, classes, loss=va_loss)
+        m = evaluate_model(model, val, classes, device=device, start=start)
         row = {
             "epoch": epoch,
             "train_loss": tr_loss,
             "train_accuracy": tr_acc,
-            "val_loss": va_loss,
+            "val_loss": m["loss"],
             "val_accuracy": m["accuracy"],
             "val_macro_f1": m["macro_f1"],
             "lr": optimizer.param_groups[0]["lr"],

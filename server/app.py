@@ -16,11 +16,10 @@ from common.config import load_config, overrides_from_run_config
 from common.errors import ConfigError
 from common.federation import exchanged_keys, get_exchanged, set_exchanged
 from common.fedrun import FederatedRun
-from common.metrics import classification_metrics
 from common.models import build_model
 from common.pipeline import model_inputs, prepare_data
 from common.runs import new_run_dir
-from common.training import Batches, place_model, predict, select_device
+from common.training import Batches, evaluate_model, place_model, select_device
 from server.strategies import build_strategy
 
 log = logging.getLogger("fedscan.server")
@@ -94,8 +93,7 @@ def run_server(grid: Grid, cfg: DictConfig) -> Path:
             set_exchanged(model, state, keys)
             place_model(model, device)
             for name, batches in tests.items():
-                probs, y, loss = predict(model, batches, device=device, start=start)
-                results[name] = classification_metrics(y, probs, classes, loss=loss)
+                results[name] = evaluate_model(model, batches, classes, device=device, start=start)
         sites = strategy.site_metrics.get(server_round, {})
         row = run.record(rnd, results, sites)  # its seconds include this evaluation
         best = bool(results) and run.is_best(results)

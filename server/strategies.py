@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import Message, MetricRecord
 from flwr.serverapp import strategy as fl
 
 from common.errors import ConfigError
@@ -129,7 +129,3 @@ def build_strategy(cfg: Mapping[str, Any], federation: Mapping[str, Any]) -> Sit
         )
     except TypeError as exc:
         raise ConfigError("strategy", f"bad parameter for {cfg['name']}: {exc}") from None
-
-
-def to_array_record(state: Mapping[str, Any]) -> ArrayRecord:
-    return ArrayRecord(dict(state))

@@ -9,12 +9,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from common.metrics import classification_metrics
 from common.models import build_model
 from common.pipeline import model_inputs, prepare_data, train_settings
 from common.plots import plot_confusion, plot_curves
 from common.runs import new_run_dir, write_config, write_json
-from common.training import Batches, fit, predict, select_device
+from common.training import Batches, evaluate_model, fit, select_device
 from common.transforms import Augment
 
 log = logging.getLogger("fedscan.train")
@@ -44,7 +43,7 @@ def run_centralised(cfg: DictConfig) -> Path:
         augment=augment,
         seed=settings.seed,
     )
-    evaluate = {
+    eval_sets = {
         name: Batches(x, c.labels, idx, batch_size=64)
         for name, idx in {"val": s.val, **s.tests}.items()
     }
@@ -70,14 +69,13 @@ def run_centralised(cfg: DictConfig) -> Path:
 
     t_fit = time.perf_counter()
     history = fit(
-        model, train, evaluate["val"], settings, device=device, start=start, on_epoch=on_epoch
+        model, train, eval_sets["val"], settings, device=device, start=start, on_epoch=on_epoch
     )
     t_fit = time.perf_counter() - t_fit
 
     results = {}
-    for name, batches in evaluate.items():
-        probs, y, loss = predict(model, batches, device=device, start=start)
-        results[name] = classification_metrics(y, probs, c.classes, loss=loss)
+    for name, batches in eval_sets.items():
+        results[name] = evaluate_model(model, batches, c.classes, device=device, start=start)
     wall = time.perf_counter() - t0
 
     title = f"{data.label} | {model.name} ({cfg.model.mode}) | {cfg.dataset.image_size}px"
