@@ -7,15 +7,18 @@ site's RGB export and another site's grayscale export identical to the model.
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from common.dicom import CT_WINDOWS, decode_dicom, looks_like_dicom
 from common.errors import UnreadableImageError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 # A CT slice is 512x512; anything this large is a mistake or a decompression bomb.
 MAX_PIXELS = 8192 * 8192
 
@@ -35,39 +38,68 @@ def _to_gray(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("L"), dtype=np.uint8)
 
 
-def read_gray(path: str | Path) -> np.ndarray:
-    """Decode ``path`` to a 2-D uint8 array at its native resolution.
+def read_gray(
+    path: str | Path, *, ct_window: tuple[float, float] = CT_WINDOWS["lung"]
+) -> np.ndarray:
+    """Decode ``path`` (JPEG, PNG or DICOM) to a 2-D uint8 array at native resolution.
 
     Raises :class:`UnreadableImageError` naming the file and the reason, so that
     one corrupt file in a hospital folder is reported rather than crashing a run.
+    ``ct_window`` applies to CT DICOMs only (see :mod:`common.dicom`).
     """
     path = Path(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if img.width * img.height > MAX_PIXELS:
-                    raise UnreadableImageError(path, f"image too large ({img.width}x{img.height})")
-                img.load()
-                arr = _to_gray(img)
-    except UnreadableImageError:
-        raise
+        with open(path, "rb") as fh:
+            head = fh.read(132)
     except FileNotFoundError:
         raise UnreadableImageError(path, "file not found") from None
     except PermissionError:
         raise UnreadableImageError(path, "permission denied") from None
     except IsADirectoryError:
         raise UnreadableImageError(path, "is a directory") from None
+    except OSError as exc:  # e.g. a symlink loop
+        raise UnreadableImageError(path, f"cannot open: {exc.strerror or exc}") from None
+    if looks_like_dicom(head, path.name):
+        return decode_dicom(path, label=path, window=ct_window)
+    return _decode_pil(path, path)
+
+
+def decode_gray(
+    data: bytes, *, name: str, ct_window: tuple[float, float] = CT_WINDOWS["lung"]
+) -> np.ndarray:
+    """Like :func:`read_gray` for bytes in memory (an HTTP upload); ``name`` labels errors."""
+    if not data:
+        raise UnreadableImageError(name, "empty file")
+    if looks_like_dicom(data[:132], name):
+        return decode_dicom(data, label=name, window=ct_window)
+    return _decode_pil(io.BytesIO(data), name)
+
+
+def _decode_pil(source: Path | io.BytesIO, label: str | Path) -> np.ndarray:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise UnreadableImageError(label, f"image too large ({img.width}x{img.height})")
+                img.load()
+                arr = _to_gray(img)
+    except UnreadableImageError:
+        raise
+    except FileNotFoundError:
+        raise UnreadableImageError(label, "file not found") from None
+    except PermissionError:
+        raise UnreadableImageError(label, "permission denied") from None
     except UnidentifiedImageError:
-        size = path.stat().st_size if path.exists() else 0
-        reason = "empty file" if size == 0 else "not an image PIL can identify"
-        raise UnreadableImageError(path, reason) from None
+        empty = isinstance(source, Path) and source.stat().st_size == 0
+        reason = "empty file" if empty else "not an image PIL can identify"
+        raise UnreadableImageError(label, reason) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UnreadableImageError(path, "image too large (decompression bomb)") from None
+        raise UnreadableImageError(label, "image too large (decompression bomb)") from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
-        raise UnreadableImageError(path, f"corrupt image data: {exc}") from None
+        raise UnreadableImageError(label, f"corrupt image data: {exc}") from None
     if arr.ndim != 2 or arr.size == 0:
-        raise UnreadableImageError(path, f"unexpected decoded shape {arr.shape}")
+        raise UnreadableImageError(label, f"unexpected decoded shape {arr.shape}")
     return arr
 
 

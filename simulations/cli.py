@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.errors import FedscanError
+from common.errors import ConfigError, FedscanError
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -23,7 +23,7 @@ def _setup_logging(verbose: bool) -> None:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("flwr").propagate = False  # flwr has its own handler
-    for noisy in ("matplotlib", "PIL", "hydra"):
+    for noisy in ("matplotlib", "PIL", "hydra", "onnx_ir", "onnxscript", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -62,6 +62,43 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from deploy.export import export_run
+
+    out = export_run(Path(args.run_dir), Path(args.out) if args.out else None, fmt=args.format)
+    print(f"model package: {out}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from deploy.predict import run_predict
+
+    return run_predict(
+        Path(args.model),
+        [Path(f) for f in args.files],
+        as_json=args.json,
+        explain_dir=Path(args.explain) if args.explain else None,
+        runtime=args.runtime,
+    )
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from deploy.package import ModelPackage
+    from deploy.service import serve
+
+    if args.max_upload_mb <= 0:
+        raise ConfigError("--max-upload-mb", f"must be > 0, got {args.max_upload_mb}")
+    package = ModelPackage(Path(args.model), runtime=args.runtime)
+    print(f"serving {package.name} on http://{args.host}:{args.port}/", flush=True)
+    serve(
+        package,
+        host=args.host,
+        port=args.port,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fedscan",
@@ -85,6 +122,29 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("path", help="a dataset folder (brain, lung or <class>/ site layout)")
     a.add_argument("--json", action="store_true", help="machine-readable report")
     a.set_defaults(fn=_cmd_audit)
+
+    e = sub.add_parser("export", help="a run's global model as a self-describing package")
+    e.add_argument("run_dir", help="a run folder from fedscan train / simulate / flwr run")
+    e.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    e.add_argument("--out", help="package folder (default RUN_DIR/export-FORMAT)")
+    e.set_defaults(fn=_cmd_export)
+
+    runtimes = ("onnx", "torchscript")
+    pr = sub.add_parser("predict", help="classify JPEG / PNG / DICOM files with a package")
+    pr.add_argument("model", help="a package folder written by fedscan export")
+    pr.add_argument("files", nargs="+")
+    pr.add_argument("--json", action="store_true", help="machine-readable output")
+    pr.add_argument("--explain", metavar="DIR", help="write Grad-CAM overlays into DIR")
+    pr.add_argument("--runtime", choices=runtimes, help="default: the package's own format")
+    pr.set_defaults(fn=_cmd_predict)
+
+    sv = sub.add_parser("serve", help="HTTP inference API and upload page for a package")
+    sv.add_argument("model", help="a package folder written by fedscan export")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-upload-mb", type=float, default=20.0)
+    sv.add_argument("--runtime", choices=runtimes, help="default: the package's own format")
+    sv.set_defaults(fn=_cmd_serve)
 
     c = sub.add_parser("config", help="print the resolved config for some overrides")
     c.add_argument("overrides", nargs="*")

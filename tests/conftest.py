@@ -61,3 +61,30 @@ def brain_subset(real_data: Path, tmp_path: Path) -> Path:
                 (dst / split / cls_dir.name).mkdir(parents=True, exist_ok=True)
                 shutil.copy2(f, dst / split / cls_dir.name / f.name)
     return dst
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small centralised run on the embedded synthetic default (EfficientNet-Lite0, 64 px)."""
+    from common.config import load_config
+    from simulations.centralised import run_centralised
+
+    tmp = tmp_path_factory.mktemp("trained")
+    cfg = load_config(
+        [
+            "dataset=synthetic",
+            "train.epochs=2",
+            f"runs_dir={tmp}",
+            "run_name=syn",
+            f"cache_dir={tmp / 'cache'}",
+        ]
+    )
+    return run_centralised(cfg)
+
+
+@pytest.fixture(scope="session")
+def packages(trained_run: Path) -> dict[str, Path]:
+    """The trained run exported in both formats: ``{"onnx": dir, "torchscript": dir}``."""
+    from deploy.export import export_run
+
+    return {fmt: export_run(trained_run, fmt=fmt) for fmt in ("onnx", "torchscript")}

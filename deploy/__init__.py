@@ -1,0 +1,1 @@
+"""The deployment layer: exported model packages, ``fedscan predict`` and ``fedscan serve``."""

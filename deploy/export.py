@@ -1,0 +1,235 @@
+"""``fedscan export``: a run folder's global model as a self-describing package.
+
+The package is a folder a hospital can copy to an inference host that has no
+training code: the network (ONNX or TorchScript), the class names, the exact
+preprocessing the model was trained with, and where it came from (dataset,
+split, strategy, rounds, test metrics). ``deploy.package`` reads it with
+onnxruntime or ``torch.jit`` alone.
+
+Grad-CAM needs gradients, which ONNX Runtime does not give, so every package
+also carries the network as two TorchScript halves split at the last spatial
+feature map: ``trunk`` (image -> feature map) and ``head`` (feature map ->
+logits). Their composition is the model; the split point is where the
+explanation is computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import time
+import warnings
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from common.dicom import CT_WINDOWS, DOMAIN_CT_WINDOW, MR_PERCENTILES
+from common.errors import ConfigError, DataError
+from common.models import StagedModel, build_model
+
+log = logging.getLogger("fedscan.export")
+
+PACKAGE_FORMAT = "fedscan-model/1"
+SPEC_FILE = "fedscan-model.json"
+FORMATS = ("onnx", "torchscript")
+
+
+def _flatten(module: nn.Module) -> list[nn.Module]:
+    if not isinstance(module, nn.Sequential):
+        return [module]
+    return [leaf for child in module for leaf in _flatten(child)]
+
+
+def split_for_cam(model: StagedModel, size: int) -> tuple[nn.Sequential, nn.Sequential]:
+    """Split after the last module whose output is a spatial [B, C, H, W] map."""
+    modules = [leaf for stage in model.stages for leaf in _flatten(stage)]
+    x = torch.zeros(1, 1, size, size)
+    last = -1
+    with torch.no_grad():
+        for i, mod in enumerate(modules):
+            x = mod(x)
+            if x.dim() == 4:
+                last = i
+    if last < 0:
+        raise ConfigError("model.name", f"{model.name} has no spatial feature map for Grad-CAM")
+    return nn.Sequential(*modules[: last + 1]), nn.Sequential(*modules[last + 1 :])
+
+
+def load_run_model(run_dir: Path) -> tuple[StagedModel, dict[str, Any]]:
+    """The trained global model of a centralised or federated run, and its provenance."""
+    run_dir = Path(run_dir).expanduser().resolve()
+    if not run_dir.is_dir():
+        raise DataError(run_dir, "run folder does not exist")
+    cfg_file, metrics_file = run_dir / "config.yaml", run_dir / "metrics.json"
+    if not cfg_file.exists():
+        raise DataError(cfg_file, "not a fedscan run folder (no config.yaml)")
+    cfg = OmegaConf.load(cfg_file)
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    prov: dict[str, Any] = {
+        "run": run_dir.name,
+        "dataset": str(cfg.dataset.name),
+        "domain": str(cfg.dataset.get("domain", cfg.dataset.name)),
+        "split_policy": str(cfg.dataset.split.policy),
+        "model": str(cfg.model.name),
+        "mode": str(cfg.model.mode),
+        "seed": int(cfg.seed),
+    }
+    if (run_dir / "model.pt").exists():  # centralised
+        state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=False)
+        classes = list(state["classes"])
+        model = build_model(state["model"], len(classes))
+        model.load_state_dict(state["state_dict"])
+        final = metrics.get("final", {})
+        prov.update(
+            kind="centralised",
+            synthetic=bool(state.get("synthetic", False)),
+            epochs=len(metrics.get("history", [])),
+            test_metrics={k: _headline(v) for k, v in final.items() if k != "val"},
+        )
+    else:  # federated: best.pt by the run's best_metric, else the last round
+        ckpt = next((run_dir / n for n in ("best.pt", "last.pt") if (run_dir / n).exists()), None)
+        if ckpt is None:
+            raise DataError(run_dir, "no model.pt, best.pt or last.pt in this run folder")
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        classes = list(state["classes"])
+        model = build_model(state["model"], len(classes))
+        missing = set(model.state_dict()) - set(state["arrays"])
+        trainable = tuple(f"stages.{i}." for i in range(model.frozen_until, len(model.stages)))
+        lost = sorted(k for k in missing if k.startswith(trainable) and "num_batches" not in k)
+        if lost:  # FedBN: BatchNorm of the trainable stages never left the sites
+            log.warning("%d site-local tensors (FedBN) keep their initial values", len(lost))
+        model.load_state_dict(state["arrays"], strict=False)
+        row = next((r for r in state["rounds"] if r["round"] == state["round"]), None)
+        prov.update(
+            kind="federated",
+            synthetic="SYNTHETIC" in str(metrics.get("label", "")),
+            checkpoint=ckpt.name,
+            round=int(state["round"]),
+            rounds_planned=int(cfg.federation.rounds),
+            strategy=str(cfg.strategy.name),
+            num_sites=int(cfg.federation.num_sites),
+            fedbn=bool(cfg.federation.fedbn),
+            test_metrics={k: _headline(v) for k, v in (row or {}).get("global", {}).items()},
+        )
+    prov["classes"] = classes
+    prov["image_size"] = int(cfg.dataset.image_size)
+    return model.eval(), prov
+
+
+def _headline(m: dict[str, Any]) -> dict[str, Any]:
+    keep = ("n", "accuracy", "balanced_accuracy", "macro_f1", "loss")
+    out = {k: m[k] for k in keep if k in m}
+    out["recall"] = {c: v["recall"] for c, v in m.get("per_class", {}).items()}
+    return out
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _adapter_stats(model: StagedModel) -> dict[str, list[float]]:
+    adapter = model.stages[0]
+    return {
+        "mean": [float(v) for v in adapter.mean.flatten()],
+        "std": [float(v) for v in adapter.std.flatten()],
+        "channels": int(adapter.channels),
+    }
+
+
+def export_run(run_dir: Path, out_dir: Path | None = None, *, fmt: str = "onnx") -> Path:
+    """Write the package folder of a run (default ``RUN_DIR/export-<fmt>``) and return it."""
+    model, prov = load_run_model(run_dir)
+    out = Path(out_dir) if out_dir else Path(run_dir).expanduser().resolve() / f"export-{fmt}"
+    return export_model(model, out, fmt=fmt, provenance=prov)
+
+
+def export_model(model: StagedModel, out: Path, *, fmt: str, provenance: dict[str, Any]) -> Path:
+    """Package ``model``; ``provenance`` needs at least ``classes``, ``image_size``,
+    ``domain`` and ``run`` (see :func:`load_run_model` for the full set)."""
+    if fmt not in FORMATS:
+        raise ConfigError("--format", f"unknown export format '{fmt}'; use one of {FORMATS}")
+    prov = provenance
+    model = model.eval()
+    size = int(prov["image_size"])
+    out.mkdir(parents=True, exist_ok=True)
+
+    example = torch.rand(2, 1, size, size)
+    trunk, head = split_for_cam(model, size)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", (FutureWarning, torch.jit.TracerWarning))
+        reference = model(example)
+        trunk_ts = torch.jit.trace(trunk, example)
+        head_ts = torch.jit.trace(head, trunk(example))
+    trunk_ts.save(str(out / "trunk.pt"))
+    head_ts.save(str(out / "head.pt"))
+    files = {"trunk": "trunk.pt", "head": "head.pt"}
+    if fmt == "onnx":
+        _export_onnx(model, example, out / "model.onnx")
+        files["onnx"] = "model.onnx"
+    with torch.no_grad():  # the halves must compose to the model, or the package is wrong
+        got = head_ts(trunk_ts(example))
+    if not torch.allclose(got, reference, atol=1e-4):
+        raise RuntimeError("exported TorchScript halves disagree with the model")
+
+    domain = prov["domain"]
+    window_name = DOMAIN_CT_WINDOW.get(domain, "lung")
+    center, width = CT_WINDOWS[window_name]
+    spec = {
+        "format": PACKAGE_FORMAT,
+        "runtime": fmt,
+        "files": files,
+        "sha256": {k: _sha256(out / v) for k, v in files.items()},
+        "classes": prov["classes"],
+        "input": {"name": "image", "shape": ["batch", 1, size, size], "dtype": "float32"},
+        "output": {"name": "logits", "shape": ["batch", len(prov["classes"])], "apply": "softmax"},
+        "preprocessing": {
+            "decode": "grayscale (RGB averaged by ITU-R 601-2 luma; alpha composited on black)",
+            "resize": {"size": size, "filter": "bilinear", "library": "PIL"},
+            "scale": "uint8 / 255 -> [0, 1]",
+            "normalisation_inside_model": _adapter_stats(model),
+            "dicom": {
+                "ct_window": {"name": window_name, "center": center, "width": width},
+                "mr_percentiles": list(MR_PERCENTILES),
+                "monochrome1": "inverted",
+                "multiframe": "middle frame",
+            },
+        },
+        "provenance": {
+            **prov,
+            "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "fedscan_version": _version("fedscan"),
+            "torch_version": torch.__version__,
+        },
+    }
+    (out / SPEC_FILE).write_text(json.dumps(spec, indent=2))
+    log.info("exported %s (%s) to %s", prov["run"], fmt, out)
+    return out
+
+
+def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
+        program = torch.onnx.export(
+            model,
+            (example,),
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_shapes=({0: batch},),
+            dynamo=True,
+            verbose=False,
+        )
+    program.save(str(path))
+
+
+def _version(dist: str) -> str:
+    try:
+        return version(dist)
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"

@@ -1,0 +1,151 @@
+"""Exported model packages: parity across runtimes, self-description, Grad-CAM, predict."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from common.errors import DataError
+from deploy.explain import gradcam, overlay
+from deploy.export import load_run_model
+from deploy.package import SPEC_FILE, ModelPackage
+from simulations.cli import main as cli
+
+
+def scans(n: int = 6, size: int = 80, seed: int = 0) -> np.ndarray:
+    """Uint8 test images of another size than the model's, so the resize is exercised."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, size, size), dtype=np.uint8)
+
+
+def test_onnx_torchscript_and_the_trained_model_agree(packages: dict[str, Path]) -> None:
+    onnx, ts = ModelPackage(packages["onnx"]), ModelPackage(packages["torchscript"])
+    batch = np.stack([onnx.prepare(img) for img in scans()])
+    model, _ = load_run_model(packages["onnx"].parent)
+    with torch.no_grad():
+        reference = torch.softmax(model(torch.from_numpy(batch)), dim=1).numpy()
+    np.testing.assert_allclose(onnx.probabilities(batch), reference, atol=1e-4)
+    np.testing.assert_allclose(ts.probabilities(batch), reference, atol=1e-4)
+    # the ONNX package also runs on torch (its TorchScript halves), with the same answer
+    as_torch = ModelPackage(packages["onnx"], runtime="torchscript")
+    np.testing.assert_allclose(as_torch.probabilities(batch), reference, atol=1e-4)
+
+
+def test_package_describes_itself(packages: dict[str, Path]) -> None:
+    spec = json.loads((packages["onnx"] / SPEC_FILE).read_text())
+    assert spec["classes"] == ["glioma", "meningioma", "notumor", "pituitary"]
+    assert spec["preprocessing"]["resize"]["size"] == 64
+    assert spec["preprocessing"]["dicom"]["ct_window"]["name"] == "brain"
+    prov = spec["provenance"]
+    assert prov["kind"] == "centralised" and prov["synthetic"] is True
+    assert prov["dataset"] == "synthetic" and prov["split_policy"] == "grouped"
+    test = prov["test_metrics"]["test_grouped"]
+    assert 0.0 <= test["accuracy"] <= 1.0 and set(test["recall"]) == set(spec["classes"])
+    assert set(spec["files"]) == {"onnx", "trunk", "head"}
+
+
+def test_package_loads_without_training_code(packages: dict[str, Path]) -> None:
+    """Block the model registry, training loop, timm and Flower; the package still predicts."""
+    code = f"""
+import sys
+for mod in ("common.models", "common.training", "common.pipeline", "timm", "flwr"):
+    sys.modules[mod] = None  # any import of these now fails
+import numpy as np
+from deploy.package import ModelPackage
+for runtime in ("onnx", "torchscript"):
+    p = ModelPackage({str(packages["onnx"])!r}, runtime=runtime)
+    print(p.predict(np.zeros((1, 1, 64, 64), np.float32))[0].label)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    labels = out.stdout.split()
+    assert len(labels) == 2 and labels[0] == labels[1]
+
+
+def test_altered_or_missing_package_is_a_clear_error(packages: dict[str, Path], tmp_path: Path):
+    with pytest.raises(DataError, match=r"no fedscan-model\.json"):
+        ModelPackage(tmp_path)
+
+    copy = Path(shutil.copytree(packages["torchscript"], tmp_path / "pkg"))
+    with (copy / "head.pt").open("ab") as fh:
+        fh.write(b"tampered")
+    with pytest.raises(DataError, match=r"head.pt: checksum mismatch"):
+        ModelPackage(copy)
+    with pytest.raises(DataError, match="no ONNX model"):
+        ModelPackage(packages["torchscript"], runtime="onnx", verify=False)
+
+
+class _Halves:
+    """A stand-in package: the feature map is the image, class 1's logit its mean."""
+
+    def __init__(self, frozen: bool) -> None:
+        self.frozen = frozen
+
+    def torch_halves(self) -> tuple[nn.Module, nn.Module]:
+        trunk = nn.Conv2d(1, 1, 1, bias=False)
+        nn.init.ones_(trunk.weight)
+        trunk.weight.requires_grad_(not self.frozen)  # exported `features` models are frozen
+
+        class Head(nn.Module):
+            def forward(self, f: torch.Tensor) -> torch.Tensor:
+                evidence = f.mean(dim=(1, 2, 3))
+                return torch.stack([-evidence, evidence], dim=1)
+
+        return trunk, Head()
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_gradcam_is_hot_where_the_class_evidence_is(frozen: bool) -> None:
+    image = np.full((1, 16, 16), 0.1, np.float32)
+    image[:, :8, :8] = 1.0  # the evidence for class 1 sits top left
+    heat = gradcam(_Halves(frozen), image, class_index=1)  # type: ignore[arg-type]
+    assert heat.shape == (16, 16) and heat.min() >= 0.0 and heat.max() <= 1.0
+    assert heat[:8, :8].mean() > 0.9 and heat[8:, 8:].mean() < 0.1
+    rgb = np.asarray(overlay(image, heat))
+    assert rgb.shape == (16, 16, 3)
+    assert rgb[2, 2, 0] > rgb[2, 2, 2]  # hot = red
+    assert rgb[12, 12, 2] > rgb[12, 12, 0]  # cold = blue
+
+
+def test_predict_cli_table_json_explain_and_bad_file(
+    packages: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = []
+    for i, img in enumerate(scans(2)):
+        files.append(tmp_path / f"scan{i}.png")
+        Image.fromarray(img).save(files[-1])
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not an image")
+    cams = tmp_path / "cams"
+    rc = cli(["predict", str(packages["onnx"]), *map(str, files), str(bad), "--explain", str(cams)])
+    out = capsys.readouterr().out
+    assert rc == 1  # one file failed, the others were classified
+    assert "notes.jpg  ERROR: not an image PIL can identify" in out
+    assert sorted(p.name for p in cams.iterdir()) == [
+        "0000-scan0-gradcam.png",
+        "0001-scan1-gradcam.png",
+    ]
+    assert Image.open(cams / "0000-scan0-gradcam.png").size == (64, 64)
+
+    assert cli(["predict", str(packages["torchscript"]), str(files[0]), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)["results"][0]
+    assert result["label"] in result["probabilities"]
+    assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    ref = ModelPackage(packages["onnx"]).predict(
+        ModelPackage(packages["onnx"]).load_file(files[0])[None]
+    )
+    assert result["label"] == ref[0].label
+
+
+def test_export_of_a_folder_that_is_no_run_names_it(tmp_path: Path, capsys) -> None:
+    assert cli(["export", str(tmp_path)]) == 2
+    assert f"{tmp_path}/config.yaml: not a fedscan run folder" in capsys.readouterr().err
