@@ -4,12 +4,17 @@ pack the update and aggregate metrics. Nothing else leaves the site."""
 from __future__ import annotations
 
 import copy
+import json
 import logging
+from collections.abc import Sequence
 from functools import lru_cache
+from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from omegaconf import DictConfig, OmegaConf
 
 from common.classes import CLASSES
@@ -22,6 +27,7 @@ from common.federation import (
     set_exchanged,
 )
 from common.pipeline import model_inputs, prepare_data, train_settings
+from common.privacy import BudgetExhausted, PrivacyLedger, dp_local_fit, dp_settings
 from common.site import SiteData, fresh_model, site_config, site_indices
 from common.training import Batches, evaluate_model, place_model, select_device
 from common.transforms import Augment
@@ -71,6 +77,37 @@ def resolve(
 
 
 LOCAL_STATE = "fedscan-local-state"
+LEDGER_STATE = "fedscan-privacy-ledger"
+
+
+def _ledger_file(context: Context, cfg: DictConfig, run_key: str) -> Path | None:
+    """Where a site's privacy ledger is kept between rounds and across a resume.
+
+    Deployment: in the site's own folder (``data-path``), so a restarted SuperNode
+    still knows what it has spent. Simulation: beside the run folder, one file per
+    virtual site (node state alone would be lost when a run is resumed).
+    """
+    if not run_key:
+        return None
+    data_path = str(context.node_config.get("data-path", "") or "")
+    if data_path:
+        return Path(data_path).expanduser() / ".fedscan-privacy" / f"{run_key}.json"
+    pid = int(context.node_config.get("partition-id", 0))
+    return Path(str(cfg.runs_dir)) / run_key / "site-privacy" / f"site-{pid}.json"
+
+
+def load_ledger(context: Context, path: Path | None, accountant: str) -> PrivacyLedger:
+    if LEDGER_STATE in context.state:  # this node's state across rounds
+        return PrivacyLedger.from_dict(json.loads(str(context.state[LEDGER_STATE]["json"])))
+    if path is not None:
+        return PrivacyLedger.load(path, accountant)
+    return PrivacyLedger([], accountant)
+
+
+def save_ledger(context: Context, path: Path | None, ledger: PrivacyLedger) -> None:
+    context.state[LEDGER_STATE] = ConfigRecord({"json": json.dumps(ledger.to_dict())})
+    if path is not None:
+        ledger.save(path)
 
 
 def _model_with(cfg: DictConfig, site: SiteData, msg: Message, context: Context):
@@ -94,9 +131,25 @@ def _val_metrics(model, cfg, site, device) -> dict[str, float]:
     return out
 
 
-def make_client_app(overrides: tuple[str, ...] = ()) -> ClientApp:
-    """A ClientApp whose config is the tree + run config + ``overrides`` (tests, simulate)."""
-    app = ClientApp()
+def make_client_app(overrides: tuple[str, ...] = (), outer_mods: Sequence = ()) -> ClientApp:
+    """A ClientApp whose config is the tree + run config + ``overrides`` (tests, simulate).
+
+    ``outer_mods`` wrap everything else, so they see exactly what leaves the site
+    (the egress test records replies with one).
+    """
+
+    def central_dp_mod(msg: Message, context: Context, call_next) -> Message:
+        """``privacy=central``, client-side clipping: Flower's clipping mods, applied when
+        the server's DP wrapper sent a clipping norm (it does on train messages)."""
+        config = msg.content.get("config", {})
+        if KEY_CLIPPING_NORM not in config:
+            return call_next(msg, context)
+        cfg = load_config([*overrides_from_run_config(dict(context.run_config)), *overrides])
+        adaptive = str(cfg.privacy.get("clipping", "fixed")) == "adaptive"
+        mod = adaptiveclipping_mod if adaptive else fixedclipping_mod
+        return mod(msg, context, call_next)
+
+    app = ClientApp(mods=[*outer_mods, central_dp_mod])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -110,26 +163,42 @@ def make_client_app(overrides: tuple[str, ...] = ()) -> ClientApp:
         )
         torch.manual_seed(seed)
         augment = Augment(settings.augment, seed=seed) if site.start == 0 else None
-        loss, acc = local_fit(
-            model,
-            site.x,
-            site.labels,
-            site.train,
-            settings,
-            device=device,
-            start=site.start,
-            epochs=int(cfg.federation.local_epochs),
-            proximal_mu=float(config.get("proximal-mu", 0.0)),
-            seed=seed,
-            augment=augment,
-        )
-        metrics = {
-            "num-examples": len(site.train),
-            "train_loss": loss,
-            "train_accuracy": acc,
-            "partition-id": int(context.node_config.get("partition-id", -1)),
-            **_val_metrics(model, cfg, site, device),
+        common = {
+            "device": device,
+            "start": site.start,
+            "epochs": int(cfg.federation.local_epochs),
+            "proximal_mu": float(config.get("proximal-mu", 0.0)),
+            "seed": seed,
+            "augment": augment,
         }
+        pid = int(context.node_config.get("partition-id", -1))
+        metrics: dict[str, float | int] = {"num-examples": len(site.train), "partition-id": pid}
+        dp = dp_settings(cfg.privacy)
+        if dp is None:
+            loss, acc = local_fit(model, site.x, site.labels, site.train, settings, **common)
+            metrics.update(train_loss=loss, train_accuracy=acc)
+        else:
+            ledger_file = _ledger_file(context, cfg, str(config.get("run-key", "")))
+            ledger = load_ledger(context, ledger_file, dp.accountant)
+            total = int(cfg.federation.rounds) * int(cfg.federation.local_epochs)
+            try:
+                r = dp_local_fit(
+                    model, site.x, site.labels, site.train, settings, dp, ledger,
+                    epochs_total=total, **common,
+                )  # fmt: skip
+                metrics.update(train_loss=r.loss, train_accuracy=r.accuracy, dp_budget_spent=0)
+                metrics.update(dp_noise_multiplier=r.noise_multiplier, dp_steps=r.steps)
+                epsilon, delta = r.epsilon, r.delta
+            except BudgetExhausted as exc:
+                # Stop, say so once, and send the global model back with zero weight.
+                log.warning("site %s: %s; not training in round %d", pid, exc, rnd)
+                delta = dp.site_delta(len(site.train))
+                epsilon = ledger.epsilon(delta)
+                metrics.update(num_examples_if_trained=len(site.train), dp_budget_spent=1)
+                metrics["num-examples"] = 0
+            save_ledger(context, ledger_file, ledger)
+            metrics.update(dp_epsilon=epsilon, dp_delta=delta)
+        metrics.update(_val_metrics(model, cfg, site, device))
         kept = local_keys(model, keys)
         if kept:
             context.state[LOCAL_STATE] = ArrayRecord(get_exchanged(model.cpu(), kept))

@@ -18,9 +18,10 @@ from common.federation import exchanged_keys, get_exchanged, set_exchanged
 from common.fedrun import FederatedRun
 from common.models import build_model
 from common.pipeline import model_inputs, prepare_data
+from common.privacy import dp_settings
 from common.runs import new_run_dir
 from common.training import Batches, evaluate_model, place_model, select_device
-from server.strategies import build_strategy
+from server.strategies import build_strategy, wrap_central_dp
 
 log = logging.getLogger("fedscan.server")
 
@@ -45,11 +46,17 @@ def run_server(grid: Grid, cfg: DictConfig) -> Path:
     """Everything the ServerApp does, callable from tests and ``fedscan simulate``."""
     fed = cfg.federation
     strategy = build_strategy(cfg.strategy, fed)  # validate before touching data
+    dp_settings(cfg.privacy)  # a bad DP setting fails here, before any training
     rounds = int(fed.rounds)
     if rounds < 1:
         raise ConfigError("federation.rounds", f"must be >= 1, got {rounds}")
     n_nodes = wait_for_nodes(grid, int(fed.min_nodes), float(fed.wait_for_nodes_s))
     log.info("%d sites connected", n_nodes)
+    recording = strategy  # keeps per-site metrics and the resumable state
+    if str(cfg.privacy.name) == "central":
+        sampled = max(1, round(n_nodes * float(fed.fraction_train)))
+        strategy = wrap_central_dp(recording, cfg.privacy, sampled)
+        log.info("central DP: %s", strategy)
     device = select_device(str(cfg.device), cfg.num_threads)
     torch.manual_seed(int(cfg.seed))
     data = prepare_data(cfg)
@@ -67,7 +74,7 @@ def run_server(grid: Grid, cfg: DictConfig) -> Path:
         run, state = FederatedRun.resume(run_dir, cfg, label=data.label, classes=classes)
         done = int(state["round"])
         set_exchanged(model, state["arrays"], keys)
-        strategy.import_state(state["strategy_state"])
+        recording.import_state(state["strategy_state"])
         log.info("resuming %s after round %d of %d", run_dir, done, rounds)
     else:
         run_dir = new_run_dir(cfg, "federated")
@@ -94,10 +101,10 @@ def run_server(grid: Grid, cfg: DictConfig) -> Path:
             place_model(model, device)
             for name, batches in tests.items():
                 results[name] = evaluate_model(model, batches, classes, device=device, start=start)
-        sites = strategy.site_metrics.get(server_round, {})
+        sites = recording.site_metrics.get(server_round, {})
         row = run.record(rnd, results, sites)  # its seconds include this evaluation
         best = bool(results) and run.is_best(results)
-        run.checkpoint(rnd, state, strategy.export_state(), best=best)
+        run.checkpoint(rnd, state, recording.export_state(), best=best)
         n_sites = len(sites.get("train", []))
         if not results:
             log.info("round %d/%d  (%d sites)  %.1f s", rnd, rounds, n_sites, row["seconds"])
@@ -121,7 +128,9 @@ def run_server(grid: Grid, cfg: DictConfig) -> Path:
         initial_arrays=initial,
         num_rounds=rounds - done,
         timeout=float(fed.round_timeout_s),
-        train_config=ConfigRecord({"round-offset": done}),
+        # run-key: sites keep their privacy ledger per run folder, so a resumed run
+        # continues their accounting instead of starting from zero
+        train_config=ConfigRecord({"round-offset": done, "run-key": run_dir.name}),
         evaluate_config=ConfigRecord({"round-offset": done}),
         evaluate_fn=evaluate_fn,
     )

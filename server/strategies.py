@@ -67,7 +67,16 @@ class SiteRecording:
             else:
                 kept.append(msg)
         self._record(server_round, "train", kept)
-        return super().aggregate_train(server_round, kept)
+        # A site that did not train (its privacy budget is spent) reports with zero
+        # weight: its metrics are recorded, its unchanged copy is not averaged in.
+        weighted = [m for m in kept if float(m.content["metrics"].get("num-examples", 1)) > 0]
+        if len(weighted) < len(kept):
+            log.info(
+                "round %d: %d site(s) sent no update (zero weight)",
+                server_round,
+                len(kept) - len(weighted),
+            )
+        return super().aggregate_train(server_round, weighted)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
         replies = [m for m in replies if not m.has_error()]
@@ -129,3 +138,33 @@ def build_strategy(cfg: Mapping[str, Any], federation: Mapping[str, Any]) -> Sit
         )
     except TypeError as exc:
         raise ConfigError("strategy", f"bad parameter for {cfg['name']}: {exc}") from None
+
+
+CENTRAL_DP = {
+    ("client", "fixed"): fl.DifferentialPrivacyClientSideFixedClipping,
+    ("server", "fixed"): fl.DifferentialPrivacyServerSideFixedClipping,
+    ("client", "adaptive"): fl.DifferentialPrivacyClientSideAdaptiveClipping,
+    ("server", "adaptive"): fl.DifferentialPrivacyServerSideAdaptiveClipping,
+}
+
+
+def wrap_central_dp(strategy: fl.Strategy, privacy: Mapping[str, Any], num_sampled: int):
+    """``privacy=central``: Flower's update-level DP wrapper around ``strategy``.
+
+    Client-side clipping needs the sites' ``fixedclipping_mod`` /
+    ``adaptiveclipping_mod``; fedscan's ClientApp applies them whenever the
+    server's train config carries a clipping norm.
+    """
+    side, clipping = str(privacy.get("side", "client")), str(privacy.get("clipping", "fixed"))
+    if (side, clipping) not in CENTRAL_DP:
+        raise ConfigError("privacy.side", f"unknown combination side={side} clipping={clipping}")
+    noise = float(privacy.get("noise_multiplier", 1.0))
+    norm = float(privacy.get("clipping_norm", 1.0))
+    if noise < 0:
+        raise ConfigError("privacy.noise_multiplier", f"must be >= 0, got {noise}")
+    if norm <= 0:
+        raise ConfigError("privacy.clipping_norm", f"must be > 0, got {norm}")
+    cls = CENTRAL_DP[(side, clipping)]
+    if clipping == "fixed":
+        return cls(strategy, noise, norm, num_sampled)
+    return cls(strategy, noise, num_sampled, initial_clipping_norm=norm)

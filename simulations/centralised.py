@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from common.errors import ConfigError
 from common.models import build_model
 from common.pipeline import model_inputs, prepare_data, train_settings
 from common.plots import plot_confusion, plot_curves
@@ -23,6 +24,12 @@ def run_centralised(cfg: DictConfig) -> Path:
     """Train on the pooled training split, evaluate every test split, write a run folder."""
     t0 = time.perf_counter()
     settings = train_settings(cfg)  # validate before any expensive work
+    if str(cfg.privacy.name) != "off":
+        raise ConfigError(
+            "privacy",
+            f"'{cfg.privacy.name}' protects what sites send; use it with fedscan simulate "
+            "or flwr run (the centralised baseline pools the data by definition)",
+        )
     device = select_device(str(cfg.device), cfg.num_threads)
     torch.manual_seed(int(cfg.seed))
     data = prepare_data(cfg)

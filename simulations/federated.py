@@ -19,7 +19,11 @@ from common.parallel import available_cpus
 log = logging.getLogger("fedscan.simulate")
 
 
-def run_federated(overrides: Sequence[str]) -> Path:
+def run_federated(overrides: Sequence[str], *, client_mods: Sequence = ()) -> Path:
+    """Simulate the federation of ``overrides``; returns the run folder.
+
+    ``client_mods``: Flower mods placed outermost in every site's ClientApp.
+    """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -50,7 +54,7 @@ def run_federated(overrides: Sequence[str]) -> Path:
     run_simulation(
         server_app=make_server_app(tuple(overrides)),
         # torch threads = the CPUs Ray gives each site actor: no oversubscription
-        client_app=make_client_app((*overrides, f"num_threads={per_site}")),
+        client_app=make_client_app((*overrides, f"num_threads={per_site}"), client_mods),
         num_supernodes=sites,
         backend_config={
             "client_resources": {"num_cpus": per_site, "num_gpus": 0.0},

@@ -35,7 +35,12 @@ def build_model(cfg: Mapping[str, Any], num_classes: int) -> StagedModel:
     model = MODELS.get(str(cfg["name"]))(num_classes, pretrained=pretrained)
     if norm == "group":
         batchnorm_to_groupnorm(model)
-    return set_trainable(model, cut_index(model, mode, int(cfg.get("finetune_blocks", 1))))
+    model = set_trainable(model, cut_index(model, mode, int(cfg.get("finetune_blocks", 1))))
+    if cfg.get("dp_compatible", False):  # set by privacy=dp_sgd
+        from common.privacy import make_dp_compatible
+
+        model = make_dp_compatible(model)
+    return model
 
 
 from common.models import efficientnet_lite, paper_cnn, resnet  # noqa: E402, F401

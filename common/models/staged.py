@@ -107,7 +107,15 @@ def batchnorm_to_groupnorm(module: nn.Module, max_groups: int = 32) -> nn.Module
         if isinstance(child, nn.BatchNorm2d):
             c = child.num_features
             groups = next(g for g in range(min(max_groups, c), 0, -1) if c % g == 0)
-            gn = nn.GroupNorm(groups, c, affine=child.affine)
+            gn: nn.Module = nn.GroupNorm(groups, c, eps=child.eps, affine=child.affine)
+            if child.affine:  # keep the learned per-channel scale and shift
+                with torch.no_grad():
+                    gn.weight.copy_(child.weight)
+                    gn.bias.copy_(child.bias)
+            # timm's BatchNormAct2d is a BatchNorm2d that also applies its activation.
+            extra = [m for m in (getattr(child, "drop", None), getattr(child, "act", None)) if m]
+            if extra:
+                gn = nn.Sequential(gn, *extra)
             setattr(module, name, gn)
         else:
             batchnorm_to_groupnorm(child, max_groups)

@@ -1,0 +1,220 @@
+"""DP-SGD at a site: settings, accounting across rounds, model fixes, budget stop."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from torch import nn
+
+from common.errors import ConfigError
+from common.models import build_model
+from common.models.staged import InputAdapter, StagedModel, set_trainable
+from common.privacy import (
+    BudgetExhausted,
+    DPSGDSettings,
+    PrivacyLedger,
+    dp_local_fit,
+    dp_settings,
+    make_dp_compatible,
+    planned_noise,
+    steps_per_epoch,
+)
+from common.training import TrainSettings
+
+CPU = torch.device("cpu")
+
+
+def test_epsilon_of_a_known_schedule_is_opacus_rdp() -> None:
+    ledger = PrivacyLedger([(1.1, 0.01, 1000)])
+    assert ledger.epsilon(1e-5) == pytest.approx(1.7117700912203435, rel=1e-12)
+    ref = RDPAccountant()
+    ref.history = [(1.1, 0.01, 1000)]
+    assert ledger.epsilon(1e-5) == ref.get_epsilon(delta=1e-5)
+
+
+def test_three_rounds_of_kept_history_equal_one_accountant_over_all_steps() -> None:
+    ledger = PrivacyLedger()
+    for _ in range(3):  # what each round's fresh engine appends
+        ledger = PrivacyLedger.from_dict(ledger.to_dict())  # saved and reloaded between rounds
+        ledger.history.append((1.1, 0.01, 1000))
+    assert ledger.steps == 3000
+    assert ledger.epsilon(1e-5) == pytest.approx(2.9331430686142665, rel=1e-12)
+    one_round = PrivacyLedger([(1.1, 0.01, 1000)]).epsilon(1e-5)
+    assert ledger.epsilon(1e-5) > 1.5 * one_round  # what a per-round engine would under-report
+
+
+def test_planned_noise_spends_the_target_over_the_planned_epochs() -> None:
+    dp = DPSGDSettings(target_epsilon=3.0, delta=1e-4)
+    sigma = planned_noise(dp, n_train=500, batch_size=25, epochs_total=6, delta=1e-4)
+    steps = steps_per_epoch(500, 25)
+    eps = PrivacyLedger([(sigma, 1 / steps, steps * 6)]).epsilon(1e-4)
+    assert 2.9 < eps <= 3.0
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("target_epsilon", 0, "privacy.target_epsilon.*must be > 0"),
+        ("target_epsilon", -1, "privacy.target_epsilon"),
+        ("delta", 1.0, r"privacy.delta.*\(0, 1\)"),
+        ("max_grad_norm", 0, "privacy.max_grad_norm.*must be > 0"),
+        ("noise_multiplier", -0.5, "privacy.noise_multiplier"),
+        ("accountant", "moments", "privacy.accountant"),
+        ("target_epsilon", "lots", "privacy.target_epsilon.*expected a number"),
+        ("epsilon", 3, "privacy.epsilon.*unknown key"),
+    ],
+)
+def test_bad_dp_settings_name_the_key(key: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        dp_settings({"name": "dp_sgd", key: value})
+
+
+def test_privacy_off_has_no_settings() -> None:
+    assert dp_settings({"name": "off"}) is None
+
+
+def _batchnorm_count(module: nn.Module) -> int:
+    return sum(isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) for m in module.modules())
+
+
+def test_batchnorm_model_is_fixed_only_where_it_trains() -> None:
+    cfg = {"name": "efficientnet_lite0", "mode": "finetune", "finetune_blocks": 2}
+    plain = build_model(cfg, 3)
+    fixed = build_model({**cfg, "dp_compatible": True}, 3)
+    cut = fixed.frozen_until
+    assert _batchnorm_count(fixed.stages[cut:]) == 0 < _batchnorm_count(plain.stages[cut:])
+    # the frozen pretrained trunk keeps its BatchNorm, so its cached features stay valid
+    assert _batchnorm_count(fixed.stages[:cut]) == _batchnorm_count(plain.stages[:cut]) > 0
+    assert not any(getattr(m, "inplace", False) for m in fixed.stages[cut:].modules())
+    assert all(
+        p.requires_grad == (i >= cut) for i, s in enumerate(fixed.stages) for p in s.parameters()
+    )
+
+
+def _site(n: int = 96, size: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    x = rng.integers(0, 60, (n, size, size), dtype=np.uint8)
+    for i, y in enumerate(labels):  # a learnable signal: a bright square per class
+        x[i, 2 + 4 * y : 6 + 4 * y, 4:10] = 220
+    return x, labels
+
+
+def test_batchnorm_cnn_trains_under_dp_and_rounds_accumulate() -> None:
+    model = build_model({"name": "paper_cnn", "mode": "scratch", "dp_compatible": True}, 3)
+    assert _batchnorm_count(model) == 0
+    x, labels = _site()
+    idx = np.arange(len(labels))
+    settings = TrainSettings(batch_size=16, lr=0.01)
+    dp = DPSGDSettings(target_epsilon=5.0, delta=1e-3, max_grad_norm=1.0, max_physical_batch_size=8)
+    ledger = PrivacyLedger()
+    before = [p.detach().clone() for p in model.parameters()]
+    eps = []
+    for rnd in range(3):
+        r = dp_local_fit(
+            model, x, labels, idx, settings, dp, ledger,
+            device=CPU, start=0, epochs=1, epochs_total=3, seed=rnd,
+        )  # fmt: skip
+        assert np.isfinite(r.loss) and r.delta == 1e-3
+        eps.append(r.epsilon)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert eps[0] < eps[1] < eps[2] <= 5.0 * 1.001
+    steps = steps_per_epoch(96, 16)
+    assert ledger.steps == 3 * steps
+    one = PrivacyLedger([(r.noise_multiplier, 1 / steps, 3 * steps)]).epsilon(1e-3)
+    assert eps[2] == pytest.approx(one, rel=1e-9)
+    # A fourth round was not planned: the budget stops it before any training.
+    snapshot = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(BudgetExhausted, match="privacy budget spent: epsilon"):
+        dp_local_fit(
+            model, x, labels, idx, settings, dp, ledger,
+            device=CPU, start=0, epochs=1, epochs_total=3, seed=9,
+        )  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(snapshot, model.parameters(), strict=True))
+    assert ledger.steps == 3 * steps  # nothing spent
+
+
+class _Scaled(nn.Module):
+    """A trainable layer with a buffer: Opacus has no per-sample gradient for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(3))
+        self.register_buffer("scale", torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight * self.scale
+
+
+def test_a_model_opacus_cannot_fix_is_a_config_error() -> None:
+    stages = [
+        ("input", InputAdapter(1, [0.5], [0.5])),
+        ("pool", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1, 3))),
+        ("classifier", _Scaled()),
+    ]
+    model = set_trainable(StagedModel("odd", stages, 3), 0)
+    with pytest.raises(
+        ConfigError, match=r"model\.name.*Opacus cannot make odd stage 'classifier'"
+    ):
+        make_dp_compatible(model)
+
+
+# ------------------------------------------------------------ in a federation
+@pytest.fixture
+def _no_real_data(monkeypatch):
+    monkeypatch.delenv("FEDSCAN_DATA", raising=False)
+
+
+@pytest.mark.usefixtures("_no_real_data")
+def test_dp_federation_accounts_per_site_across_rounds_and_a_resume_stops_at_the_budget(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from simulations.federated import run_federated
+    from tests.test_simulation import BASE
+
+    dp = [*BASE, f"runs_dir={tmp_path}", "privacy=dp_sgd", "privacy.target_epsilon=4"]
+    run = run_federated([*dp, "federation.rounds=2"])
+    rounds = json.loads((run / "metrics.json").read_text())["rounds"]
+    for pid in (0, 1):
+        eps = [next(s for s in r["sites"]["train"] if s["partition-id"] == pid) for r in rounds]
+        assert 0 < eps[0]["dp_epsilon"] < eps[1]["dp_epsilon"] <= 4 * 1.001
+        assert eps[1]["dp_budget_spent"] == 0 and eps[1]["dp_delta"] < 1 / eps[1]["num-examples"]
+        ledger = PrivacyLedger.load(run / "site-privacy" / f"site-{pid}.json")
+        assert ledger.epsilon(eps[1]["dp_delta"]) == pytest.approx(eps[1]["dp_epsilon"])
+    before = torch.load(run / "last.pt", weights_only=False)["arrays"]
+
+    # One round more than planned: both sites refuse to train, the model stays as it was.
+    run_federated([*dp, "federation.rounds=3", f"federation.resume={run}"])
+    third = json.loads((run / "metrics.json").read_text())["rounds"][-1]
+    assert third["round"] == 3
+    assert [s["dp_budget_spent"] for s in third["sites"]["train"]] == [1, 1]
+    assert all(s["num-examples"] == 0 for s in third["sites"]["train"])
+    after = torch.load(run / "last.pt", weights_only=False)["arrays"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.usefixtures("_no_real_data")
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_central_dp_clips_and_noises_updates(tmp_path: Path, side: str) -> None:
+    from simulations.federated import run_federated
+    from tests.test_simulation import BASE
+
+    run = run_federated(
+        [
+            *BASE,
+            f"runs_dir={tmp_path}",
+            "federation.rounds=1",
+            "privacy=central",
+            f"privacy.side={side}",
+            "privacy.noise_multiplier=0.1",
+            "privacy.clipping_norm=0.5",
+        ]
+    )
+    arrays = torch.load(run / "last.pt", weights_only=False)["arrays"]
+    assert all(torch.isfinite(v).all() for v in arrays.values())
+    assert len(json.loads((run / "metrics.json").read_text())["rounds"][0]["sites"]["train"]) == 2
