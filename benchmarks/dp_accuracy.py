@@ -46,6 +46,8 @@ def main() -> None:
             f"runs_dir={tmp / mode}",
             *a.overrides,
         ]
+        # Warm every cache (decode, fingerprints, frozen-trunk features) outside the timing.
+        run_federated([*base, "federation.rounds=1", f"runs_dir={tmp / 'warm'}"])
         reference = None
         for eps in [None, *a.epsilons]:
             extra = [] if eps is None else ["privacy=dp_sgd", f"privacy.target_epsilon={eps}"]
@@ -73,7 +75,7 @@ def main() -> None:
     )
     print(f"\n{a.dataset}, {a.sites} sites, {a.rounds} rounds, FedAvg\n")
     print(head + " | wall s | slowdown |")
-    print("|" + "---|" * (head.count("|") + 1))
+    print("|" + "---|" * (head.count("|") + 2))
     for r in rows:
         spent = "-" if r["spent"] is None else f"{r['spent']:.2f}"
         cells = " | ".join(

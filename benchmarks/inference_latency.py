@@ -136,7 +136,7 @@ def main() -> None:
 
     print(f"batch throughput (batch {a.batch}):")
     for name, pkg in (("ONNX Runtime", onnx), ("TorchScript", ts)):
-        ms = timed(lambda p=pkg: p.probabilities(batch), 10, warmup=2)
+        ms = timed(lambda p=pkg: p.probabilities(batch), 10, warmup=3)
         print(f"  {name:<44} {a.batch / (np.median(ms) / 1000):7.1f} images/s")
 
 

@@ -26,6 +26,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -175,16 +176,23 @@ def planned_noise(
     """The noise multiplier that spends exactly the target over the planned epochs."""
     if dp.noise_multiplier is not None:
         return dp.noise_multiplier
+    steps = steps_per_epoch(n_train, batch_size)
+    return _noise_for(dp.target_epsilon, delta, 1.0 / steps, steps * epochs_total, dp.accountant)
+
+
+@lru_cache(maxsize=256)
+def _noise_for(epsilon: float, delta: float, rate: float, steps: int, accountant: str) -> float:
+    """Opacus' binary search; memoised, since it costs seconds at large sample rates
+    and a site asks the same question every round."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    steps = steps_per_epoch(n_train, batch_size)
     return float(
         get_noise_multiplier(
-            target_epsilon=dp.target_epsilon,
+            target_epsilon=epsilon,
             target_delta=delta,
-            sample_rate=1.0 / steps,
-            steps=steps * epochs_total,
-            accountant=dp.accountant,
+            sample_rate=rate,
+            steps=steps,
+            accountant=accountant,
         )
     )
 

@@ -37,6 +37,9 @@ def run_federated(overrides: Sequence[str], *, client_mods: Sequence = ()) -> Pa
     from server.strategies import build_strategy
 
     build_strategy(cfg.strategy, cfg.federation)
+    from common.privacy import dp_settings
+
+    dp_settings(cfg.privacy)
     sites = int(cfg.federation.num_sites)
     if int(cfg.federation.min_nodes) > sites:
         raise ConfigError(

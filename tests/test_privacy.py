@@ -218,3 +218,13 @@ def test_central_dp_clips_and_noises_updates(tmp_path: Path, side: str) -> None:
     arrays = torch.load(run / "last.pt", weights_only=False)["arrays"]
     assert all(torch.isfinite(v).all() for v in arrays.values())
     assert len(json.loads((run / "metrics.json").read_text())["rounds"][0]["sites"]["train"]) == 2
+
+
+@pytest.mark.usefixtures("_no_real_data")
+def test_bad_dp_setting_stops_a_simulation_before_it_starts(tmp_path: Path) -> None:
+    from simulations.federated import run_federated
+    from tests.test_simulation import BASE
+
+    with pytest.raises(ConfigError, match=r"privacy\.max_grad_norm"):
+        run_federated([*BASE, f"runs_dir={tmp_path}", "privacy=dp_sgd", "privacy.max_grad_norm=0"])
+    assert not any(tmp_path.iterdir())  # no run folder: nothing started
