@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from common.datasets.base import ImageCollection
+from common.dicom import CT_WINDOWS
 from common.errors import UnreadableImageError
 from common.imageio import read_gray, resize_gray
 from common.parallel import pmap
@@ -32,12 +33,14 @@ class PreprocessSpec:
     size: int
     resample: str = "bilinear"
     channels: int = 1
+    ct_window: tuple[float, float] = CT_WINDOWS["lung"]  # (center, width) for CT DICOMs
 
     def as_dict(self) -> dict:
         return {
             "size": self.size,
             "resample": self.resample,
             "channels": self.channels,
+            "ct_window": list(self.ct_window),
             "version": PREPROCESS_VERSION,
         }
 
@@ -65,9 +68,9 @@ def cache_key(collection: ImageCollection, spec: PreprocessSpec) -> str:
     return h.hexdigest()[:20]
 
 
-def _decode(path: Path, size: int) -> np.ndarray | str:
+def _decode(path: Path, size: int, window: tuple[float, float]) -> np.ndarray | str:
     try:
-        return resize_gray(read_gray(path), size)
+        return resize_gray(read_gray(path, ct_window=window), size)
     except UnreadableImageError as exc:
         return exc.reason
 
@@ -84,7 +87,11 @@ def build_cache(collection: ImageCollection, spec: PreprocessSpec, cache_root: P
             tmp, mode="w+", dtype=np.uint8, shape=(len(collection), spec.size, spec.size)
         )
         errors: dict[int, str] = {}
-        results = pmap(partial(_decode, size=spec.size), list(collection.paths), desc="decode")
+        results = pmap(
+            partial(_decode, size=spec.size, window=spec.ct_window),
+            list(collection.paths),
+            desc="decode",
+        )
         for i, r in enumerate(results):
             if isinstance(r, str):
                 errors[i] = r

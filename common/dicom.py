@@ -32,6 +32,11 @@ MR_PERCENTILES = (0.5, 99.5)
 MODALITIES = frozenset({"CT", "MR"})
 
 
+def domain_window(domain: str) -> tuple[float, float]:
+    """The CT window a domain's DICOMs are read with (lung for lung CT, brain for brain)."""
+    return CT_WINDOWS[DOMAIN_CT_WINDOW.get(domain, "lung")]
+
+
 def looks_like_dicom(head: bytes, name: str = "") -> bool:
     """Part 10 files carry ``DICM`` at byte 128; bare ``.dcm`` files are trusted by name."""
     return head[128:132] == b"DICM" or name.lower().endswith((".dcm", ".dicom"))

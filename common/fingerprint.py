@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import imagehash
@@ -17,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from common.datasets.base import ImageCollection
+from common.dicom import domain_window
 from common.errors import UnreadableImageError
 from common.imageio import read_gray
 from common.parallel import pmap
@@ -41,9 +43,9 @@ class Fingerprints:
         return self.error == ""
 
 
-def _one(path: Path) -> tuple[str, int, int, int, np.ndarray, str]:
+def _one(path: Path, window: tuple[float, float]) -> tuple[str, int, int, int, np.ndarray, str]:
     try:
-        arr = read_gray(path)
+        arr = read_gray(path, ct_window=window)
     except UnreadableImageError as exc:
         return "", 0, 0, 0, np.zeros((THUMB, THUMB), np.uint8), exc.reason
     digest = hashlib.sha1(f"{arr.shape}".encode() + arr.tobytes()).hexdigest()
@@ -62,11 +64,17 @@ def _stat_key(path: Path) -> str:
 
 
 def compute_fingerprints(collection: ImageCollection, cache_root: Path) -> Fingerprints:
-    """Fingerprint every file of ``collection``, reusing cached rows of unchanged files."""
+    """Fingerprint every file of ``collection``, reusing cached rows of unchanged files.
+
+    DICOMs are read with the collection's domain CT window, which is part of the
+    store's name.
+    """
+    window = domain_window(collection.domain)
+    tag = f"-v{VERSION}-w{window[0]:g}_{window[1]:g}.npz"
     store = (
         cache_root
         / "fingerprints"
-        / (hashlib.sha1(str(collection.root).encode()).hexdigest()[:16] + f"-v{VERSION}.npz")
+        / (hashlib.sha1(str(collection.root).encode()).hexdigest()[:16] + tag)
     )
     rel = [collection.relpath(i) for i in range(len(collection))]
     keys = [f"{r}|{_stat_key(p)}" for r, p in zip(rel, collection.paths, strict=True)]
@@ -78,7 +86,15 @@ def compute_fingerprints(collection: ImageCollection, cache_root: Path) -> Finge
         old = {k: i for i, k in enumerate(cached["keys"].tolist())}
     todo = [i for i, k in enumerate(keys) if k not in old]
     fresh = dict(
-        zip(todo, pmap(_one, [collection.paths[i] for i in todo], desc="fingerprint"), strict=True)
+        zip(
+            todo,
+            pmap(
+                partial(_one, window=window),
+                [collection.paths[i] for i in todo],
+                desc="fingerprint",
+            ),
+            strict=True,
+        )
     )
     rows = []
     for i, k in enumerate(keys):

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from common.cache import ImageCache, PreprocessSpec, build_cache
 from common.datasets import ImageCollection, load_dataset
 from common.datasets.synthetic import SYNTHETIC_LABEL
+from common.dicom import domain_window
 from common.errors import ConfigError, DataError
 from common.fingerprint import Fingerprints, compute_fingerprints
 from common.models import StagedModel
@@ -100,7 +101,8 @@ def prepare_data(cfg: DictConfig) -> PreparedData:
         near_distance=None if sp.get("near_distance") is None else int(sp.near_distance),
         fold=_typed(sp, "fold", int, "dataset.split") if "fold" in sp else 0,
     )
-    cache = build_cache(collection, PreprocessSpec(size=size), croot)
+    spec = PreprocessSpec(size=size, ct_window=domain_window(collection.domain))
+    cache = build_cache(collection, spec, croot)
     return PreparedData(collection, fp, splits, cache)
 
 

@@ -29,6 +29,7 @@ def write_dicom(
     photometric: str = "MONOCHROME2",
     with_pixels: bool = True,
 ) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -135,3 +136,48 @@ def test_compressed_syntax_without_a_decoder_says_what_to_install(tmp_path: Path
             pytest.skip(f"a JPEG-LS decoder is installed here: {exc}")
     with pytest.raises(UnreadableImageError, match=r"JPEG-LS.*cannot be decoded here.*pylibjpeg"):
         read_gray(tmp_path / "jls.dcm")
+
+
+def test_a_dicom_site_folder_trains_through_the_cache_without_patient_tags(
+    tmp_path: Path,
+) -> None:
+    """CT DICOMs per class (one without a suffix, as PACS exports them) are listed,
+    windowed for the domain, cached, and no patient tag reaches any cache file."""
+    from omegaconf import OmegaConf
+
+    from common.config import load_config
+    from common.pipeline import prepare_data
+
+    site = tmp_path / "site"
+    rng = np.random.default_rng(0)
+    for c, cls in enumerate(("normal", "benign", "malignant")):
+        for i in range(6):
+            stored = rng.integers(0, 400, (40, 40)) + 300 * c  # HU -1024.. per class
+            name = f"slice{i}" if i == 0 else f"slice{i}.dcm"
+            write_dicom(site / cls / name, stored.astype(np.uint16))
+    (site / "normal" / "notes.txt").write_text("not a scan")
+    cache = tmp_path / "cache"
+    cfg = load_config(
+        [
+            "dataset=synthetic",
+            "dataset.image_size=32",
+            f"cache_dir={cache}",
+            f"data_root={tmp_path}",
+        ]
+    )
+    cfg = OmegaConf.merge(
+        cfg, {"dataset": {"name": "site", "path": str(site), "domain": "lung_ct"}}
+    )
+    data = prepare_data(cfg)
+    c = data.collection
+    assert len(c) == 18 and c.class_counts() == {"normal": 6, "benign": 6, "malignant": 6}
+    assert any(p.name == "slice0" for p in c.paths)
+    i = next(i for i, p in enumerate(c.paths) if p.name == "slice0")
+    from common.imageio import resize_gray
+
+    expected = resize_gray(read_gray(c.paths[i], ct_window=CT_WINDOWS["lung"]), 32)
+    np.testing.assert_array_equal(data.cache.images[i], expected)
+    for f in cache.rglob("*"):
+        if f.is_file():
+            blob = f.read_bytes()
+            assert PATIENT.encode() not in blob and b"ID-4711" not in blob, f

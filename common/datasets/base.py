@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from common.classes import canonical_class, known_aliases
+from common.dicom import looks_like_dicom
 from common.errors import DataError
-from common.imageio import IMAGE_SUFFIXES
+from common.imageio import DICOM_SUFFIXES, IMAGE_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -46,13 +47,28 @@ class ImageCollection:
         return self.paths[i].relative_to(self.root).as_posix()
 
 
+def _is_scan(path: Path) -> bool:
+    """JPEG / PNG / DICOM by suffix; PACS exports often have no suffix, so a
+    suffix-less file is a scan when it carries the DICOM preamble."""
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES:
+        return True
+    if suffix:
+        return False
+    try:
+        with open(path, "rb") as fh:
+            return looks_like_dicom(fh.read(132))
+    except OSError:
+        return False
+
+
 def list_images(folder: Path) -> tuple[list[Path], list[Path]]:
-    """Image files under ``folder`` (recursive, sorted) and the non-image files skipped."""
+    """Scan files under ``folder`` (recursive, sorted) and the other files skipped."""
     images, other = [], []
     for p in sorted(folder.rglob("*")):
         if p.is_dir():
             continue
-        (images if p.suffix.lower() in IMAGE_SUFFIXES else other).append(p)
+        (images if _is_scan(p) else other).append(p)
     return images, other
 
 

@@ -1,4 +1,4 @@
-"""A hospital site's own folder: ``<class>/`` sub-folders of JPEG/PNG files.
+"""A hospital site's own folder: ``<class>/`` sub-folders of JPEG / PNG / DICOM files.
 
 ``dataset.domain`` says which class vocabulary applies (``brain_mri`` or
 ``lung_ct``); folder names are matched through the alias table.
