@@ -27,7 +27,7 @@ from common.federation import (
     set_exchanged,
 )
 from common.pipeline import model_inputs, prepare_data, train_settings
-from common.privacy import BudgetExhausted, PrivacyLedger, dp_local_fit, dp_settings
+from common.privacy import PrivacyLedger, dp_settings, dp_site_round, ledger_file
 from common.site import SiteData, fresh_model, site_config, site_indices
 from common.training import Batches, evaluate_model, place_model, select_device
 from common.transforms import Augment
@@ -78,22 +78,6 @@ def resolve(
 
 LOCAL_STATE = "fedscan-local-state"
 LEDGER_STATE = "fedscan-privacy-ledger"
-
-
-def _ledger_file(context: Context, cfg: DictConfig, run_key: str) -> Path | None:
-    """Where a site's privacy ledger is kept between rounds and across a resume.
-
-    Deployment: in the site's own folder (``data-path``), so a restarted SuperNode
-    still knows what it has spent. Simulation: beside the run folder, one file per
-    virtual site (node state alone would be lost when a run is resumed).
-    """
-    if not run_key:
-        return None
-    data_path = str(context.node_config.get("data-path", "") or "")
-    if data_path:
-        return Path(data_path).expanduser() / ".fedscan-privacy" / f"{run_key}.json"
-    pid = int(context.node_config.get("partition-id", 0))
-    return Path(str(cfg.runs_dir)) / run_key / "site-privacy" / f"site-{pid}.json"
 
 
 def load_ledger(context: Context, path: Path | None, accountant: str) -> PrivacyLedger:
@@ -178,26 +162,17 @@ def make_client_app(overrides: tuple[str, ...] = (), outer_mods: Sequence = ()) 
             loss, acc = local_fit(model, site.x, site.labels, site.train, settings, **common)
             metrics.update(train_loss=loss, train_accuracy=acc)
         else:
-            ledger_file = _ledger_file(context, cfg, str(config.get("run-key", "")))
-            ledger = load_ledger(context, ledger_file, dp.accountant)
+            path = ledger_file(
+                run_key=str(config.get("run-key", "")),
+                data_path=str(context.node_config.get("data-path", "") or ""),
+                runs_dir=str(cfg.runs_dir),
+                site=int(context.node_config.get("partition-id", 0)),
+            )
+            ledger = load_ledger(context, path, dp.accountant)
             total = int(cfg.federation.rounds) * int(cfg.federation.local_epochs)
-            try:
-                r = dp_local_fit(
-                    model, site.x, site.labels, site.train, settings, dp, ledger,
-                    epochs_total=total, **common,
-                )  # fmt: skip
-                metrics.update(train_loss=r.loss, train_accuracy=r.accuracy, dp_budget_spent=0)
-                metrics.update(dp_noise_multiplier=r.noise_multiplier, dp_steps=r.steps)
-                epsilon, delta = r.epsilon, r.delta
-            except BudgetExhausted as exc:
-                # Stop, say so once, and send the global model back with zero weight.
-                log.warning("site %s: %s; not training in round %d", pid, exc, rnd)
-                delta = dp.site_delta(len(site.train))
-                epsilon = ledger.epsilon(delta)
-                metrics.update(num_examples_if_trained=len(site.train), dp_budget_spent=1)
-                metrics["num-examples"] = 0
-            save_ledger(context, ledger_file, ledger)
-            metrics.update(dp_epsilon=epsilon, dp_delta=delta)
+            args = (model, site.x, site.labels, site.train, settings, dp, ledger)
+            metrics.update(dp_site_round(*args, site=pid, rnd=rnd, epochs_total=total, **common))
+            save_ledger(context, path, ledger)
         metrics.update(_val_metrics(model, cfg, site, device))
         kept = local_keys(model, keys)
         if kept:

@@ -165,6 +165,20 @@ class PrivacyLedger:
         return cls.from_dict(json.loads(path.read_text())) if path.exists() else cls([], accountant)
 
 
+def ledger_file(*, run_key: str, data_path: str, runs_dir: str, site: int) -> Path | None:
+    """Where a site's ledger is kept between rounds and across a resumed run.
+
+    Deployment (``data_path`` set): in the site's own folder, so a restarted
+    SuperNode still knows what it has spent. Simulation: beside the run folder,
+    one file per virtual site (node state alone is lost when a run is resumed).
+    """
+    if not run_key:
+        return None
+    if data_path:
+        return Path(data_path).expanduser() / ".fedscan-privacy" / f"{run_key}.json"
+    return Path(runs_dir) / run_key / "site-privacy" / f"site-{site}.json"
+
+
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
     """Opacus' Poisson loader: ``ceil(N / B)`` steps at sample rate ``1 / ceil(N / B)``."""
     return max(1, math.ceil(n_train / batch_size))
@@ -370,3 +384,46 @@ def dp_local_fit(
         noise_multiplier=noise,
         steps=ledger.steps,
     )
+
+
+def dp_site_round(
+    model: StagedModel,
+    x: np.ndarray,
+    labels: np.ndarray,
+    indices: np.ndarray,
+    settings: TrainSettings,
+    dp: DPSGDSettings,
+    ledger: PrivacyLedger,
+    *,
+    site: int,
+    rnd: int,
+    **fit: Any,
+) -> dict[str, float | int]:
+    """One round of :func:`dp_local_fit` as the metrics a site reports.
+
+    A spent budget is reported, not raised: one log line, nothing trained, and
+    ``num-examples`` 0 so the strategy leaves this site's (unchanged) copy of
+    the global model out of the average.
+    """
+    try:
+        r = dp_local_fit(model, x, labels, indices, settings, dp, ledger, **fit)
+    except BudgetExhausted as exc:
+        log.warning("site %s: %s; not training in round %d", site, exc, rnd)
+        delta = dp.site_delta(len(indices))
+        return {
+            "num-examples": 0,
+            "num_examples_if_trained": len(indices),
+            "dp_budget_spent": 1,
+            "dp_epsilon": ledger.epsilon(delta),
+            "dp_delta": delta,
+        }
+    return {
+        "num-examples": len(indices),
+        "train_loss": r.loss,
+        "train_accuracy": r.accuracy,
+        "dp_budget_spent": 0,
+        "dp_noise_multiplier": r.noise_multiplier,
+        "dp_steps": r.steps,
+        "dp_epsilon": r.epsilon,
+        "dp_delta": r.delta,
+    }

@@ -16,7 +16,6 @@ explanation is computed.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -32,12 +31,13 @@ from torch import nn
 
 from common.dicom import CT_WINDOWS, DOMAIN_CT_WINDOW, MR_PERCENTILES
 from common.errors import ConfigError, DataError
+from common.federation import local_keys
 from common.models import StagedModel, build_model
+from deploy.package import SPEC_FILE, sha256_file
 
 log = logging.getLogger("fedscan.export")
 
 PACKAGE_FORMAT = "fedscan-model/1"
-SPEC_FILE = "fedscan-model.json"
 FORMATS = ("onnx", "torchscript")
 
 
@@ -100,9 +100,7 @@ def load_run_model(run_dir: Path) -> tuple[StagedModel, dict[str, Any]]:
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         classes = list(state["classes"])
         model = build_model(state["model"], len(classes))
-        missing = set(model.state_dict()) - set(state["arrays"])
-        trainable = tuple(f"stages.{i}." for i in range(model.frozen_until, len(model.stages)))
-        lost = sorted(k for k in missing if k.startswith(trainable) and "num_batches" not in k)
+        lost = [k for k in local_keys(model, list(state["arrays"])) if "num_batches" not in k]
         if lost:  # FedBN: BatchNorm of the trainable stages never left the sites
             log.warning("%d site-local tensors (FedBN) keep their initial values", len(lost))
         model.load_state_dict(state["arrays"], strict=False)
@@ -128,10 +126,6 @@ def _headline(m: dict[str, Any]) -> dict[str, Any]:
     out = {k: m[k] for k in keep if k in m}
     out["recall"] = {c: v["recall"] for c, v in m.get("per_class", {}).items()}
     return out
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _adapter_stats(model: StagedModel) -> dict[str, list[float]]:
@@ -185,7 +179,7 @@ def export_model(model: StagedModel, out: Path, *, fmt: str, provenance: dict[st
         "format": PACKAGE_FORMAT,
         "runtime": fmt,
         "files": files,
-        "sha256": {k: _sha256(out / v) for k, v in files.items()},
+        "sha256": {k: sha256_file(out / v) for k, v in files.items()},
         "classes": prov["classes"],
         "input": {"name": "image", "shape": ["batch", 1, size, size], "dtype": "float32"},
         "output": {"name": "logits", "shape": ["batch", len(prov["classes"])], "apply": "softmax"},

@@ -16,12 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.special import softmax
 
 from common.errors import DataError
 from common.imageio import decode_gray, read_gray, resize_gray
 
 SPEC_FILE = "fedscan-model.json"
 SUPPORTED_FORMATS = ("fedscan-model/1",)
+
+
+def sha256_file(path: Path) -> str:
+    """The checksum a package records for each of its files."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -55,8 +61,7 @@ class ModelPackage:
         files = self.spec["files"]
         if verify:
             for key, name in files.items():
-                digest = hashlib.sha256((self.path / name).read_bytes()).hexdigest()
-                if digest != self.spec["sha256"][key]:
+                if sha256_file(self.path / name) != self.spec["sha256"][key]:
                     raise DataError(self.path / name, "checksum mismatch: the package was altered")
         if self.runtime == "onnx":
             if "onnx" not in files:
@@ -106,10 +111,7 @@ class ModelPackage:
             return head(trunk(torch.from_numpy(batch))).numpy()
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        z = self.logits(batch).astype(np.float64)
-        z -= z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
+        return softmax(self.logits(batch).astype(np.float64), axis=1)
 
     # ---------------------------------------------------------- preprocessing
     def prepare(self, gray: np.ndarray) -> np.ndarray:
