@@ -8,6 +8,7 @@ site's RGB export and another site's grayscale export identical to the model.
 from __future__ import annotations
 
 import io
+import stat
 import warnings
 from pathlib import Path
 
@@ -48,6 +49,16 @@ def read_gray(
     ``ct_window`` applies to CT DICOMs only (see :mod:`common.dicom`).
     """
     path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        reason = "broken symbolic link" if path.is_symlink() else "file not found"
+        raise UnreadableImageError(path, reason) from None
+    except OSError as exc:  # e.g. a symlink loop
+        raise UnreadableImageError(path, f"cannot open: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):
+        # A FIFO or device named .jpg would block or stream forever if opened.
+        raise UnreadableImageError(path, "not a regular file")
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)

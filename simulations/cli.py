@@ -53,6 +53,34 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_site_check(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    from common.config import load_config
+    from common.paths import cache_root
+    from common.sitecheck import format_site_report, site_check
+
+    cfg = load_config(["dataset=site", *args.overrides])  # a site reads its own folder
+    domain = args.domain
+    if domain is None and any(o.startswith("dataset.domain=") for o in args.overrides):
+        domain = str(cfg.dataset.domain)
+    report = site_check(
+        Path(args.data_path).expanduser().resolve(),
+        cache_root=cache_root(cfg.cache_dir),
+        domain=domain,
+        on_unreadable=str(cfg.dataset.on_unreadable),
+        estimate=None if args.no_estimate else OmegaConf.to_container(cfg, resolve=True),
+    )
+    print(json.dumps(report, indent=2) if args.json else format_site_report(report))
+    if not report["usable"]:
+        print(
+            "fedscan: site is not ready: " + "; ".join(report["problems"]),
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
@@ -145,6 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-upload-mb", type=float, default=20.0)
     sv.add_argument("--runtime", choices=runtimes, help="default: the package's own format")
     sv.set_defaults(fn=_cmd_serve)
+
+    site = sub.add_parser("site", help="site tools for hospital IT (see `fedscan site check`)")
+    site_sub = site.add_subparsers(dest="site_command", required=True, metavar="SITE_COMMAND")
+    sc = site_sub.add_parser(
+        "check",
+        help="pre-flight check of a site folder: counts, bad files, duplicates, time per round",
+    )
+    sc.add_argument("--data-path", required=True, help="the folder given to the SuperNode")
+    sc.add_argument("--domain", choices=("brain_mri", "lung_ct"), help="default: inferred")
+    sc.add_argument("--json", action="store_true", help="machine-readable report")
+    sc.add_argument("--no-estimate", action="store_true", help="skip timing the model")
+    sc.add_argument("overrides", nargs="*", help="e.g. model=paper_cnn federation.local_epochs=2")
+    sc.set_defaults(fn=_cmd_site_check)
 
     c = sub.add_parser("config", help="print the resolved config for some overrides")
     c.add_argument("overrides", nargs="*")

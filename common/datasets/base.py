@@ -53,7 +53,7 @@ def _is_scan(path: Path) -> bool:
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES:
         return True
-    if suffix:
+    if suffix or not path.is_file():  # never open a FIFO or device to sniff it
         return False
     try:
         with open(path, "rb") as fh:
