@@ -1,8 +1,9 @@
 """Strategy registry: Flower's strategies, subclassed only where behaviour must change.
 
 The one change: every strategy records each site's own metrics (Flower keeps
-aggregates only) and drops replies whose arrays are not finite, naming the site,
-before the parent's aggregation runs.
+aggregates only) and, before the parent's aggregation runs, drops replies that
+would corrupt the global model (arrays that are not finite, or whose names or
+shapes differ from what the server sent), naming the site.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp import strategy as fl
 
 from common.errors import ConfigError
@@ -40,30 +41,42 @@ class SiteRecording:
                 row["node_id"] = int(msg.metadata.src_node_id)
                 rows.append(row)
 
-    @staticmethod
-    def _finite(msg: Message) -> bool:
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config, grid):
+        # What every reply must match: the names and shapes the server sent.
+        self._expected = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def rejection(self, msg: Message) -> str | None:
+        """Why a site's train reply must not be aggregated, or ``None`` if it may."""
         arrays = msg.content.get("arrays") if msg.has_content() else None
         if arrays is None:
-            return True
-        return all(np.isfinite(a.numpy()).all() for a in arrays.values())
+            return "no arrays in the reply"
+        expected = getattr(self, "_expected", None)
+        if expected is not None:
+            missing, extra = (
+                sorted(set(expected) - set(arrays)),
+                sorted(set(arrays) - set(expected)),
+            )
+            if missing or extra:
+                return f"parameter names differ (missing {missing[:3]}, unexpected {extra[:3]})"
+            for k, a in arrays.items():
+                if (tuple(a.shape), a.dtype) != expected[k]:
+                    want = expected[k]
+                    return f"'{k}' is {a.dtype}{list(a.shape)}, expected {want[1]}{list(want[0])}"
+        for k, a in arrays.items():
+            if not np.isfinite(a.numpy()).all():
+                return f"NaN/Inf in '{k}'"
+        return None
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
         kept = []
         for msg in replies:
+            site = msg.metadata.src_node_id
             if msg.has_error():
-                log.warning(
-                    "round %d: site %s failed: %s",
-                    server_round,
-                    msg.metadata.src_node_id,
-                    msg.error.reason,
-                )
-            elif not self._finite(msg):
-                log.warning(
-                    "round %d: update from site %s rejected: NaN/Inf in arrays",
-                    server_round,
-                    msg.metadata.src_node_id,
-                )
+                log.warning("round %d: site %s failed: %s", server_round, site, msg.error.reason)
+            elif (why := self.rejection(msg)) is not None:
+                log.warning("round %d: update from site %s rejected: %s", server_round, site, why)
             else:
                 kept.append(msg)
         self._record(server_round, "train", kept)

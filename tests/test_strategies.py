@@ -90,3 +90,53 @@ def test_too_few_sites_is_a_clear_error_not_a_hang():
     with pytest.raises(ConfigError, match=r"federation\.min_nodes.*only 1 connected"):
         wait_for_nodes(Grid(), 2, 0.0)
     assert wait_for_nodes(Grid(), 1, 0.0) == 1
+
+
+class FakeGrid:
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return self.nodes
+
+
+def _named(node: int, arrays: dict, n: int = 10):
+    msg = reply(node, 0.0, n)
+    msg.content["arrays"] = ArrayRecord(arrays)
+    return msg
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedmedian", "krum", "fedadam"])
+def test_updates_with_wrong_names_shapes_or_values_are_rejected_by_name(name, caplog, monkeypatch):
+    from flwr.app import ConfigRecord
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_task_id", "_run_id", "_node_id"):  # set by the ServerApp runtime
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+    s = build_strategy({"name": name}, FED)
+    sent = {"w": torch.zeros(3), "b": torch.zeros(2)}
+    s.configure_train(4, ArrayRecord(sent), ConfigRecord(), FakeGrid([1, 2, 3, 4, 5, 6, 7]))
+    good = [_named(i, {"w": torch.full((3,), 1.0), "b": torch.ones(2)}) for i in (1, 2, 3)]
+    bad = [
+        _named(4, {"w": torch.full((3,), float("inf")), "b": torch.ones(2)}),
+        _named(5, {"w": torch.ones(4), "b": torch.ones(2)}),  # wrong shape
+        _named(6, {"weight": torch.ones(3), "b": torch.ones(2)}),  # wrong name
+        _named(7, {"w": torch.ones(3, dtype=torch.float64), "b": torch.ones(2)}),  # wrong dtype
+    ]
+    arrays, _ = s.aggregate_train(4, good + bad)
+    for k in ("w", "b"):
+        assert np.isfinite(arrays[k].numpy()).all()
+    if name == "fedadam":  # a server-side optimiser step from 0 towards the sites' 1.0
+        assert (arrays["b"].numpy() > 0).all()
+    else:
+        np.testing.assert_allclose(arrays["b"].numpy(), np.ones(2), rtol=1e-5)
+    lines = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert len(lines) == 4
+    assert "site 4 rejected: NaN/Inf in 'w'" in lines[0]
+    assert "site 5 rejected: 'w' is float32[4], expected float32[3]" in lines[1]
+    assert (
+        "site 6 rejected: parameter names differ (missing ['w'], unexpected ['weight'])" in lines[2]
+    )
+    assert "site 7 rejected: 'w' is float64[3]" in lines[3]
+    assert [r["node_id"] for r in s.site_metrics[4]["train"]] == [1, 2, 3]
