@@ -44,7 +44,9 @@ class SiteRecording:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config, grid):
         # What every reply must match: the names and shapes the server sent.
         self._expected = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._sampled = {int(m.metadata.dst_node_id) for m in messages}
+        return messages
 
     def rejection(self, msg: Message) -> str | None:
         """Why a site's train reply must not be aggregated, or ``None`` if it may."""
@@ -79,7 +81,30 @@ class SiteRecording:
                 log.warning("round %d: update from site %s rejected: %s", server_round, site, why)
             else:
                 kept.append(msg)
+        # A dead site's reply is an error the SuperLink writes on its behalf (it does
+        # not carry the site's id), so name the silent sites by what was sent.
+        answered = {int(m.metadata.src_node_id) for m in replies if not m.has_error()}
+        silent = sorted(getattr(self, "_sampled", set()) - answered)
+        if silent:
+            log.warning(
+                "round %d: no update from site(s) %s (failed, disconnected or timed out); "
+                "aggregating the other %d",
+                server_round,
+                ", ".join(map(str, silent)),
+                len(kept),
+            )
         self._record(server_round, "train", kept)
+        floor = int(getattr(self, "min_train_nodes", 1))
+        if len(kept) < floor:
+            # One site's update as the new global model would hand it to every other site.
+            log.warning(
+                "round %d: only %d usable update(s), fewer than federation.min_nodes=%d; "
+                "the global model stays as it was",
+                server_round,
+                len(kept),
+                floor,
+            )
+            return None, None
         # A site that did not train (its privacy budget is spent) reports with zero
         # weight: its metrics are recorded, its unchanged copy is not averaged in.
         weighted = [m for m in kept if float(m.content["metrics"].get("num-examples", 1)) > 0]

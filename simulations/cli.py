@@ -81,6 +81,19 @@ def _cmd_site_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from deploy.pki import make_dev_pki
+
+    out = Path(args.out).expanduser().resolve()
+    make_dev_pki(out, sites=args.site, hosts=args.host or ["127.0.0.1", "localhost"])
+    print(f"development PKI in {out}")
+    print(f"  SuperLink: {out / 'ca.crt'}, {out / 'superlink.crt'}, {out / 'superlink.key'}")
+    for site in args.site:
+        print(f"  site {site}: {out / 'sites' / site} (give it ca.crt and this folder only)")
+    print("next: docs/deploy.md, step 2 (start the SuperLink)")
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
@@ -186,6 +199,18 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--no-estimate", action="store_true", help="skip timing the model")
     sc.add_argument("overrides", nargs="*", help="e.g. model=paper_cnn federation.local_epochs=2")
     sc.set_defaults(fn=_cmd_site_check)
+
+    ce = sub.add_parser(
+        "certs", help="development CA, SuperLink TLS certificate and per-site auth keys"
+    )
+    ce.add_argument("--out", required=True, help="a new folder for the keys")
+    ce.add_argument("--site", action="append", required=True, help="a site name (repeat)")
+    ce.add_argument(
+        "--host",
+        action="append",
+        help="a name or IP the SuperLink is reached at (repeat; default 127.0.0.1, localhost)",
+    )
+    ce.set_defaults(fn=_cmd_certs)
 
     c = sub.add_parser("config", help="print the resolved config for some overrides")
     c.add_argument("overrides", nargs="*")

@@ -140,3 +140,12 @@ def test_updates_with_wrong_names_shapes_or_values_are_rejected_by_name(name, ca
     )
     assert "site 7 rejected: 'w' is float64[3]" in lines[3]
     assert [r["node_id"] for r in s.site_metrics[4]["train"]] == [1, 2, 3]
+
+
+def test_too_few_usable_updates_leave_the_global_model_unchanged(caplog):
+    s = build_strategy({"name": "fedavg"}, {**FED, "min_nodes": 3})
+    arrays, metrics = s.aggregate_train(
+        5, [reply(1, 1.0, 10), reply(2, 2.0, 10), reply(3, float("nan"), 10)]
+    )
+    assert arrays is None and metrics is None  # Flower keeps the previous global arrays
+    assert "only 2 usable update(s), fewer than federation.min_nodes=3" in caplog.text

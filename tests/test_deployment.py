@@ -1,0 +1,202 @@
+"""A real federation on loopback, as docs/deploy.md sets it up: TLS SuperLink with
+SuperNode authentication, one SuperNode per site folder, ``flwr run``, and faults.
+
+Every process is started in its own session and stopped by PID (its process
+group) at the end. Marked slow (about 3 minutes); ``.ci/run`` runs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from common.datasets.synthetic import generate
+from deploy.pki import make_dev_pki
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _text(path: Path) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", path.read_text(errors="replace")) if path.exists() else ""
+
+
+class Processes:
+    """Long-running Flower processes of one test, each in its own process group."""
+
+    def __init__(self, logs: Path, env: dict[str, str]) -> None:
+        self.logs, self.env, self.procs = logs, env, {}
+
+    def start(self, name: str, *cmd: str) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        self.procs[name] = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
+        return self.procs[name]
+
+    def log(self, name: str) -> str:
+        return _text(self.logs / f"{name}.log")
+
+    def kill(self, name: str) -> None:
+        proc = self.procs[name]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the process and its children (SuperExec, apps)
+        proc.wait(timeout=30)
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.kill(name)
+
+
+@pytest.fixture
+def loopback(tmp_path: Path) -> Iterator[tuple[Processes, Path, dict[str, str]]]:
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    env.pop("FEDSCAN_DATA", None)
+    (tmp_path / "logs").mkdir()
+    procs = Processes(tmp_path / "logs", env)
+    yield procs, tmp_path, env
+    procs.stop_all()
+    alive = [n for n, p in procs.procs.items() if p.poll() is None]
+    assert not alive, f"still running after kill: {alive}"
+    _wait_for(lambda: not _processes_mentioning(tmp_path), 20, "no process left behind")
+
+
+def _processes_mentioning(path: Path) -> list[str]:
+    """Command lines of live processes that mention ``path`` (this test's processes)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(path) in cmd:
+            found.append(cmd)
+    return found
+
+
+def test_tls_federation_with_authenticated_sites_survives_a_killed_site(loopback) -> None:
+    procs, tmp, env = loopback
+    # Step 1 of the runbook: keys. Three hospitals, plus a machine nobody registered.
+    pki = tmp / "pki"
+    make_dev_pki(pki, sites=["site-a", "site-b", "site-c", "intruder"], hosts=["127.0.0.1"])
+    data = {
+        "site-a": generate(tmp / "data" / "site-a", "brain_mri", per_class=20, size=32, seed=11),
+        "site-b": generate(tmp / "data" / "site-b", "brain_mri", per_class=15, size=32, seed=12),
+        "site-c": generate(tmp / "data" / "site-c", "brain_mri", per_class=15, size=32, seed=13),
+        "intruder": generate(tmp / "data" / "intruder", "brain_mri", per_class=5, size=32, seed=14),
+    }
+    port = _free_port()
+    home = Path(env["FLWR_HOME"])
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "fedscan"\n\n[superlink.fedscan]\n'
+        f'address = "127.0.0.1:{port}"\nroot-certificates = "{pki / "ca.crt"}"\n'
+    )
+    # Step 2: the SuperLink, TLS and SuperNode authentication on.
+    procs.start(
+        "superlink",
+        "flower-superlink",
+        "--ssl-ca-certfile", str(pki / "ca.crt"),
+        "--ssl-certfile", str(pki / "superlink.crt"),
+        "--ssl-keyfile", str(pki / "superlink.key"),
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+        "--database", str(tmp / "state.db"),
+        "--host", "127.0.0.1",
+        "--port", str(port),
+    )  # fmt: skip
+    _wait_for(lambda: "Uvicorn running" in procs.log("superlink"), 60, "the SuperLink")
+    # Step 3: register the three hospitals' public keys.
+    for site in ("site-a", "site-b", "site-c"):
+        out = subprocess.run(
+            ["flwr", "supernode", "register", str(pki / "sites" / site / f"{site}.pub"), "fedscan"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert "registered successfully" in out.stdout, out.stdout + out.stderr
+    # Step 4: one SuperNode per site, each with its own folder.
+    for site in data:
+        procs.start(
+            site,
+            "flower-supernode",
+            "--root-certificates", str(pki / "ca.crt"),
+            "--superlink", f"127.0.0.1:{port}",
+            "--auth-supernode-private-key", str(pki / "sites" / site / f"{site}.key"),
+            "--node-config", f'data-path="{data[site]}"',
+            "--port", str(_free_port()),
+        )  # fmt: skip
+    # The unregistered key is refused at activation and the process exits.
+    intruder = procs.procs["intruder"]
+    _wait_for(lambda: intruder.poll() is not None, 90, "the intruder SuperNode to be refused")
+    assert intruder.returncode != 0
+    assert "Failed to activate SuperNode" in procs.log("intruder")
+    ids = {}
+    for site in ("site-a", "site-b", "site-c"):
+        _wait_for(lambda s=site: "SuperNode ID:" in procs.log(s), 90, f"{site} to connect")
+        ids[site] = int(re.search(r"SuperNode ID: (\d+)", procs.log(site)).group(1))
+    listing = subprocess.run(
+        ["flwr", "supernode", "list", "fedscan", "--format", "json"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    nodes = {int(n["node-id"]): n["status"] for n in json.loads(listing.stdout)["nodes"]}
+    assert nodes == {i: "online" for i in ids.values()}  # the intruder never got a node
+
+    # Step 5: submit the run; site-c dies as soon as its first training starts.
+    runs = tmp / "runs"
+    run_config = (
+        f"dataset='synthetic' model='paper_cnn' num-rounds=2 runs-dir='{runs}' "
+        "overrides='dataset.image_size=32 dataset.size=32 dataset.per_class=24 "
+        "federation.min_nodes=2 federation.round_timeout_s=240'"
+    )
+    run = procs.start(
+        "flwr-run", "flwr", "run", str(ROOT), "fedscan", "--stream", "--run-config", run_config
+    )
+    _wait_for(lambda: "Receiving: train message" in procs.log("site-c"), 240, "round 1 at site-c")
+    procs.kill("site-c")
+    _wait_for(lambda: run.poll() is not None, 420, "the run to finish")
+    text = procs.log("flwr-run")
+    match = re.search(r"fedscan: results in (\S+)", text)
+    assert match, text[-4000:]
+    rounds = json.loads((Path(match.group(1)) / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:  # both rounds aggregated the two surviving sites
+        assert {s["node_id"] for s in r["sites"]["train"]} == {ids["site-a"], ids["site-b"]}
+        assert r["global"]["test_grouped"]["accuracy"] >= 0.0
+    examples = {s["node_id"]: s["num-examples"] for s in rounds[0]["sites"]["train"]}
+    # each site trained on its own folder (80 and 60 images, less its own validation split)
+    assert examples[ids["site-a"]] > examples[ids["site-b"]] > 40
+    assert f"no update from site(s) {ids['site-c']}" in text
+    assert "Node Unavailable" in text
