@@ -157,6 +157,10 @@ def make_client_app(overrides: tuple[str, ...] = (), outer_mods: Sequence = ()) 
         }
         pid = int(context.node_config.get("partition-id", -1))
         metrics: dict[str, float | int] = {"num-examples": len(site.train), "partition-id": pid}
+        # per-class counts (aggregate): the partition report is what sites really hold.
+        # (No `.classes` attribute in this closure: cloudpickle would drag torch.classes
+        # into the Ray payload and fail.)
+        metrics.update(site.train_class_counts())
         dp = dp_settings(cfg.privacy)
         if dp is None:
             loss, acc = local_fit(model, site.x, site.labels, site.train, settings, **common)

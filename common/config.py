@@ -56,7 +56,14 @@ def load_config(overrides: Sequence[str] = ()) -> DictConfig:
     dataset of the same domain is used instead (with a warning); ``dataset.*``
     overrides still apply to it.
     """
-    overrides = list(overrides)
+    overrides = [
+        _ALIASES.get(o.split("=", 1)[0], o.split("=", 1)[0]) + o[o.find("=") :] if "=" in o else o
+        for o in overrides
+    ]
+    keys = [o.split("=", 1)[0] for o in overrides if "=" in o]
+    for key in set(_ALIASES.values()):
+        if keys.count(key) > 1:
+            raise ConfigError(key, "set twice (num_sites / rounds and their federation.* aliases)")
     probe = _compose([o for o in overrides if not o.startswith("dataset.")])
     ds_path = str(probe.dataset.get("path") or "")
     needs_root = probe.dataset.name in ("brain_mri", "lung_ct") and not Path(ds_path).is_absolute()
@@ -76,12 +83,16 @@ def load_config(overrides: Sequence[str] = ()) -> DictConfig:
     return cfg
 
 
+# federation.num_sites / federation.rounds are interpolations of the top-level keys;
+# an override of the alias is an override of the key, so there is one value.
+_ALIASES = {"federation.num_sites": "num_sites", "federation.rounds": "rounds"}
+
 # Flower run-config keys (pyproject [tool.flwr.app.config]) -> config-tree overrides.
 RUN_CONFIG_KEYS = {
     "dataset": "dataset",
     "model": "model",
     "strategy": "strategy",
-    "num-rounds": "federation.rounds",
+    "num-rounds": "rounds",
     "runs-dir": "runs_dir",
     "data-root": "data_root",
 }

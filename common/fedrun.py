@@ -18,7 +18,8 @@ from omegaconf import DictConfig
 
 from common.errors import DataError
 from common.plots import plot_confusion
-from common.runs import write_config, write_json
+from common.runs import partition_label, write_config, write_json
+from common.sitereport import COUNT_PREFIX, counts_from_sites, write_partition_report
 
 
 class FederatedRun:
@@ -49,7 +50,16 @@ class FederatedRun:
         self._t = now
         self.rounds = [r for r in self.rounds if r["round"] != rnd] + [row]
         self._write()
+        if any(f"{COUNT_PREFIX}{self.classes[0]}" in r for r in sites.get("train", [])):
+            self._partition_report()
         return row
+
+    def _partition_report(self) -> None:
+        """Per-site class counts as the sites last reported them, over all rounds so far."""
+        rows = [r for rnd in self.rounds for r in rnd["sites"].get("train", [])]
+        names, counts = counts_from_sites(rows, self.classes)
+        title = f"{self.label} | partition {partition_label(self.cfg)} | training samples per site"
+        write_partition_report(self.dir, names, counts, self.classes, title=title)
 
     def is_best(self, tests: dict[str, dict]) -> bool:
         first = next(iter(tests.values()))

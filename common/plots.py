@@ -84,3 +84,23 @@ def plot_round_curves(rounds: Sequence[dict], path: Path, *, title: str) -> Path
         for split in rounds[-1]["global"]
     }
     return _accuracy_loss(series, path, xlabel="round", title=title, prefix="global ")
+
+
+def plot_site_histogram(
+    counts: np.ndarray, classes: Sequence[str], path: Path, *, title: str, sites: Sequence[str]
+) -> Path:
+    """Stacked bars: each site's training samples per class (the partition report)."""
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(sites) + 2), 3.6))
+    bottom = np.zeros(len(sites))
+    for k, cls in enumerate(classes):
+        ax.bar(range(len(sites)), counts[:, k], bottom=bottom, label=cls)
+        bottom += counts[:, k]
+    ax.set_xticks(range(len(sites)), sites, rotation=90 if len(sites) > 12 else 0, fontsize=8)
+    ax.set_xlabel("site")
+    ax.set_ylabel("training samples")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, ncols=min(4, len(classes)))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

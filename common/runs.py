@@ -36,3 +36,13 @@ def write_json(path: Path, payload: Any) -> Path:
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     tmp.replace(path)
     return path
+
+
+def partition_label(cfg: DictConfig | dict) -> str:
+    """``iid``, ``dirichlet(alpha=0.1)``, ``pathological(classes_per_site=2)``..."""
+    part = dict(cfg.get("partition") or {"name": "iid"})
+    params = {k: v for k, v in part.items() if k not in ("name", "min_samples")}
+    inner = ",".join(
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+    )
+    return f"{part['name']}({inner})" if inner else str(part["name"])

@@ -16,8 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.errors import ConfigError, DataError
 from common.models import StagedModel, build_model
-from common.partition import iid_partition
+from common.partition import partition
 from common.pipeline import PreparedData
+from common.sitereport import class_counts_metrics
 from common.splits import group_holdout
 
 
@@ -32,6 +33,10 @@ class SiteData:
     @property
     def labels(self) -> np.ndarray:
         return self.prepared.collection.labels
+
+    def train_class_counts(self) -> dict[str, int]:
+        """Per-class training counts as reply metrics (see :mod:`common.sitereport`)."""
+        return class_counts_metrics(self.labels[self.train], self.prepared.collection.classes)
 
 
 def site_config(cfg: DictConfig, data_path: str | None) -> DictConfig:
@@ -66,9 +71,9 @@ def site_indices(
         if num_partitions is None or not 0 <= partition_id < num_partitions:
             raise ConfigError("partition-id", f"{partition_id} not in [0, {num_partitions})")
         pool_all = np.sort(np.concatenate([s.train, s.val]))
-        pool = iid_partition(pool_all, s.groups, labels, num_partitions, seed=int(cfg.seed))[
-            partition_id
-        ]
+        pool = partition(
+            pool_all, s.groups, labels, num_partitions, cfg=cfg.partition, seed=int(cfg.seed)
+        )[partition_id]
     fraction = float(cfg.federation.site_val_fraction)
     try:
         return group_holdout(pool, labels, s.groups, fraction, int(cfg.seed), "site val")

@@ -20,8 +20,11 @@ from common.transforms import Augment
 log = logging.getLogger("fedscan.train")
 
 
-def run_centralised(cfg: DictConfig) -> Path:
-    """Train on the pooled training split, evaluate every test split, write a run folder."""
+def run_centralised(cfg: DictConfig, *, kind: str = "centralised") -> Path:
+    """Train on the pooled training split, evaluate every test split, write a run folder.
+
+    ``kind`` names the run (``pooled`` when it is the harness's pooled baseline).
+    """
     t0 = time.perf_counter()
     settings = train_settings(cfg)  # validate before any expensive work
     if str(cfg.privacy.name) != "off":
@@ -55,7 +58,7 @@ def run_centralised(cfg: DictConfig) -> Path:
         for name, idx in {"val": s.val, **s.tests}.items()
     }
 
-    run_dir = new_run_dir(cfg, "centralised")
+    run_dir = new_run_dir(cfg, kind)
     write_config(run_dir, cfg)
     log.info("run folder: %s", run_dir)
     log.info(
@@ -109,6 +112,7 @@ def run_centralised(cfg: DictConfig) -> Path:
         {
             "label": data.label,
             "synthetic": c.synthetic,
+            "method": kind,
             "dataset": c.name,
             "model": model.name,
             "mode": str(cfg.model.mode),

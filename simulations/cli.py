@@ -37,10 +37,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from simulations.federated import run_federated
+    from simulations.harness import run_one, run_sweep
 
-    run_dir = run_federated(args.overrides)
-    print(f"results: {run_dir}")
+    if args.multirun:
+        for run_dir in run_sweep(args.overrides):
+            print(f"results: {run_dir}")
+        return 0
+    print(f"results: {run_one(args.overrides)}")
     return 0
 
 
@@ -91,6 +94,16 @@ def _cmd_certs(args: argparse.Namespace) -> int:
     for site in args.site:
         print(f"  site {site}: {out / 'sites' / site} (give it ca.crt and this folder only)")
     print("next: docs/deploy.md, step 2 (start the SuperLink)")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from common.report import write_report
+
+    out = Path(args.out).expanduser().resolve()
+    files = write_report([Path(d) for d in args.run_dirs], out)
+    print(files["markdown"].read_text())
+    print(f"report: {files['markdown']}, {files['csv']} and {len(files) - 2} plot(s) in {out}")
     return 0
 
 
@@ -154,9 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_cmd_train)
 
     s = sub.add_parser(
-        "simulate", help="federated simulation (same ServerApp/ClientApp as flwr run)"
+        "simulate",
+        help="federated simulation (same ServerApp/ClientApp as flwr run) or a baseline "
+        "(method=local|pooled); -m sweeps",
     )
-    s.add_argument("overrides", nargs="*", help="e.g. strategy=fedprox federation.num_sites=5")
+    s.add_argument(
+        "-m", "--multirun", action="store_true", help="sweep: a=1,2 b=x,y runs every combination"
+    )
+    s.add_argument(
+        "overrides",
+        nargs="*",
+        help="e.g. partition=dirichlet partition.alpha=0.1 strategy=fedprox num_sites=10",
+    )
     s.set_defaults(fn=_cmd_simulate)
 
     a = sub.add_parser("audit", help="counts, unreadable files, duplicates, scan groups")
@@ -199,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--no-estimate", action="store_true", help="skip timing the model")
     sc.add_argument("overrides", nargs="*", help="e.g. model=paper_cnn federation.local_epochs=2")
     sc.set_defaults(fn=_cmd_site_check)
+
+    rp = sub.add_parser(
+        "report", help="the metrics table (markdown + CSV) and plots over many run folders"
+    )
+    rp.add_argument("run_dirs", nargs="+", help="run folders (fedscan simulate / train)")
+    rp.add_argument("--out", default="report", help="output folder (default ./report)")
+    rp.set_defaults(fn=_cmd_report)
 
     ce = sub.add_parser(
         "certs", help="development CA, SuperLink TLS certificate and per-site auth keys"

@@ -19,6 +19,20 @@ from common.parallel import available_cpus
 log = logging.getLogger("fedscan.simulate")
 
 
+def check_sites(cfg) -> None:
+    """Partition the data as the sites will, before Ray starts: a partition that
+    cannot give every site its minimum, or a site too small to hold out its own
+    validation split, fails here with the site named. The decode cache this
+    builds is the one the sites read."""
+    from common.pipeline import prepare_data
+    from common.site import site_indices
+
+    data = prepare_data(cfg)
+    n = int(cfg.federation.num_sites)
+    for pid in range(n):
+        site_indices(cfg, data, partition_id=pid, num_partitions=n)
+
+
 def run_federated(overrides: Sequence[str], *, client_mods: Sequence = ()) -> Path:
     """Simulate the federation of ``overrides``; returns the run folder.
 
@@ -45,6 +59,8 @@ def run_federated(overrides: Sequence[str], *, client_mods: Sequence = ()) -> Pa
         raise ConfigError(
             "federation.min_nodes", f"{cfg.federation.min_nodes} is more than the {sites} sites"
         )
+    if cfg.federation.resume is None:
+        check_sites(cfg)
     runs_dir = Path(str(cfg.runs_dir)).expanduser().resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
     before = set(runs_dir.iterdir())

@@ -114,10 +114,10 @@ def test_tls_federation_with_authenticated_sites_survives_a_killed_site(loopback
     pki = tmp / "pki"
     make_dev_pki(pki, sites=["site-a", "site-b", "site-c", "intruder"], hosts=["127.0.0.1"])
     data = {
-        "site-a": generate(tmp / "data" / "site-a", "brain_mri", per_class=20, size=32, seed=11),
-        "site-b": generate(tmp / "data" / "site-b", "brain_mri", per_class=15, size=32, seed=12),
-        "site-c": generate(tmp / "data" / "site-c", "brain_mri", per_class=15, size=32, seed=13),
-        "intruder": generate(tmp / "data" / "intruder", "brain_mri", per_class=5, size=32, seed=14),
+        "site-a": generate(tmp / "data" / "site-a", "brain_mri", per_class=20, size=64, seed=11),
+        "site-b": generate(tmp / "data" / "site-b", "brain_mri", per_class=15, size=64, seed=12),
+        "site-c": generate(tmp / "data" / "site-c", "brain_mri", per_class=15, size=64, seed=13),
+        "intruder": generate(tmp / "data" / "intruder", "brain_mri", per_class=5, size=64, seed=14),
     }
     port = _free_port()
     home = Path(env["FLWR_HOME"])
@@ -177,8 +177,8 @@ def test_tls_federation_with_authenticated_sites_survives_a_killed_site(loopback
     # Step 5: submit the run; site-c dies as soon as its first training starts.
     runs = tmp / "runs"
     run_config = (
-        f"dataset='synthetic' model='paper_cnn' num-rounds=2 runs-dir='{runs}' "
-        "overrides='dataset.image_size=32 dataset.size=32 dataset.per_class=24 "
+        f"dataset='synthetic' num-rounds=2 runs-dir='{runs}' "
+        "overrides='model.mode=features train.lr=0.01 federation.local_epochs=3 "
         "federation.min_nodes=2 federation.round_timeout_s=240'"
     )
     run = procs.start(
@@ -194,9 +194,10 @@ def test_tls_federation_with_authenticated_sites_survives_a_killed_site(loopback
     assert [r["round"] for r in rounds] == [1, 2]
     for r in rounds:  # both rounds aggregated the two surviving sites
         assert {s["node_id"] for s in r["sites"]["train"]} == {ids["site-a"], ids["site-b"]}
-        assert r["global"]["test_grouped"]["accuracy"] >= 0.0
     examples = {s["node_id"]: s["num-examples"] for s in rounds[0]["sites"]["train"]}
     # each site trained on its own folder (80 and 60 images, less its own validation split)
     assert examples[ids["site-a"]] > examples[ids["site-b"]] > 40
+    # the two hospitals' model learned the (synthetic) task: chance is 0.25
+    assert rounds[-1]["global"]["test_grouped"]["accuracy"] >= 0.8
     assert f"no update from site(s) {ids['site-c']}" in text
     assert "Node Unavailable" in text

@@ -1,0 +1,121 @@
+"""The two references a federated result is read against (FLamby-style):
+
+- **local**: every site trains alone on its own partition, with the same local
+  compute a federated run gives it (rounds x local epochs), and is evaluated on
+  the global test sets. What a hospital gets without federating.
+- **pooled**: one model trained on all sites' data together (the centralised
+  baseline, ``fedscan train``, with the same epochs). What federation tries to
+  reach without moving the data.
+
+Both use the same partition (``partition`` group, ``seed``) as ``fedscan
+simulate`` and the same ``common`` training code as the sites.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from common.errors import ConfigError
+from common.models import build_model
+from common.pipeline import model_inputs, prepare_data, train_settings
+from common.runs import new_run_dir, partition_label, write_config, write_json
+from common.site import site_indices
+from common.sitereport import write_partition_report
+from common.training import Batches, evaluate_model, fit, select_device
+
+log = logging.getLogger("fedscan.baseline")
+
+
+def baseline_epochs(cfg: DictConfig) -> int:
+    """Epochs that match a federated run's local compute: rounds x local epochs."""
+    return int(cfg.federation.rounds) * int(cfg.federation.local_epochs)
+
+
+def run_pooled(cfg: DictConfig) -> Path:
+    from simulations.centralised import run_centralised
+
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg))
+    cfg.train.epochs = baseline_epochs(cfg)
+    return run_centralised(cfg, kind="pooled")
+
+
+def run_local(cfg: DictConfig) -> Path:
+    """Each site alone; ``metrics.json`` holds every site's test metrics."""
+    t0 = time.perf_counter()
+    if str(cfg.privacy.name) != "off":
+        raise ConfigError("privacy", "the local-only baseline shares nothing; use privacy=off")
+    settings = train_settings(cfg)
+    settings = dataclasses.replace(settings, epochs=baseline_epochs(cfg))
+    n_sites = int(cfg.federation.num_sites)
+    device = select_device(str(cfg.device), cfg.num_threads)
+    data = prepare_data(cfg)
+    c = data.collection
+    probe = build_model(cfg.model, len(c.classes))
+    x, start = model_inputs(probe, data, cfg, device)
+    # every partition first: a bad partition fails before any site trains
+    parts = [
+        site_indices(cfg, data, partition_id=p, num_partitions=n_sites) for p in range(n_sites)
+    ]
+    run_dir = new_run_dir(cfg, "local")
+    write_config(run_dir, cfg)
+    counts = np.stack([np.bincount(c.labels[tr], minlength=len(c.classes)) for tr, _ in parts])
+    write_partition_report(
+        run_dir,
+        [f"site {p}" for p in range(n_sites)],
+        counts,
+        c.classes,
+        title=f"{data.label} | partition {partition_label(cfg)} | training samples per site",
+    )
+    tests = {n: Batches(x, c.labels, idx, batch_size=64) for n, idx in data.splits.tests.items()}
+    sites = []
+    for pid, (train_idx, val_idx) in enumerate(parts):
+        torch.manual_seed(int(cfg.seed) * 100_003 + pid)
+        model = build_model(cfg.model, len(c.classes))
+        train = Batches(
+            x,
+            c.labels,
+            train_idx,
+            batch_size=settings.batch_size,
+            shuffle=True,
+            balanced=settings.sampler == "balanced",
+            seed=settings.seed + pid,
+        )
+        val = Batches(x, c.labels, val_idx, batch_size=64)
+        fit(model, train, val, settings, device=device, start=start)
+        final = {
+            name: evaluate_model(model, b, c.classes, device=device, start=start)
+            for name, b in tests.items()
+        }
+        first = next(iter(final))
+        log.info(
+            "site %d/%d (%d train): %s acc %.4f macro-F1 %.4f",
+            pid + 1,
+            n_sites,
+            len(train_idx),
+            first,
+            final[first]["accuracy"],
+            final[first]["macro_f1"],
+        )
+        sites.append({"partition-id": pid, "n_train": len(train_idx), "final": final})
+    write_json(
+        run_dir / "metrics.json",
+        {
+            "label": data.label,
+            "synthetic": c.synthetic,
+            "method": "local",
+            "dataset": c.name,
+            "model": probe.name,
+            "epochs": settings.epochs,
+            "wall_time_s": round(time.perf_counter() - t0, 1),
+            "sites": sites,
+        },
+    )
+    log.info("results: %s", run_dir)
+    return run_dir

@@ -1,0 +1,164 @@
+"""The research harness: sweeps, baselines, refusals before training, and the report."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from common.errors import ConfigError, DataError
+from common.report import write_report
+from simulations.cli import main
+from simulations.harness import expand_sweep, run_one
+from tests.test_simulation import BASE
+
+
+@pytest.fixture(autouse=True)
+def _no_real_data(monkeypatch):
+    monkeypatch.delenv("FEDSCAN_DATA", raising=False)
+
+
+def test_num_sites_and_its_alias_cannot_disagree():
+    with pytest.raises(ConfigError, match=r"num_sites.*set twice"):
+        run_one(["federation.num_sites=5", "num_sites=3"])
+
+
+def test_sweep_expands_like_hydra():
+    runs = expand_sweep(["dataset=lung_ct", "partition.alpha=1.0,0.1", "seed=range(0,2)"])
+    assert runs == [
+        ["dataset=lung_ct", "partition.alpha=1.0", "seed=0"],
+        ["dataset=lung_ct", "partition.alpha=1.0", "seed=1"],
+        ["dataset=lung_ct", "partition.alpha=0.1", "seed=0"],
+        ["dataset=lung_ct", "partition.alpha=0.1", "seed=1"],
+    ]
+
+
+def test_a_two_site_sweep_of_two_runs_writes_two_run_folders(tmp_path: Path, capsys):
+    args = [*BASE, "rounds=1", "partition=dirichlet", "partition.alpha=1.0", "seed=0,1"]
+    assert main(["simulate", "-m", *args, f"runs_dir={tmp_path}"]) == 0
+    runs = sorted(p for p in tmp_path.iterdir() if (p / "metrics.json").exists())
+    assert len(runs) == 2
+    seeds = sorted(yaml.safe_load((r / "config.yaml").read_text())["seed"] for r in runs)
+    assert seeds == [0, 1]
+    for r in runs:
+        with open(r / "partition.csv") as fh:
+            table = list(csv.reader(fh))
+        assert table[0] == ["site", "glioma", "meningioma", "notumor", "pituitary", "total"]
+        assert [row[0] for row in table[1:]] == ["site 0", "site 1"]
+        assert (r / "partition.png").exists()
+    # the two seeds drew different Dirichlet partitions
+    assert (runs[0] / "partition.csv").read_text() != (runs[1] / "partition.csv").read_text()
+    assert capsys.readouterr().out.count("results: ") == 2
+
+
+@pytest.mark.parametrize(
+    ("override", "error", "match"),
+    [
+        ("partition=zipf", ConfigError, r"partition"),
+        ("partition.alpha=0", ConfigError, r"partition\.alpha.*must be > 0"),
+        ("method=magic", ConfigError, r"method.*unknown method"),
+        ("num_sites=500", DataError, r"cannot fill 500 sites"),
+    ],
+)
+def test_bad_overrides_fail_before_any_training(tmp_path: Path, override, error, match):
+    extra = ["partition=dirichlet"] if override.startswith("partition.alpha") else []
+    base = [o for o in BASE if not o.startswith("federation.num_sites")]
+    with pytest.raises(error, match=match):
+        run_one([*base, *extra, override, "federation.min_nodes=1", f"runs_dir={tmp_path}"])
+    assert not list(tmp_path.glob("*/metrics.json"))  # nothing ran
+
+
+def test_local_and_pooled_baselines_share_the_partition(tmp_path: Path):
+    common = [*BASE, "rounds=2", "federation.local_epochs=1", f"runs_dir={tmp_path}"]
+    local = run_one([*common, "method=local"])
+    pooled = run_one([*common, "method=pooled"])
+    m = json.loads((local / "metrics.json").read_text())
+    assert m["method"] == "local" and m["epochs"] == 2 and len(m["sites"]) == 2
+    for s in m["sites"]:
+        assert 0.0 <= s["final"]["test_grouped"]["accuracy"] <= 1.0
+    assert json.loads((pooled / "metrics.json").read_text())["method"] == "pooled"
+    files = write_report([local, pooled], tmp_path / "report")
+    text = files["markdown"].read_text()
+    assert "| local | iid |" in text and "| pooled | - |" in text
+
+
+def _fake_run(root: Path, name: str, *, seed: int, acc: float, method: str, sites=None) -> Path:
+    """A federated or pooled run folder with chosen numbers (2 classes, 10 test images)."""
+    d = root / name
+    d.mkdir(parents=True)
+    cfg = {
+        "seed": seed,
+        "dataset": {"name": "lung_ct"},
+        "strategy": {"name": "fedprox", "mu": 0.01},
+        "partition": {"name": "dirichlet", "alpha": 0.1, "min_samples": 10},
+    }
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    correct = round(acc * 10)
+    m = {
+        "n": 10,
+        "accuracy": acc,
+        "balanced_accuracy": acc,
+        "macro_precision": acc,
+        "macro_recall": acc,
+        "macro_f1": acc,
+        "loss": 1.0 - acc,
+        "per_class": {
+            "normal": {"recall": acc, "precision": acc, "f1": acc, "support": 5},
+            "malignant": {"recall": 1.0, "precision": acc, "f1": acc, "support": 5},
+        },
+        "confusion_matrix": [[correct - 5, 10 - correct], [0, 5]],
+    }
+    if method == "federated":
+        rounds = [
+            {"round": 1, "global": {"test_grouped": {**m, "accuracy": 0.5}}, "sites": {}},
+            {"round": 2, "global": {"test_grouped": m}, "sites": {"evaluate": sites or []}},
+        ]
+        metrics = {"label": "lung", "rounds": rounds}
+    else:
+        metrics = {"label": "lung", "method": "pooled", "final": {"test_grouped": m, "val": m}}
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    return d
+
+
+def test_report_on_tiny_run_folders_gives_the_right_numbers(tmp_path: Path, capsys):
+    runs = [
+        _fake_run(
+            tmp_path,
+            "a",
+            seed=0,
+            acc=0.8,
+            method="federated",
+            sites=[{"val_accuracy": 0.6}, {"val_accuracy": 0.9}],
+        ),
+        _fake_run(
+            tmp_path,
+            "b",
+            seed=1,
+            acc=0.6,
+            method="federated",
+            sites=[{"val_accuracy": 0.7}, {"val_accuracy": 0.75}],
+        ),
+        _fake_run(tmp_path, "c", seed=0, acc=0.9, method="pooled"),
+    ]
+    out = tmp_path / "report"
+    assert main(["report", *map(str, runs), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "### lung_ct, test split `test_grouped`" in md
+    # pooled first, one seed; fedprox: mean 70.0 +- std 10.0 over two seeds,
+    # worst-site accuracy the mean of each run's worst site (60 and 70)
+    lines = [line for line in md.splitlines() if line.startswith("| pooled") or "fedprox" in line]
+    assert lines[0].startswith("| pooled | - | 1 | 90.0 |")
+    assert lines[1].startswith("| fedprox(mu=0.01) | dirichlet(alpha=0.1) | 2 | 70.0 ± 10.0 |")
+    assert lines[1].endswith("| 70.0 ± 10.0 | 100.0 ± 0.0 | 65.0 ± 5.0 |")
+    with open(out / "report.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    fed = next(r for r in rows if r["method"].startswith("fedprox"))
+    assert float(fed["accuracy_mean"]) == pytest.approx(0.7)
+    assert float(fed["accuracy_std"]) == pytest.approx(0.1)
+    assert float(fed["worst_site_accuracy_mean"]) == pytest.approx(0.65)
+    assert (out / "curves_lung_ct.png").exists() and (out / "confusion_lung_ct_0.png").exists()
+    with pytest.raises(DataError, match="not a fedscan run folder"):
+        write_report([tmp_path / "report"], tmp_path / "r2")
