@@ -29,6 +29,7 @@ FACTOR = 100.0
 # Five sites, EfficientNet-Lite0 features mode: learns the synthetic task in three rounds.
 BASE = [
     "dataset=synthetic",
+    "dataset.per_class=150",
     "model.mode=features",
     "train.lr=0.01",
     "federation.num_sites=5",
@@ -69,21 +70,23 @@ def _accuracy(run: Path) -> float:
 
 @pytest.mark.slow
 def test_robust_strategies_hold_against_a_scaled_update(tmp_path: Path) -> None:
-    clean = _accuracy(run_federated([*BASE, f"runs_dir={tmp_path / 'clean'}"]))
-    attacked = {
-        name: _accuracy(
-            run_federated(
-                [*BASE, f"strategy={name}", f"runs_dir={tmp_path / name}"],
-                client_mods=[scaled_update_mod],
+    """Each strategy with and without the attacker; 120 test images (0.8 points each)."""
+    acc = {}
+    for name in ("fedavg", "fedmedian", "fedtrimmedavg"):
+        for attacked in (False, True):
+            run = run_federated(
+                [*BASE, f"strategy={name}", f"runs_dir={tmp_path / name / str(attacked)}"],
+                client_mods=[scaled_update_mod] if attacked else [],
             )
-        )
-        for name in ("fedavg", "fedmedian", "fedtrimmedavg")
-    }
-    print(f"clean FedAvg {clean:.4f}; attacked x{FACTOR:g}: {attacked}")
-    assert clean >= 0.9  # the clean federation learns the task
-    assert attacked["fedavg"] < clean - 0.1  # the attack is real: plain averaging breaks
-    for name in ("fedmedian", "fedtrimmedavg"):
-        assert attacked[name] >= clean - 0.02, (name, attacked[name], clean)
+            acc[name, attacked] = _accuracy(run)
+    pairs = {n: (acc[n, False], acc[n, True]) for n, _ in acc}
+    print(f"test accuracy clean -> attacked x{FACTOR:g}: {pairs}")
+    assert acc["fedavg", False] >= 0.85  # the clean federation learns the task
+    assert acc["fedavg", True] < acc["fedavg", False] - 0.1  # the attack breaks plain averaging
+    for name in ("fedmedian", "fedtrimmedavg"):  # ... and not the robust aggregators:
+        # within 2 points of their own clean run and of the clean FedAvg run
+        assert acc[name, True] >= acc[name, False] - 0.02, (name, acc)
+        assert acc[name, True] >= acc["fedavg", False] - 0.02, (name, acc)
 
 
 def _latest_round(runs: Path) -> int:
