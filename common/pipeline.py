@@ -100,6 +100,7 @@ def prepare_data(cfg: DictConfig) -> PreparedData:
         scan_min_size=int(sp.get("scan_min_size", 3)),
         near_distance=None if sp.get("near_distance") is None else int(sp.near_distance),
         fold=_typed(sp, "fold", int, "dataset.split") if "fold" in sp else 0,
+        cache=croot / "splits",
     )
     spec = PreprocessSpec(size=size, ct_window=domain_window(collection.domain))
     cache = build_cache(collection, spec, croot)
