@@ -112,7 +112,9 @@ def test_tls_federation_with_authenticated_sites_survives_a_killed_site(loopback
     procs, tmp, env = loopback
     # Step 1 of the runbook: keys. Three hospitals, plus a machine nobody registered.
     pki = tmp / "pki"
-    make_dev_pki(pki, sites=["site-a", "site-b", "site-c", "intruder"], hosts=["127.0.0.1"])
+    make_dev_pki(
+        pki, sites=["site-a", "site-b", "site-c", "intruder", "plaintext"], hosts=["127.0.0.1"]
+    )
     data = {
         "site-a": generate(tmp / "data" / "site-a", "brain_mri", per_class=20, size=64, seed=11),
         "site-b": generate(tmp / "data" / "site-b", "brain_mri", per_class=15, size=64, seed=12),
@@ -141,7 +143,7 @@ def test_tls_federation_with_authenticated_sites_survives_a_killed_site(loopback
     )  # fmt: skip
     _wait_for(lambda: "Uvicorn running" in procs.log("superlink"), 60, "the SuperLink")
     # Step 3: register the three hospitals' public keys.
-    for site in ("site-a", "site-b", "site-c"):
+    for site in ("site-a", "site-b", "site-c", "plaintext"):
         out = subprocess.run(
             ["flwr", "supernode", "register", str(pki / "sites" / site / f"{site}.pub"), "fedscan"],
             env=env, capture_output=True, text=True, timeout=60,
@@ -158,6 +160,18 @@ def test_tls_federation_with_authenticated_sites_survives_a_killed_site(loopback
             "--node-config", f'data-path="{data[site]}"',
             "--port", str(_free_port()),
         )  # fmt: skip
+    # A registered key without TLS: the SuperLink speaks TLS only, so it never connects.
+    procs.start(
+        "plaintext",
+        "flower-supernode",
+        "--insecure",
+        "--superlink", f"127.0.0.1:{port}",
+        "--auth-supernode-private-key", str(pki / "sites" / "plaintext" / "plaintext.key"),
+        "--node-config", f'data-path="{data["intruder"]}"',
+        "--port", str(_free_port()),
+        "--max-retries", "2",
+        "--max-wait-time", "20",
+    )  # fmt: skip
     # The unregistered key is refused at activation and the process exits.
     intruder = procs.procs["intruder"]
     _wait_for(lambda: intruder.poll() is not None, 90, "the intruder SuperNode to be refused")
@@ -171,8 +185,14 @@ def test_tls_federation_with_authenticated_sites_survives_a_killed_site(loopback
         ["flwr", "supernode", "list", "fedscan", "--format", "json"],
         env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
+    plaintext = procs.procs["plaintext"]
+    _wait_for(lambda: plaintext.poll() is not None, 120, "the plaintext SuperNode to give up")
+    assert plaintext.returncode != 0
+    assert "SuperNode ID:" not in procs.log("plaintext")
     nodes = {int(n["node-id"]): n["status"] for n in json.loads(listing.stdout)["nodes"]}
-    assert nodes == {i: "online" for i in ids.values()}  # the intruder never got a node
+    online = {i for i, status in nodes.items() if status == "online"}
+    assert online == set(ids.values())  # neither the intruder nor the plaintext node
+    assert len(nodes) == 4  # the three sites and the registered-but-never-connected one
 
     # Step 5: submit the run; site-c dies as soon as its first training starts.
     runs = tmp / "runs"
