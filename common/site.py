@@ -76,7 +76,9 @@ def site_indices(
         )[partition_id]
     fraction = float(cfg.federation.site_val_fraction)
     try:
-        return group_holdout(pool, labels, s.groups, fraction, int(cfg.seed), "site val")
+        return group_holdout(
+            pool, labels, s.groups, fraction, int(cfg.seed), "site val", few_groups_ok=True
+        )
     except DataError as exc:
         raise DataError(prepared.collection.root, f"site has too little data: {exc}") from None
 

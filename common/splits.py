@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import sklearn
-from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 
 from common.datasets.base import ImageCollection
 from common.errors import ConfigError, DataError
@@ -61,11 +61,14 @@ def group_holdout(
     fold: int = 0,
     *,
     cache: Path | None = None,
+    few_groups_ok: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split ``indices`` into (rest, held-out ~fraction) by whole groups, stratified by label.
 
     ``fold`` picks which of the ``round(1 / fraction)`` folds is held out, so that
-    rotating it gives grouped cross-validation. ``cache``: a folder where the result
+    rotating it gives grouped cross-validation. ``few_groups_ok``: with fewer groups
+    than folds (a small site holding a few scans), hold out a random ~fraction of
+    whole groups instead, at least one, unstratified. ``cache``: a folder where the result
     is kept under a digest of every input (scikit-learn's StratifiedGroupKFold
     takes ~4 s on the brain set's 5,000 groups, and every simulated site process
     would pay it again).
@@ -81,6 +84,12 @@ def group_holdout(
                 return z["rest"], z["held"]
     n_splits = max(2, round(1.0 / fraction))
     n_groups = len(np.unique(groups[indices]))
+    if few_groups_ok and 2 <= n_groups < n_splits:
+        gss = GroupShuffleSplit(
+            n_splits=1, test_size=max(1, round(fraction * n_groups)), random_state=seed
+        )
+        rest, held = next(gss.split(indices, labels[indices], groups[indices]))
+        return np.sort(indices[rest]), np.sort(indices[held])
     if n_groups < n_splits:
         raise DataError(
             "split",

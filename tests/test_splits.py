@@ -142,3 +142,19 @@ def test_rotating_the_fold_covers_every_image_once(tmp_path: Path):
     assert sorted(np.concatenate(tests).tolist()) == list(range(len(c)))
     with pytest.raises(ConfigError, match=r"split\.fold"):
         make_splits(c, fp, policy="grouped", test_fraction=0.2, fold=5)
+
+
+def test_a_small_site_holds_out_whole_groups_when_folds_cannot_be_made():
+    from common.splits import group_holdout
+
+    groups = np.repeat(np.arange(4), 10)  # four scans of ten slices
+    labels = np.repeat([0, 1, 0, 1], 10)
+    idx = np.arange(40)
+    with pytest.raises(DataError, match="only 4 groups"):
+        group_holdout(idx, labels, groups, 0.15, 0, "site val")
+    rest, held = group_holdout(idx, labels, groups, 0.15, 0, "site val", few_groups_ok=True)
+    assert len(np.unique(groups[held])) == 1 and len(held) == 10  # one whole scan
+    assert not set(groups[rest]) & set(groups[held])
+    assert sorted(np.concatenate([rest, held]).tolist()) == idx.tolist()
+    with pytest.raises(DataError, match="only 1 groups"):
+        group_holdout(idx[:10], labels, groups, 0.15, 0, "site val", few_groups_ok=True)
