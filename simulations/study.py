@@ -47,16 +47,13 @@ def run_study(
     local_epochs: int,
     out: Path,
     extra: Sequence[str] = (),
-) -> tuple[list[Path], dict]:
-    t0 = time.perf_counter()
+) -> None:
+    """Train every run of the study into ``out/<dataset>/`` (see :func:`summarize`)."""
     out.mkdir(parents=True, exist_ok=True)
-    runs: list[Path] = []
-    meta: dict = {"mu": {}, "seconds": {}}
     partitions = [["partition=iid"]] + [
         ["partition=dirichlet", f"partition.alpha={a}"] for a in alphas
     ]
     for ds in datasets:
-        t_ds = time.perf_counter()
         base = [
             f"dataset={ds}",
             "model.mode=features",
@@ -78,26 +75,57 @@ def run_study(
             run = run_one([*base, *skewed, "strategy=fedprox", f"strategy.mu={mu}", "seed=0"])
             scores[mu] = _mean_site_val(run)
             log.info("%s: FedProx mu=%g -> sites' val accuracy %.4f", ds, mu, scores[mu])
-            if mu == max(scores, key=scores.get):
-                tuned_run = run
         mu = max(scores, key=scores.get)
-        meta["mu"][ds] = {"chosen": mu, "site_val_accuracy": scores}
-        # 2. the grid
+        # 2. the grid (the tuning run with the chosen mu is its seed-0, hardest-skew cell)
         for s in seeds:
-            runs.append(run_one([*base, "method=pooled", f"seed={s}"]))
+            run_one([*base, "method=pooled", f"seed={s}"])
             for part in partitions:
-                runs.append(run_one([*base, *part, "method=local", f"seed={s}"]))
-                runs.append(run_one([*base, *part, "strategy=fedavg", f"seed={s}"]))
-                if s == 0 and part == skewed:
-                    runs.append(tuned_run)  # the tuning run is this grid cell; reuse it
-                else:
-                    runs.append(
-                        run_one(
-                            [*base, *part, "strategy=fedprox", f"strategy.mu={mu}", f"seed={s}"]
-                        )
-                    )
-        meta["seconds"][ds] = round(time.perf_counter() - t_ds, 1)
-    meta["seconds"]["total"] = round(time.perf_counter() - t0, 1)
+                run_one([*base, *part, "method=local", f"seed={s}"])
+                run_one([*base, *part, "strategy=fedavg", f"seed={s}"])
+                if not (s == 0 and part == skewed):
+                    run_one([*base, *part, "strategy=fedprox", f"strategy.mu={mu}", f"seed={s}"])
+
+
+def _started(run: Path) -> float:
+    """A run folder's start time, from its ``YYYYmmdd-HHMMSS-`` name."""
+    return time.mktime(time.strptime(run.name[:15], "%Y%m%d-%H%M%S"))
+
+
+def summarize(out: Path, datasets: Sequence[str], alpha: float) -> tuple[list[Path], dict]:
+    """Everything the results page needs, from the run folders alone.
+
+    FedProx's mu is the tuning run (seed 0, Dirichlet ``alpha``) with the best
+    sites' validation accuracy; the other tuning runs are left out of the table.
+    Wall time per dataset: first run's start to the last metrics.json written.
+    """
+    runs: list[Path] = []
+    meta: dict = {"mu": {}, "seconds": {}}
+    for ds in datasets:
+        folders = sorted(p for p in (out / ds).glob("*/metrics.json"))
+        folders = [p.parent for p in folders]
+        if not folders:
+            continue
+        tuning = {}
+        for r in folders:
+            row = load_run(r)[0]
+            cell = row["seed"] == 0 and row["partition"] == f"dirichlet(alpha={alpha:g})"
+            if row["method"].startswith("fedprox") and cell:
+                mu = float(row["method"].split("=")[1].rstrip(")"))
+                tuning[mu] = (_mean_site_val(r), r)
+        chosen = max(tuning, key=lambda m: tuning[m][0])
+        meta["mu"][ds] = {
+            "chosen": chosen,
+            "site_val_accuracy": {m: v for m, (v, _) in sorted(tuning.items())},
+        }
+        for r in folders:
+            row = load_run(r)[0]
+            is_prox = row["method"].startswith("fedprox")
+            if is_prox and float(row["method"].split("=")[1].rstrip(")")) != chosen:
+                continue
+            runs.append(r)
+        end = max((r / "metrics.json").stat().st_mtime for r in folders)
+        meta["seconds"][ds] = round(end - min(_started(r) for r in folders), 1)
+    meta["seconds"]["total"] = round(sum(meta["seconds"].values()), 1)
     return runs, meta
 
 
@@ -165,23 +193,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--out", default="runs/study")
     p.add_argument("--docs", default=str(ROOT / "docs" / "results.md"))
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the results page from the run folders under --out, training nothing",
+    )
     p.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    runs, meta = run_study(
-        datasets=args.datasets,
-        seeds=args.seeds,
-        alphas=args.alphas,
-        mus=args.mus,
-        sites=args.sites,
-        rounds=args.rounds,
-        local_epochs=args.local_epochs,
-        out=Path(args.out).resolve(),
-        extra=args.overrides,
-    )
-    (Path(args.out) / "study.json").write_text(
-        json.dumps({"runs": [str(r) for r in runs], **meta}, indent=2)
-    )
+    out = Path(args.out).resolve()
+    if not args.report_only:
+        run_study(
+            datasets=args.datasets,
+            seeds=args.seeds,
+            alphas=args.alphas,
+            mus=args.mus,
+            sites=args.sites,
+            rounds=args.rounds,
+            local_epochs=args.local_epochs,
+            out=out,
+            extra=args.overrides,
+        )
+    runs, meta = summarize(out, args.datasets, min(args.alphas))
+    (out / "study.json").write_text(json.dumps({"runs": [str(r) for r in runs], **meta}, indent=2))
     write_results(runs, meta, args, Path(args.docs))
     print(f"results: {args.docs} ({meta['seconds']['total'] / 60:.1f} min)")
     return 0
