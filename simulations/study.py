@@ -165,8 +165,12 @@ def write_results(runs: list[Path], meta: dict, args: argparse.Namespace, docs: 
         "",
         "Wall time on this machine (2 CPU cores, no GPU): "
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in meta["seconds"].items())
-        + ". The fine-tune mode (last blocks trained from the images) is for sites with a GPU "
-        "(`model.mode=finetune`); on this CPU one brain fine-tune epoch takes minutes.",
+        + ", from the first run's start to the last run's end, with warm caches (decoded "
+        "images and frozen-trunk features from earlier runs; on a fresh machine the first run "
+        "of each dataset also decodes every image and computes its trunk features once). The "
+        "fine-tune mode (last blocks trained from the images) is for sites with a GPU "
+        "(`model.mode=finetune`); on this CPU one brain fine-tune epoch takes minutes, and it "
+        "was not run for this table.",
         "",
         "Every accuracy names its test split: brain `test_official` (the publisher's test "
         "set) beside `test_dedup` (test images pixel-identical to a training image removed); "
