@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from common.datasets import ImageCollection, load_dataset
-from common.datasets.site_folder import read_site_folder
+from common.datasets.site_folder import detect_site_folder
 from common.errors import DataError
 from common.fingerprint import compute_fingerprints
 from common.grouping import exact_duplicate_groups, near_duplicate_pairs, scan_groups
@@ -33,13 +33,7 @@ def detect(path: Path, cache_root: Path) -> ImageCollection:
         return load_dataset(
             {"name": "lung_ct", "path": str(path)}, data_root=None, cache_root=cache_root
         )
-    errors = []
-    for domain in ("brain_mri", "lung_ct"):
-        try:
-            return read_site_folder(path, domain)
-        except DataError as exc:
-            errors.append(str(exc))
-    raise DataError(path, "not a brain, lung or <class>/ site layout: " + " | ".join(errors))
+    return detect_site_folder(path)
 
 
 def audit(path: Path, cache_root: Path) -> dict[str, Any]:

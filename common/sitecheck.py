@@ -24,9 +24,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from common.classes import CLASSES
 from common.datasets.base import ImageCollection
-from common.datasets.site_folder import read_site_folder
+from common.datasets.site_folder import detect_site_folder
 from common.dicom import domain_window, looks_like_dicom
 from common.errors import DataError
 from common.fingerprint import Fingerprints, compute_fingerprints
@@ -108,15 +107,7 @@ def read_site(path: Path, domain: str | None) -> ImageCollection:
     """The site folder under ``domain``'s class names, or whichever vocabulary fits."""
     if not path.is_dir():
         raise DataError(path, "site data folder does not exist or is not a folder")
-    if domain is not None:
-        return read_site_folder(path, domain)
-    errors = []
-    for candidate in CLASSES:
-        try:
-            return read_site_folder(path, candidate)
-        except DataError as exc:
-            errors.append(str(exc))
-    raise DataError(path, "no <class>/ layout fits: " + " | ".join(errors))
+    return detect_site_folder(path, domain)
 
 
 def _problems(

@@ -12,9 +12,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.config import load_config
 from common.errors import ConfigError
 from common.parallel import available_cpus
+from simulations.harness import validate
 
 log = logging.getLogger("fedscan.simulate")
 
@@ -47,18 +47,7 @@ def run_federated(overrides: Sequence[str], *, client_mods: Sequence = ()) -> Pa
     from server.app import make_server_app
 
     overrides = list(overrides)
-    cfg = load_config(overrides)  # fail on a bad override before Ray starts
-    from server.strategies import build_strategy
-
-    build_strategy(cfg.strategy, cfg.federation)
-    from common.privacy import dp_settings
-
-    dp_settings(cfg.privacy)
-    sites = int(cfg.federation.num_sites)
-    if int(cfg.federation.min_nodes) > sites:
-        raise ConfigError(
-            "federation.min_nodes", f"{cfg.federation.min_nodes} is more than the {sites} sites"
-        )
+    cfg = validate(overrides)  # fail on a bad override before Ray starts
     if cfg.federation.resume is None:
         check_sites(cfg)
     runs_dir = Path(str(cfg.runs_dir)).expanduser().resolve()
@@ -74,7 +63,7 @@ def run_federated(overrides: Sequence[str], *, client_mods: Sequence = ()) -> Pa
         server_app=make_server_app(tuple(overrides)),
         # torch threads = the CPUs Ray gives each site actor: no oversubscription
         client_app=make_client_app((*overrides, f"num_threads={per_site}"), client_mods),
-        num_supernodes=sites,
+        num_supernodes=int(cfg.federation.num_sites),
         backend_config={
             "client_resources": {"num_cpus": per_site, "num_gpus": 0.0},
             "init_args": {"num_cpus": cpus, "include_dashboard": False},

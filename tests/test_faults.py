@@ -21,6 +21,7 @@ import torch
 from flwr.app import ArrayRecord, Message
 
 from simulations.federated import run_federated
+from tests.test_simulation import BASE as SMALL
 
 ROOT = Path(__file__).resolve().parents[1]
 ATTACKER = 0
@@ -100,16 +101,7 @@ def _latest_round(runs: Path) -> int:
 
 @pytest.mark.slow
 def test_coordinator_killed_after_round_k_resumes_at_k_plus_1(tmp_path: Path) -> None:
-    small = [
-        "model=paper_cnn",
-        "dataset.image_size=32",
-        "dataset.size=32",
-        "dataset.per_class=24",
-        "train.batch_size=16",
-        "federation.num_sites=2",
-        "federation.min_nodes=2",
-        "federation.rounds=4",
-    ]
+    small = [*SMALL, "federation.rounds=4"]
     reference = run_federated([*small, f"runs_dir={tmp_path / 'reference'}"])
 
     runs = tmp_path / "killed"

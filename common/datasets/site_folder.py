@@ -39,6 +39,19 @@ def read_site_folder(
     )
 
 
+def detect_site_folder(root: Path, domain: str | None = None) -> ImageCollection:
+    """``root`` read with ``domain``'s class names, or with whichever vocabulary fits."""
+    if domain is not None:
+        return read_site_folder(root, domain)
+    errors = []
+    for candidate in CLASSES:
+        try:
+            return read_site_folder(root, candidate)
+        except DataError as exc:
+            errors.append(str(exc))
+    raise DataError(root, "not a <class>/ site layout of any domain: " + " | ".join(errors))
+
+
 @DATASETS.register("site")
 def load(cfg: Mapping[str, Any], *, data_root: Path | None, cache_root: Path) -> ImageCollection:
     if not cfg.get("path"):
