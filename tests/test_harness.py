@@ -162,3 +162,76 @@ def test_report_on_tiny_run_folders_gives_the_right_numbers(tmp_path: Path, caps
     assert (out / "curves_lung_ct.png").exists() and (out / "confusion_lung_ct_0.png").exists()
     with pytest.raises(DataError, match="not a fedscan run folder"):
         write_report([tmp_path / "report"], tmp_path / "r2")
+
+
+def _horizon_run(root: Path, name: str, cfg: dict, metrics: dict) -> Path:
+    d = root / name
+    d.mkdir(parents=True)
+    base = {
+        "seed": 0,
+        "dataset": {"name": "brain_mri"},
+        "partition": {"name": "dirichlet", "alpha": 0.1, "min_samples": 10},
+        "federation": {"local_epochs": 1},
+    }
+    (d / "config.yaml").write_text(yaml.safe_dump({**base, **cfg}))
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    return d
+
+
+def _split(acc: float) -> dict:
+    per = {"recall": acc, "precision": acc, "f1": acc, "support": 5}
+    return {
+        "accuracy": acc,
+        **{k: acc for k in ("balanced_accuracy", "macro_precision", "macro_recall", "macro_f1")},
+        "loss": 1 - acc,
+        "per_class": {"glioma": per, "notumor": per},
+        "confusion_matrix": [[5, 0], [0, 5]],
+    }
+
+
+def test_horizon_reads_each_checkpoint_from_one_trajectory_beside_an_equal_budget_pool(
+    tmp_path: Path,
+):
+    from simulations.horizon import horizon_rows, to_markdown
+
+    def fed(name: str, strategy: dict, accs: dict[int, float]) -> Path:
+        rounds = [
+            {"round": r, "global": {"test_official": _split(a)} if a else {}, "sites": {}}
+            for r, a in accs.items()
+        ]
+        return _horizon_run(tmp_path, name, {"strategy": strategy, "rounds": 4}, {"rounds": rounds})
+
+    def pooled(name: str, rounds: int, acc: float) -> Path:
+        metrics = {"method": "pooled", "final": {"test_official": _split(acc), "val": _split(acc)}}
+        return _horizon_run(
+            tmp_path, name, {"strategy": {"name": "fedavg"}, "rounds": rounds}, metrics
+        )
+
+    runs = [
+        fed("a", {"name": "fedavg"}, {1: None, 2: 0.5, 3: None, 4: 0.7}),
+        fed("b", {"name": "fedprox", "mu": 1.0}, {1: None, 2: 0.6, 3: None, 4: 0.75}),
+        pooled("p2", 2, 0.8),
+        pooled("p4", 4, 0.9),
+    ]
+    table = horizon_rows(runs, [2, 4], "test_official")
+    assert [r["round"] for r in table] == [2, 4]
+    assert table[0]["pooled"] == 0.8 and table[1]["pooled"] == 0.9  # budget-matched
+    assert table[0]["fedavg"] == 0.5 and table[1]["fedprox(mu=1)"] == 0.75
+    assert table[1]["gap_fedavg"] == pytest.approx(0.2)
+    assert table[1]["gap_fedprox(mu=1)"] == pytest.approx(0.15)
+    md = to_markdown(table)
+    assert "| 4 | 90.0 | 70.0 | 75.0 | 20.0 | 15.0 |" in md
+    with pytest.raises(ValueError, match="no test_official evaluation at round 3"):
+        horizon_rows(runs, [3], "test_official")
+
+
+def test_study_wall_time_reports_the_cache_build_apart_only_when_it_was_timed():
+    from simulations.study import _wall_time
+
+    runs = {"brain_mri": 600.0, "lung_ct": 300.0, "total": 900.0}
+    timed = _wall_time({"seconds": runs, "cache_seconds": {"brain_mri": 120.0, "lung_ct": 60.0}})
+    assert "brain_mri 10.0 min, lung_ct 5.0 min" in timed
+    assert "cache build" in timed and "brain_mri 2.0 min, lung_ct 1.0 min" in timed
+    assert timed.endswith("Total 18.0 min.")
+    untimed = _wall_time({"seconds": runs, "cache_seconds": {"brain_mri": 120.0}})
+    assert "(total 15.0 min), with warm caches" in untimed and "not timed here" in untimed
