@@ -10,6 +10,7 @@ trains, so a typo in the fifth combination does not surface an hour later.
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -93,3 +94,25 @@ def run_sweep(overrides: Sequence[str]) -> list[Path]:
         log.info("sweep run %d/%d: %s", i, len(runs), " ".join(r))
         out.append(run_one(r))
     return out
+
+
+def driver_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, *, out: str, docs: Path
+) -> argparse.Namespace:
+    """Parse a study driver's command line with the options all drivers share.
+
+    Every driver trains into run folders under ``--out`` and writes one page
+    (``--docs``) from them; ``--report-only`` rewrites the page from existing
+    folders without training, and trailing overrides reach every run.
+    """
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--docs", default=str(docs))
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the page from the run folders under --out, training nothing",
+    )
+    parser.add_argument("overrides", nargs="*", help="extra config overrides for every run")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    return args

@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt
 from omegaconf import OmegaConf
 
 from common.report import load_run
-from simulations.harness import run_one, validate
+from simulations.harness import driver_args, run_one, validate
 
 log = logging.getLogger("fedscan.horizon")
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,16 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sites", type=int, default=5)
     p.add_argument("--checkpoints", nargs="+", type=int, default=[10, 30, 100])
     p.add_argument("--every", type=int, default=5, help="test evaluation every N rounds")
-    p.add_argument("--out", default="runs/horizon")
-    p.add_argument("--docs", default=str(ROOT / "docs" / "horizon.md"))
-    p.add_argument(
-        "--report-only",
-        action="store_true",
-        help="write the page from the run folders under --out, training nothing",
-    )
-    p.add_argument("overrides", nargs="*", help="extra config overrides for every run")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = driver_args(p, argv, out="runs/horizon", docs=ROOT / "docs" / "horizon.md")
     out = Path(args.out).resolve()
     if args.report_only:
         runs = sorted(d.parent for d in out.glob("*/metrics.json"))

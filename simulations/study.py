@@ -25,7 +25,7 @@ from common.models import build_model
 from common.pipeline import model_inputs, prepare_data
 from common.report import aggregate, load_run, to_markdown, write_report
 from common.training import select_device
-from simulations.harness import run_one, validate
+from simulations.harness import driver_args, run_one, validate
 
 log = logging.getLogger("fedscan.study")
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,16 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sites", type=int, default=5)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--local-epochs", type=int, default=2)
-    p.add_argument("--out", default="runs/study")
-    p.add_argument("--docs", default=str(ROOT / "docs" / "results.md"))
-    p.add_argument(
-        "--report-only",
-        action="store_true",
-        help="write the results page from the run folders under --out, training nothing",
-    )
-    p.add_argument("overrides", nargs="*", help="extra config overrides for every run")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = driver_args(p, argv, out="runs/study", docs=ROOT / "docs" / "results.md")
     out = Path(args.out).resolve()
     if not args.report_only:
         run_study(
