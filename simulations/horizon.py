@@ -15,6 +15,7 @@ stronger reference than a 10-epoch one. The page goes to ``docs/horizon.md``.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 from collections.abc import Sequence
@@ -173,9 +174,23 @@ def write_page(runs: Sequence[Path], args: argparse.Namespace, docs: Path) -> st
         "once per checkpoint for that many epochs. Values in %, one seed.",
         "",
     ]
+    part = next((r / "partition.csv" for r in runs if (r / "partition.csv").exists()), None)
+    if part is not None:  # the sites' training classes: why the gap exists
+        rows = list(csv.reader(part.read_text().splitlines()))
+        lines += ["Sites' training images per class:", ""]
+        lines += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+        lines += ["| " + " | ".join(r) + " |" for r in rows[1:]] + [""]
     for split in splits:
         table = horizon_rows(runs, args.checkpoints, split)
         lines += [f"### test split `{split}`", "", to_markdown(table), ""]
+        first, last = table[0], table[-1]
+        for m in [k[4:] for k in first if k.startswith("gap_")]:
+            if f"gap_{m}" in last:
+                lines.append(
+                    f"- {m}: {100 * first[f'gap_{m}']:.1f} points below pooled at round "
+                    f"{first['round']}, {100 * last[f'gap_{m}']:.1f} at round {last['round']}."
+                )
+        lines.append("")
         png = plot_horizon(
             runs, split, figures / f"horizon_{dataset}_{split}.png", title=f"{dataset}: {split}"
         )

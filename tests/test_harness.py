@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 from pathlib import Path
@@ -192,7 +193,7 @@ def _split(acc: float) -> dict:
 def test_horizon_reads_each_checkpoint_from_one_trajectory_beside_an_equal_budget_pool(
     tmp_path: Path,
 ):
-    from simulations.horizon import horizon_rows, to_markdown
+    from simulations.horizon import horizon_rows, to_markdown, write_page
 
     def fed(name: str, strategy: dict, accs: dict[int, float]) -> Path:
         rounds = [
@@ -223,6 +224,12 @@ def test_horizon_reads_each_checkpoint_from_one_trajectory_beside_an_equal_budge
     assert "| 4 | 90.0 | 70.0 | 75.0 | 20.0 | 15.0 |" in md
     with pytest.raises(ValueError, match="no test_official evaluation at round 3"):
         horizon_rows(runs, [3], "test_official")
+    (runs[0] / "partition.csv").write_text("site,glioma,notumor,total\nsite 0,3,0,3\n")
+    args = argparse.Namespace(alpha=0.1, sites=2, seed=0, every=2, checkpoints=[2, 4])
+    page = write_page(runs, args, tmp_path / "docs" / "horizon.md")
+    assert "| site 0 | 3 | 0 | 3 |" in page
+    assert "- fedavg: 30.0 points below pooled at round 2, 20.0 at round 4." in page
+    assert (tmp_path / "docs" / "results" / "horizon_brain_mri_test_official.png").exists()
 
 
 def test_study_wall_time_reports_the_cache_build_apart_only_when_it_was_timed():
