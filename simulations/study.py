@@ -263,7 +263,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs, meta = summarize(out, args.datasets, min(args.alphas))
     (out / "study.json").write_text(json.dumps({"runs": [str(r) for r in runs], **meta}, indent=2))
     write_results(runs, meta, args, Path(args.docs))
-    print(f"results: {args.docs} ({meta['seconds']['total'] / 60:.1f} min)")
+    caches = sum(meta["cache_seconds"].values())
+    print(
+        f"results: {args.docs} (runs {meta['seconds']['total'] / 60:.1f} min"
+        + (f", cache build {caches / 60:.1f} min)" if caches else ")")
+    )
     return 0
 
 
