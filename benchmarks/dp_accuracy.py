@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from common.runs.record import read_run
 from simulations.federated import run_federated
 
 
@@ -54,7 +55,7 @@ def main() -> None:
             t = time.perf_counter()
             run = run_federated([*base, *extra])
             wall = time.perf_counter() - t
-            rounds = json.loads((run / "metrics.json").read_text())["rounds"]
+            rounds = read_run(run).rounds
             final = rounds[-1]["global"]
             spent = [s.get("dp_epsilon", 0.0) for r in rounds for s in r["sites"]["train"]]
             row = {

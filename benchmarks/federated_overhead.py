@@ -21,12 +21,12 @@ per-epoch / per-round validation.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
-from common.config import load_config
+from common.core.config import load_config
+from common.runs.record import read_run
 from simulations.centralised import run_centralised
 from simulations.federated import run_federated
 
@@ -51,7 +51,7 @@ def main() -> None:
         load_config([*common, f"train.epochs={a.rounds}", f"runs_dir={tmp / 'cent'}"])
     )
     t_cent = time.perf_counter() - t
-    m = json.loads((cent / "metrics.json").read_text())
+    m = read_run(cent).doc
     cent_samples = m["splits"]["train"]["total"] * a.rounds
     cent_fit = m["fit_time_s"]
 
@@ -91,7 +91,7 @@ def main() -> None:
             ]
         )
         t_fed = time.perf_counter() - t
-        rounds = json.loads((fed / "metrics.json").read_text())["rounds"]
+        rounds = read_run(fed).rounds
         per_round = sum(s["num-examples"] for s in rounds[-1]["sites"]["train"])
         fed_samples = per_round * a.rounds
         quiet = [r["seconds"] for r in rounds[1:] if not r["global"]] or [

@@ -43,7 +43,7 @@ def row(name: str, ms: np.ndarray) -> None:
 
 
 def fresh_package(size: int) -> Path:
-    from common.models import build_model
+    from common.learn.models import build_model
     from deploy.export import export_model
 
     model = build_model({"name": "efficientnet_lite0", "mode": "features"}, 4)

@@ -27,11 +27,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from common.cache import PreprocessSpec, build_cache
-from common.datasets import load_dataset
-from common.paths import cache_root, data_root
-from common.training import Batches
-from common.transforms import Augment
+from common.core.paths import cache_root, data_root
+from common.data.cache import PreprocessSpec, build_cache
+from common.data.datasets import load_dataset
+from common.data.transforms import Augment
+from common.learn.training import Batches
 
 
 class PilFolder(Dataset):

@@ -14,7 +14,6 @@ the number of sites.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -22,6 +21,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from common.runs.record import read_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +92,7 @@ def run(sites: int, rounds: int, dataset: str, out: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{sites} sites failed:\n{output[-3000:]}")
     run_dir = Path(next(line for line in output.splitlines() if line.startswith("results: "))[9:])
-    rounds_ = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    rounds_ = read_run(run_dir).rounds
     secs = [r["seconds"] for r in rounds_]
     return {
         "sites": sites,

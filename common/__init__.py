@@ -1,5 +1,15 @@
-"""Framework-free core of fedscan: data, transforms, models, training, metrics.
+"""Framework-free core of fedscan (nothing here imports Flower).
 
-Nothing in this package imports Flower, so every piece can be unit-tested and
-reused by the centralised baseline, the ClientApp and the ServerApp alike.
+Sub-packages, each importing only the ones listed before it:
+
+- ``core``: errors, registries, paths, the config tree, process helpers.
+- ``data``: reading, decoding, caching, de-duplicating, splitting and partitioning images.
+- ``learn``: models, training and evaluation loops, metrics, typed training settings.
+- ``federated``: what one site does in a federation (exchange, local training, DP-SGD,
+  the site trainer) and the wire keys its messages use.
+- ``runs``: a run's life: validation before any work, the run folder (write and read),
+  plots and the partition report.
+- ``commands``: whole commands a user runs (``audit``, ``site check``, ``report``).
+
+``tests/test_architecture.py`` enforces the order.
 """

@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
-from common.dicom import CT_WINDOWS, DOMAIN_CT_WINDOW, MR_PERCENTILES
-from common.errors import ConfigError, DataError
-from common.federation import local_keys
-from common.models import StagedModel, build_model
+from common.core.errors import ConfigError, DataError
+from common.data.dicom import CT_WINDOWS, DOMAIN_CT_WINDOW, MR_PERCENTILES
+from common.federated.exchange import local_keys
+from common.learn.models import StagedModel, build_model
+from common.runs.record import read_run
 from deploy.package import SPEC_FILE, sha256_file
 
 log = logging.getLogger("fedscan.export")
@@ -67,11 +67,8 @@ def load_run_model(run_dir: Path) -> tuple[StagedModel, dict[str, Any]]:
     run_dir = Path(run_dir).expanduser().resolve()
     if not run_dir.is_dir():
         raise DataError(run_dir, "run folder does not exist")
-    cfg_file, metrics_file = run_dir / "config.yaml", run_dir / "metrics.json"
-    if not cfg_file.exists():
-        raise DataError(cfg_file, "not a fedscan run folder (no config.yaml)")
-    cfg = OmegaConf.load(cfg_file)
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    run = read_run(run_dir)
+    cfg = run.cfg
     prov: dict[str, Any] = {
         "run": run_dir.name,
         "dataset": str(cfg.dataset.name),
@@ -79,27 +76,21 @@ def load_run_model(run_dir: Path) -> tuple[StagedModel, dict[str, Any]]:
         "split_policy": str(cfg.dataset.split.policy),
         "model": str(cfg.model.name),
         "mode": str(cfg.model.mode),
-        "seed": int(cfg.seed),
+        "seed": run.seed,
+        "synthetic": run.synthetic,
     }
-    if (run_dir / "model.pt").exists():  # centralised
-        state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=False)
-        classes = list(state["classes"])
-        model = build_model(state["model"], len(classes))
+    ckpt = run.checkpoint()
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    classes = list(state["classes"])
+    model = build_model(state["model"], len(classes))
+    if ckpt.name == "model.pt":  # centralised / pooled
         model.load_state_dict(state["state_dict"])
-        final = metrics.get("final", {})
         prov.update(
-            kind="centralised",
-            synthetic=bool(state.get("synthetic", False)),
-            epochs=len(metrics.get("history", [])),
-            test_metrics={k: _headline(v) for k, v in final.items() if k != "val"},
+            kind=run.kind,
+            epochs=len(run.history),
+            test_metrics={k: _headline(v) for k, v in run.final().items()},
         )
     else:  # federated: best.pt by the run's best_metric, else the last round
-        ckpt = next((run_dir / n for n in ("best.pt", "last.pt") if (run_dir / n).exists()), None)
-        if ckpt is None:
-            raise DataError(run_dir, "no model.pt, best.pt or last.pt in this run folder")
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        classes = list(state["classes"])
-        model = build_model(state["model"], len(classes))
         lost = [k for k in local_keys(model, list(state["arrays"])) if "num_batches" not in k]
         if lost:  # FedBN: BatchNorm of the trainable stages never left the sites
             log.warning("%d site-local tensors (FedBN) keep their initial values", len(lost))
@@ -107,11 +98,10 @@ def load_run_model(run_dir: Path) -> tuple[StagedModel, dict[str, Any]]:
         row = next((r for r in state["rounds"] if r["round"] == state["round"]), None)
         prov.update(
             kind="federated",
-            synthetic="SYNTHETIC" in str(metrics.get("label", "")),
             checkpoint=ckpt.name,
             round=int(state["round"]),
             rounds_planned=int(cfg.federation.rounds),
-            strategy=str(cfg.strategy.name),
+            strategy=run.strategy,
             num_sites=int(cfg.federation.num_sites),
             fedbn=bool(cfg.federation.fedbn),
             test_metrics={k: _headline(v) for k, v in (row or {}).get("global", {}).items()},

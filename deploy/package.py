@@ -2,7 +2,7 @@
 
 Deliberately free of fedscan's training code (no model registry, no timm, no
 Flower): an inference host needs the package folder, onnxruntime or torch, and
-the decoders in ``common.imageio`` / ``common.dicom`` so that a JPEG or a DICOM
+the decoders in ``common.data.imageio`` / ``common.data.dicom`` so that a JPEG or a DICOM
 becomes exactly the pixels the model was trained on.
 """
 
@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from scipy.special import softmax
 
-from common.errors import DataError
-from common.imageio import decode_gray, read_gray, resize_gray
+from common.core.errors import DataError
+from common.data.imageio import decode_gray, read_gray, resize_gray
 
 SPEC_FILE = "fedscan-model.json"
 SUPPORTED_FORMATS = ("fedscan-model/1",)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from common.errors import UnreadableImageError
+from common.core.errors import UnreadableImageError
 from deploy.package import ModelPackage
 
 

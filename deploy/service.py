@@ -21,7 +21,7 @@ from fastapi import FastAPI, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from common.errors import UnreadableImageError
+from common.core.errors import UnreadableImageError
 from deploy.package import ModelPackage
 
 log = logging.getLogger("fedscan.serve")

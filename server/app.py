@@ -7,20 +7,18 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
-from common.config import load_config, overrides_from_run_config
-from common.errors import ConfigError
-from common.federation import exchanged_keys, get_exchanged, set_exchanged
-from common.fedrun import FederatedRun
-from common.models import build_model
-from common.pipeline import model_inputs, prepare_data
-from common.privacy import dp_settings
-from common.runs import new_run_dir
-from common.training import Batches, evaluate_model, place_model, select_device
+from common.core.config import load_config, overrides_from_run_config
+from common.core.errors import ConfigError
+from common.federated.exchange import exchanged_keys, get_exchanged, set_exchanged
+from common.federated.wire import ROUND_OFFSET, RUN_KEY
+from common.learn.prepare import prepare_run
+from common.learn.training import Batches, evaluate_model, place_model
+from common.runs.record import FederatedRun, new_run_dir
+from common.runs.validate import validate
 from server.strategies import build_strategy, wrap_central_dp
 
 log = logging.getLogger("fedscan.server")
@@ -44,50 +42,42 @@ def wait_for_nodes(grid: Grid, min_nodes: int, timeout_s: float) -> int:
 
 def run_server(grid: Grid, cfg: DictConfig) -> Path:
     """Everything the ServerApp does, callable from tests and ``fedscan simulate``."""
-    fed = cfg.federation
-    strategy = build_strategy(cfg.strategy, fed)  # validate before touching data
-    dp_settings(cfg.privacy)  # a bad DP setting fails here, before any training
-    rounds = int(fed.rounds)
-    if rounds < 1:
-        raise ConfigError("federation.rounds", f"must be >= 1, got {rounds}")
-    n_nodes = wait_for_nodes(grid, int(fed.min_nodes), float(fed.wait_for_nodes_s))
+    settings = validate(cfg, "server")  # before waiting for sites or reading data
+    fed = settings.federation
+    strategy = build_strategy(cfg.strategy, fed)
+    rounds = fed.rounds
+    n_nodes = wait_for_nodes(grid, fed.min_nodes, fed.wait_for_nodes_s)
     log.info("%d sites connected", n_nodes)
     recording = strategy  # keeps per-site metrics and the resumable state
-    if str(cfg.privacy.name) == "central":
-        sampled = max(1, round(n_nodes * float(fed.fraction_train)))
-        strategy = wrap_central_dp(recording, cfg.privacy, sampled)
+    if settings.central_dp is not None:
+        sampled = max(1, round(n_nodes * fed.fraction_train))
+        strategy = wrap_central_dp(recording, settings.central_dp, sampled)
         log.info("central DP: %s", strategy)
-    device = select_device(str(cfg.device), cfg.num_threads)
-    torch.manual_seed(int(cfg.seed))
-    data = prepare_data(cfg)
-    classes = data.collection.classes
-    model = build_model(cfg.model, len(classes))
-    keys = exchanged_keys(model, fedbn=bool(fed.fedbn))
-    x, start = model_inputs(model, data, cfg, device)
+    run = prepare_run(cfg)
+    device, data, model, start = run.device, run.data, run.model, run.start
+    classes = run.classes
+    keys = exchanged_keys(model, fedbn=fed.fedbn)
     tests = {
-        n: Batches(x, data.collection.labels, idx, batch_size=64)
-        for n, idx in data.splits.tests.items()
+        n: Batches(run.x, run.labels, idx, batch_size=64) for n, idx in data.splits.tests.items()
     }
-
+    folder = {"label": data.label, "synthetic": data.collection.synthetic, "classes": classes}
     if fed.resume:
-        run_dir = Path(str(fed.resume)).expanduser().resolve()
-        run, state = FederatedRun.resume(run_dir, cfg, label=data.label, classes=classes)
+        run_dir = Path(fed.resume).expanduser().resolve()
+        record, state = FederatedRun.resume(run_dir, cfg, **folder)
         done = int(state["round"])
         set_exchanged(model, state["arrays"], keys)
         recording.import_state(state["strategy_state"])
         log.info("resuming %s after round %d of %d", run_dir, done, rounds)
     else:
         run_dir = new_run_dir(cfg, "federated")
-        run = FederatedRun(run_dir, cfg, label=data.label, classes=classes)
+        record = FederatedRun(run_dir, cfg, **folder)
         done = 0
     log.info("run folder: %s", run_dir)
     if done >= rounds:
         log.info("nothing to do: %d of %d rounds already done", done, rounds)
         return run_dir
 
-    every = int(fed.evaluate_every)
-    if every < 1:
-        raise ConfigError("federation.evaluate_every", f"must be >= 1, got {every}")
+    every = fed.evaluate_every
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Per round: test metrics when scheduled, site metrics and a checkpoint always."""
@@ -102,9 +92,9 @@ def run_server(grid: Grid, cfg: DictConfig) -> Path:
             for name, batches in tests.items():
                 results[name] = evaluate_model(model, batches, classes, device=device, start=start)
         sites = recording.site_metrics.get(server_round, {})
-        row = run.record(rnd, results, sites)  # its seconds include this evaluation
-        best = bool(results) and run.is_best(results)
-        run.checkpoint(rnd, state, recording.export_state(), best=best)
+        row = record.record(rnd, results, sites)  # its seconds include this evaluation
+        best = bool(results) and record.is_best(results)
+        record.checkpoint(rnd, state, recording.export_state(), best=best)
         n_sites = len(sites.get("train", []))
         if not results:
             log.info("round %d/%d  (%d sites)  %.1f s", rnd, rounds, n_sites, row["seconds"])
@@ -130,11 +120,11 @@ def run_server(grid: Grid, cfg: DictConfig) -> Path:
         timeout=float(fed.round_timeout_s),
         # run-key: sites keep their privacy ledger per run folder, so a resumed run
         # continues their accounting instead of starting from zero
-        train_config=ConfigRecord({"round-offset": done, "run-key": run_dir.name}),
-        evaluate_config=ConfigRecord({"round-offset": done}),
+        train_config=ConfigRecord({ROUND_OFFSET: done, RUN_KEY: run_dir.name}),
+        evaluate_config=ConfigRecord({ROUND_OFFSET: done}),
         evaluate_fn=evaluate_fn,
     )
-    run.finish()
+    record.finish()
     log.info("results: %s", run_dir)
     print(f"fedscan: results in {run_dir}", flush=True)
     return run_dir

@@ -16,8 +16,11 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp import strategy as fl
 
-from common.errors import ConfigError
-from common.registry import Registry
+from common.core.errors import ConfigError
+from common.core.registry import Registry
+from common.federated.privacy import CentralDPSettings
+from common.federated.settings import FederationSettings, check_strategy
+from common.federated.wire import ARRAYS, METRICS, NODE_ID, NUM_EXAMPLES
 
 log = logging.getLogger("fedscan.server")
 
@@ -36,9 +39,9 @@ class SiteRecording:
     def _record(self, rnd: int, phase: str, replies: Iterable[Message]) -> None:
         rows = self.site_metrics.setdefault(rnd, {}).setdefault(phase, [])
         for msg in replies:
-            if msg.has_content() and "metrics" in msg.content:
-                row = dict(msg.content["metrics"])
-                row["node_id"] = int(msg.metadata.src_node_id)
+            if msg.has_content() and METRICS in msg.content:
+                row = dict(msg.content[METRICS])
+                row[NODE_ID] = int(msg.metadata.src_node_id)
                 rows.append(row)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config, grid):
@@ -50,7 +53,7 @@ class SiteRecording:
 
     def rejection(self, msg: Message) -> str | None:
         """Why a site's train reply must not be aggregated, or ``None`` if it may."""
-        arrays = msg.content.get("arrays") if msg.has_content() else None
+        arrays = msg.content.get(ARRAYS) if msg.has_content() else None
         if arrays is None:
             return "no arrays in the reply"
         expected = getattr(self, "_expected", None)
@@ -107,7 +110,7 @@ class SiteRecording:
             return None, None
         # A site that did not train (its privacy budget is spent) reports with zero
         # weight: its metrics are recorded, its unchanged copy is not averaged in.
-        weighted = [m for m in kept if float(m.content["metrics"].get("num-examples", 1)) > 0]
+        weighted = [m for m in kept if float(m.content[METRICS].get(NUM_EXAMPLES, 1)) > 0]
         if len(weighted) < len(kept):
             log.info(
                 "round %d: %d site(s) sent no update (zero weight)",
@@ -145,33 +148,24 @@ for _name, _base in {
     _register(_name, _base)
 
 
-def build_strategy(cfg: Mapping[str, Any], federation: Mapping[str, Any]) -> SiteRecording:
-    """Instantiate the configured strategy with the federation's sampling settings."""
+def build_strategy(cfg: Mapping[str, Any], federation: FederationSettings) -> SiteRecording:
+    """Instantiate the configured strategy with the federation's sampling settings.
+
+    ``cfg`` is checked by :func:`common.federated.settings.check_strategy` first (the
+    same check :func:`common.runs.validate.validate` runs before any work).
+    """
+    check_strategy(cfg)
     cls = STRATEGIES.get(str(cfg["name"]))
     params = {k: v for k, v in cfg.items() if k != "name"}
     if "mu" in params:
         params["proximal_mu"] = params.pop("mu")
-        if float(params["proximal_mu"]) < 0:
-            raise ConfigError("strategy.mu", f"must be >= 0, got {params['proximal_mu']}")
-    min_nodes = int(federation["min_nodes"])
-    if min_nodes < 1:
-        raise ConfigError("federation.min_nodes", f"must be >= 1, got {min_nodes}")
-    if not 0.0 < float(federation["fraction_train"]) <= 1.0:
-        raise ConfigError(
-            "federation.fraction_train", f"must be in (0, 1], got {federation['fraction_train']}"
-        )
-    if not 0.0 <= float(federation["fraction_evaluate"]) <= 1.0:  # 0: no federated evaluation
-        raise ConfigError(
-            "federation.fraction_evaluate",
-            f"must be in [0, 1], got {federation['fraction_evaluate']}",
-        )
     try:
         return cls(
-            fraction_train=float(federation["fraction_train"]),
-            fraction_evaluate=float(federation["fraction_evaluate"]),
-            min_train_nodes=min_nodes,
-            min_evaluate_nodes=min_nodes,
-            min_available_nodes=min_nodes,
+            fraction_train=federation.fraction_train,
+            fraction_evaluate=federation.fraction_evaluate,
+            min_train_nodes=federation.min_nodes,
+            min_evaluate_nodes=federation.min_nodes,
+            min_available_nodes=federation.min_nodes,
             **params,
         )
     except TypeError as exc:
@@ -186,23 +180,15 @@ CENTRAL_DP = {
 }
 
 
-def wrap_central_dp(strategy: fl.Strategy, privacy: Mapping[str, Any], num_sampled: int):
+def wrap_central_dp(strategy: fl.Strategy, settings: CentralDPSettings, num_sampled: int):
     """``privacy=central``: Flower's update-level DP wrapper around ``strategy``.
 
     Client-side clipping needs the sites' ``fixedclipping_mod`` /
     ``adaptiveclipping_mod``; fedscan's ClientApp applies them whenever the
     server's train config carries a clipping norm.
     """
-    side, clipping = str(privacy.get("side", "client")), str(privacy.get("clipping", "fixed"))
-    if (side, clipping) not in CENTRAL_DP:
-        raise ConfigError("privacy.side", f"unknown combination side={side} clipping={clipping}")
-    noise = float(privacy.get("noise_multiplier", 1.0))
-    norm = float(privacy.get("clipping_norm", 1.0))
-    if noise < 0:
-        raise ConfigError("privacy.noise_multiplier", f"must be >= 0, got {noise}")
-    if norm <= 0:
-        raise ConfigError("privacy.clipping_norm", f"must be > 0, got {norm}")
-    cls = CENTRAL_DP[(side, clipping)]
-    if clipping == "fixed":
+    cls = CENTRAL_DP[(settings.side, settings.clipping)]
+    noise, norm = settings.noise_multiplier, settings.clipping_norm
+    if settings.clipping == "fixed":
         return cls(strategy, noise, norm, num_sampled)
     return cls(strategy, noise, num_sampled, initial_clipping_norm=norm)

@@ -22,43 +22,38 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from common.errors import ConfigError
-from common.models import build_model
-from common.pipeline import model_inputs, prepare_data, train_settings
-from common.runs import new_run_dir, partition_label, write_config, write_json
-from common.site import site_indices
-from common.sitereport import write_partition_report
-from common.training import Batches, evaluate_model, fit, select_device
+from common.federated.site import site_indices
+from common.federated.trainer import site_seed
+from common.federated.wire import SITE_ID
+from common.learn.models import build_model
+from common.learn.prepare import prepare_run
+from common.learn.training import Batches, evaluate_model, fit
+from common.runs.partition_report import write_partition_report
+from common.runs.record import new_run_dir, partition_label, write_config, write_local
+from common.runs.validate import validate
 
 log = logging.getLogger("fedscan.baseline")
 
 
-def baseline_epochs(cfg: DictConfig) -> int:
-    """Epochs that match a federated run's local compute: rounds x local epochs."""
-    return int(cfg.federation.rounds) * int(cfg.federation.local_epochs)
-
-
 def run_pooled(cfg: DictConfig) -> Path:
+    """All sites' data together, trained for the federated run's epoch budget."""
     from simulations.centralised import run_centralised
 
+    budget = validate(cfg, "pooled").federation.epoch_budget
     cfg = OmegaConf.create(OmegaConf.to_container(cfg))
-    cfg.train.epochs = baseline_epochs(cfg)
+    cfg.train.epochs = budget
     return run_centralised(cfg, kind="pooled")
 
 
 def run_local(cfg: DictConfig) -> Path:
     """Each site alone; ``metrics.json`` holds every site's test metrics."""
     t0 = time.perf_counter()
-    if str(cfg.privacy.name) != "off":
-        raise ConfigError("privacy", "the local-only baseline shares nothing; use privacy=off")
-    settings = train_settings(cfg)
-    settings = dataclasses.replace(settings, epochs=baseline_epochs(cfg))
-    n_sites = int(cfg.federation.num_sites)
-    device = select_device(str(cfg.device), cfg.num_threads)
-    data = prepare_data(cfg)
+    checked = validate(cfg, "local")
+    settings = dataclasses.replace(checked.train, epochs=checked.federation.epoch_budget)
+    n_sites = checked.federation.num_sites
+    run = prepare_run(cfg)
+    device, data, x, start = run.device, run.data, run.x, run.start
     c = data.collection
-    probe = build_model(cfg.model, len(c.classes))
-    x, start = model_inputs(probe, data, cfg, device)
     # every partition first: a bad partition fails before any site trains
     parts = [
         site_indices(cfg, data, partition_id=p, num_partitions=n_sites) for p in range(n_sites)
@@ -76,7 +71,7 @@ def run_local(cfg: DictConfig) -> Path:
     tests = {n: Batches(x, c.labels, idx, batch_size=64) for n, idx in data.splits.tests.items()}
     sites = []
     for pid, (train_idx, val_idx) in enumerate(parts):
-        torch.manual_seed(int(cfg.seed) * 100_003 + pid)
+        torch.manual_seed(site_seed(settings.seed, 0, pid))  # a site's round-0 seed
         model = build_model(cfg.model, len(c.classes))
         train = Batches(
             x,
@@ -103,19 +98,16 @@ def run_local(cfg: DictConfig) -> Path:
             final[first]["accuracy"],
             final[first]["macro_f1"],
         )
-        sites.append({"partition-id": pid, "n_train": len(train_idx), "final": final})
-    write_json(
-        run_dir / "metrics.json",
-        {
-            "label": data.label,
-            "synthetic": c.synthetic,
-            "method": "local",
-            "dataset": c.name,
-            "model": probe.name,
-            "epochs": settings.epochs,
-            "wall_time_s": round(time.perf_counter() - t0, 1),
-            "sites": sites,
-        },
+        sites.append({SITE_ID: pid, "n_train": len(train_idx), "final": final})
+    write_local(
+        run_dir,
+        label=data.label,
+        synthetic=c.synthetic,
+        dataset=c.name,
+        model=run.model.name,
+        epochs=settings.epochs,
+        wall_time_s=round(time.perf_counter() - t0, 1),
+        sites=sites,
     )
     log.info("results: %s", run_dir)
     return run_dir

@@ -7,15 +7,14 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from common.errors import ConfigError
-from common.models import build_model
-from common.pipeline import model_inputs, prepare_data, train_settings
-from common.plots import plot_confusion, plot_curves
-from common.runs import new_run_dir, write_config, write_json
-from common.training import Batches, evaluate_model, fit, select_device
-from common.transforms import Augment
+from common.data.transforms import Augment
+from common.learn.prepare import prepare_run
+from common.learn.training import Batches, evaluate_model, fit
+from common.runs.plots import plot_confusion, plot_curves
+from common.runs.record import new_run_dir, write_centralised, write_config, write_model
+from common.runs.validate import validate
 
 log = logging.getLogger("fedscan.train")
 
@@ -26,19 +25,10 @@ def run_centralised(cfg: DictConfig, *, kind: str = "centralised") -> Path:
     ``kind`` names the run (``pooled`` when it is the harness's pooled baseline).
     """
     t0 = time.perf_counter()
-    settings = train_settings(cfg)  # validate before any expensive work
-    if str(cfg.privacy.name) != "off":
-        raise ConfigError(
-            "privacy",
-            f"'{cfg.privacy.name}' protects what sites send; use it with fedscan simulate "
-            "or flwr run (the centralised baseline pools the data by definition)",
-        )
-    device = select_device(str(cfg.device), cfg.num_threads)
-    torch.manual_seed(int(cfg.seed))
-    data = prepare_data(cfg)
+    settings = validate(cfg, kind).train  # before any expensive work
+    run = prepare_run(cfg)
+    device, data, model, x, start = run.device, run.data, run.model, run.x, run.start
     c, s = data.collection, data.splits
-    model = build_model(cfg.model, len(c.classes))
-    x, start = model_inputs(model, data, cfg, device)
     t_prep = time.perf_counter() - t0
     augment = Augment(settings.augment, seed=settings.seed) if start == 0 else None
     if augment is None and settings.augment != "none":
@@ -96,37 +86,33 @@ def run_centralised(cfg: DictConfig, *, kind: str = "centralised") -> Path:
         run_dir / "confusion_matrix.png",
         title=title,
     )
-    torch.save(
-        {
-            "state_dict": model.cpu().state_dict(),
-            "model": OmegaConf.to_container(cfg.model),
-            "classes": list(c.classes),
-            "image_size": int(cfg.dataset.image_size),
-            "dataset": c.name,
-            "synthetic": c.synthetic,
-        },
-        run_dir / "model.pt",
+    write_model(
+        run_dir,
+        model.cpu(),
+        cfg,
+        classes=list(c.classes),
+        image_size=int(cfg.dataset.image_size),
+        dataset=c.name,
+        synthetic=c.synthetic,
     )
-    write_json(
-        run_dir / "metrics.json",
-        {
-            "label": data.label,
-            "synthetic": c.synthetic,
-            "method": kind,
-            "dataset": c.name,
-            "model": model.name,
-            "mode": str(cfg.model.mode),
-            "image_size": int(cfg.dataset.image_size),
-            "device": str(device),
-            "threads": torch.get_num_threads() if device.type == "cpu" else None,
-            "wall_time_s": round(wall, 1),
-            "prepare_time_s": round(t_prep, 1),
-            "fit_time_s": round(t_fit, 1),
-            "splits": s.summary(c),
-            "excluded": {k: len(v) for k, v in s.excluded.items()},
-            "history": history,
-            "final": results,
-        },
+    write_centralised(
+        run_dir,
+        kind=kind,
+        label=data.label,
+        synthetic=c.synthetic,
+        dataset=c.name,
+        model=model.name,
+        mode=str(cfg.model.mode),
+        image_size=int(cfg.dataset.image_size),
+        device=str(device),
+        threads=torch.get_num_threads() if device.type == "cpu" else None,
+        wall_time_s=round(wall, 1),
+        prepare_time_s=round(t_prep, 1),
+        fit_time_s=round(t_fit, 1),
+        splits=s.summary(c),
+        excluded={k: len(v) for k, v in s.excluded.items()},
+        history=history,
+        final=results,
     )
     for name, m in results.items():
         recalls = ", ".join(f"{k} {v['recall']:.3f}" for k, v in m["per_class"].items())

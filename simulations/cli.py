@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.errors import ConfigError, FedscanError
+from common.core.errors import ConfigError, FedscanError
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -28,7 +28,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from common.config import load_config
+    from common.core.config import load_config
     from simulations.centralised import run_centralised
 
     run_dir = run_centralised(load_config(args.overrides))
@@ -48,8 +48,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from common.audit import audit, format_report
-    from common.paths import cache_root
+    from common.commands.audit import audit, format_report
+    from common.core.paths import cache_root
 
     report = audit(Path(args.path).expanduser().resolve(), cache_root(None))
     print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -59,11 +59,13 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 def _cmd_site_check(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
-    from common.config import load_config
-    from common.paths import cache_root
-    from common.sitecheck import format_site_report, site_check
+    from common.commands.sitecheck import format_site_report, site_check
+    from common.core.config import load_config
+    from common.core.paths import cache_root
+    from common.runs.validate import validate
 
     cfg = load_config(["dataset=site", *args.overrides])  # a site reads its own folder
+    validate(cfg, "site")
     domain = args.domain
     if domain is None and any(o.startswith("dataset.domain=") for o in args.overrides):
         domain = str(cfg.dataset.domain)
@@ -98,7 +100,7 @@ def _cmd_certs(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from common.report import write_report
+    from common.commands.report import write_report
 
     out = Path(args.out).expanduser().resolve()
     files = write_report([Path(d) for d in args.run_dirs], out)
@@ -110,7 +112,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_config(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
-    from common.config import load_config
+    from common.core.config import load_config
 
     print(OmegaConf.to_yaml(load_config(args.overrides)))
     return 0

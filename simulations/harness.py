@@ -17,11 +17,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from common.config import load_config
-from common.errors import ConfigError
+from common.core.config import load_config
+from common.core.errors import ConfigError
+from common.runs.validate import METHODS, validate
 
 log = logging.getLogger("fedscan.simulate")
-METHODS = ("federated", "local", "pooled")
 
 
 def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
@@ -38,38 +38,16 @@ def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
     return [list(run) for batch in batches for run in batch]
 
 
-def validate(overrides: Sequence[str]) -> DictConfig:
-    """Everything that can be checked without reading data; raises ConfigError."""
-    from common.partition import check_partition_config
-    from common.pipeline import train_settings
-    from common.privacy import dp_settings
-
+def validate_overrides(overrides: Sequence[str]) -> DictConfig:
+    """The resolved config of one run, checked for its ``method`` (no data read)."""
     cfg = load_config(overrides)
     method = str(cfg.method)
-    if method not in METHODS:
-        raise ConfigError("method", f"unknown method '{method}'; use one of {list(METHODS)}")
-    train_settings(cfg)
-    sites = int(cfg.federation.num_sites)
-    if sites < 1:
-        raise ConfigError("num_sites", f"must be >= 1, got {sites}")
-    if int(cfg.federation.rounds) < 1:
-        raise ConfigError("rounds", f"must be >= 1, got {cfg.federation.rounds}")
-    if method != "pooled":
-        check_partition_config(cfg.partition, sites)
-    if method == "federated":
-        from server.strategies import build_strategy
-
-        build_strategy(cfg.strategy, cfg.federation)
-        dp_settings(cfg.privacy)
-        if int(cfg.federation.min_nodes) > sites:
-            raise ConfigError(
-                "federation.min_nodes", f"{cfg.federation.min_nodes} is more than the {sites} sites"
-            )
+    validate(cfg, method if method in METHODS else "federated")
     return cfg
 
 
 def run_one(overrides: Sequence[str]) -> Path:
-    cfg = validate(overrides)
+    cfg = validate_overrides(overrides)
     method = str(cfg.method)
     if method == "local":
         from simulations.baselines import run_local
@@ -87,7 +65,7 @@ def run_one(overrides: Sequence[str]) -> Path:
 def run_sweep(overrides: Sequence[str]) -> list[Path]:
     runs = expand_sweep(overrides)
     for r in runs:  # all of them before any training
-        validate(r)
+        validate_overrides(r)
     log.info("sweep: %d runs", len(runs))
     out = []
     for i, r in enumerate(runs, 1):

@@ -26,19 +26,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from omegaconf import OmegaConf
 
-from common.report import load_run
-from simulations.harness import driver_args, run_one, validate
+from common.commands.report import load_run
+from common.runs.record import read_run
+from simulations.harness import driver_args, run_one, validate_overrides
 
 log = logging.getLogger("fedscan.horizon")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _budget(run_dir: Path) -> int:
-    """Epochs a pooled run trained: rounds x local epochs (the harness's rule)."""
-    cfg = OmegaConf.load(Path(run_dir) / "config.yaml")
-    return int(cfg.rounds) * int(cfg.federation.local_epochs)
 
 
 def horizon_rows(
@@ -57,7 +51,7 @@ def horizon_rows(
             if row["split"] != split:
                 continue
             if row["method"] == "pooled":
-                pooled[_budget(run)] = row["accuracy"]
+                pooled[read_run(run).epoch_budget] = row["accuracy"]
             elif row["curve"] is not None:
                 curves[row["method"]] = {r: acc for r, acc, _ in row["curve"]}
     table = []
@@ -103,7 +97,13 @@ def plot_horizon(runs: Sequence[Path], split: str, path: Path, *, title: str) ->
                 xs, ys, _ = zip(*row["curve"], strict=True)
                 ax.plot(xs, [100 * y for y in ys], marker=".", label=row["method"])
             elif row["method"] == "pooled":
-                ax.scatter([_budget(run)], [100 * row["accuracy"]], color="k", marker="*", s=80)
+                ax.scatter(
+                    [read_run(run).epoch_budget],
+                    [100 * row["accuracy"]],
+                    color="k",
+                    marker="*",
+                    s=80,
+                )
     ax.scatter([], [], color="k", marker="*", label="pooled (same epochs)")
     ax.set(xlabel="round", ylabel=f"{split} accuracy (%)", title=title)
     ax.grid(alpha=0.3)
@@ -150,7 +150,7 @@ def run_horizon(
         *([*base, "method=pooled", f"rounds={c}"] for c in checkpoints),
     ]
     for p in plans:  # every override checked before the first run trains
-        validate(p)
+        validate_overrides(p)
     return [run_one(p) for p in plans]
 
 

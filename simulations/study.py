@@ -21,22 +21,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.models import build_model
-from common.pipeline import model_inputs, prepare_data
-from common.report import aggregate, load_run, to_markdown, write_report
-from common.training import select_device
-from simulations.harness import driver_args, run_one, validate
+from common.commands.report import aggregate, load_run, to_markdown, write_report
+from common.learn.prepare import prepare_run
+from common.runs.record import read_run
+from simulations.harness import driver_args, run_one, validate_overrides
 
 log = logging.getLogger("fedscan.study")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _mean_site_val(run: Path) -> float:
-    """The federation's own validation score: sites' val accuracy on the final global model."""
-    rounds = json.loads((run / "metrics.json").read_text())["rounds"]
-    rows = rounds[-1]["sites"].get("evaluate", [])
-    n = sum(r["num-examples"] for r in rows)
-    return sum(r["val_accuracy"] * r["num-examples"] for r in rows) / max(n, 1)
 
 
 def build_caches(overrides: Sequence[str]) -> float:
@@ -46,11 +37,9 @@ def build_caches(overrides: Sequence[str]) -> float:
     the runs: about zero on a warm machine, minutes on a fresh one. Without it the
     first run of each dataset would silently absorb the cost.
     """
-    cfg = validate(overrides)
+    cfg = validate_overrides(overrides)
     start = time.perf_counter()
-    data = prepare_data(cfg)
-    model = build_model(cfg.model, len(data.collection.classes))
-    model_inputs(model, data, cfg, select_device(str(cfg.device), cfg.num_threads))
+    prepare_run(cfg)
     return time.perf_counter() - start
 
 
@@ -87,7 +76,7 @@ def run_study(
         for s in seeds:  # every override checked before the first run trains
             for part in partitions:
                 for method in (["method=local"], ["strategy=fedavg"], ["strategy=fedprox"]):
-                    validate([*base, *part, *method, f"seed={s}"])
+                    validate_overrides([*base, *part, *method, f"seed={s}"])
         seconds = build_caches(base)
         (out / ds / "caches.json").write_text(json.dumps({"seconds": round(seconds, 1)}))
         log.info("%s: caches built in %.1f s", ds, seconds)
@@ -95,7 +84,7 @@ def run_study(
         scores = {}
         for mu in mus:
             run = run_one([*base, *skewed, "strategy=fedprox", f"strategy.mu={mu}", "seed=0"])
-            scores[mu] = _mean_site_val(run)
+            scores[mu] = read_run(run).mean_site_val_accuracy()
             log.info("%s: FedProx mu=%g -> sites' val accuracy %.4f", ds, mu, scores[mu])
         mu = max(scores, key=scores.get)
         # 2. the grid (the tuning run with the chosen mu is its seed-0, hardest-skew cell)
@@ -127,24 +116,23 @@ def summarize(out: Path, datasets: Sequence[str], alpha: float) -> tuple[list[Pa
         folders = [p.parent for p in folders]
         if not folders:
             continue
+        records = [read_run(r) for r in folders]
         tuning = {}
-        for r in folders:
-            row = load_run(r)[0]
-            cell = row["seed"] == 0 and row["partition"] == f"dirichlet(alpha={alpha:g})"
-            if row["method"].startswith("fedprox") and cell:
-                mu = float(row["method"].split("=")[1].rstrip(")"))
-                tuning[mu] = (_mean_site_val(r), r)
+        for rec in records:
+            cell = rec.seed == 0 and rec.partition == f"dirichlet(alpha={alpha:g})"
+            if rec.kind == "federated" and rec.strategy == "fedprox" and cell:
+                mu = float(rec.strategy_params["mu"])
+                tuning[mu] = (rec.mean_site_val_accuracy(), rec.dir)
         chosen = max(tuning, key=lambda m: tuning[m][0])
         meta["mu"][ds] = {
             "chosen": chosen,
             "site_val_accuracy": {m: v for m, (v, _) in sorted(tuning.items())},
         }
-        for r in folders:
-            row = load_run(r)[0]
-            is_prox = row["method"].startswith("fedprox")
-            if is_prox and float(row["method"].split("=")[1].rstrip(")")) != chosen:
+        for rec in records:
+            is_prox = rec.kind == "federated" and rec.strategy == "fedprox"
+            if is_prox and float(rec.strategy_params["mu"]) != chosen:
                 continue
-            runs.append(r)
+            runs.append(rec.dir)
         end = max((r / "metrics.json").stat().st_mtime for r in folders)
         meta["seconds"][ds] = round(end - min(_started(r) for r in folders), 1)
         caches = out / ds / "caches.json"

@@ -14,6 +14,65 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# A tiny federation on the embedded synthetic default: paper CNN, 32 px, two sites.
+SIM_BASE = [
+    "model=paper_cnn",
+    "dataset.image_size=32",
+    "dataset.size=32",
+    "dataset.per_class=24",
+    "train.batch_size=16",
+    "federation.num_sites=2",
+    "federation.min_nodes=2",
+]
+
+
+@pytest.fixture
+def _no_real_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs on the embedded synthetic default even where FEDSCAN_DATA is set."""
+    monkeypatch.delenv("FEDSCAN_DATA", raising=False)
+
+
+def split_metrics(acc: float, classes: tuple[str, ...] = ("glioma", "notumor")) -> dict:
+    """One test split's metrics as a run records them, every score equal to ``acc``."""
+    per = {"recall": acc, "precision": acc, "f1": acc, "support": 5}
+    return {
+        "n": 5 * len(classes),
+        "accuracy": acc,
+        **{k: acc for k in ("balanced_accuracy", "macro_precision", "macro_recall", "macro_f1")},
+        "loss": 1 - acc,
+        "per_class": {c: per for c in classes},
+        "confusion_matrix": np.diag([5] * len(classes)).tolist(),
+    }
+
+
+def tree_train_settings(**changes):
+    """``TrainSettings`` as the config tree's defaults give them, with ``changes``."""
+    import dataclasses
+
+    from common.core.config import load_config
+    from common.learn.settings import train_settings
+
+    return dataclasses.replace(train_settings(load_config(["dataset=synthetic"])), **changes)
+
+
+def tree_dp_settings(**changes):
+    """``DPSGDSettings`` as ``privacy=dp_sgd`` in the config tree gives them, with ``changes``."""
+    import dataclasses
+
+    from common.federated.privacy import dp_settings
+
+    return dataclasses.replace(dp_settings(tree_privacy("dp_sgd")), **changes)
+
+
+def tree_privacy(name: str, **changes) -> dict:
+    """The ``privacy`` group ``name`` as the config tree gives it, with ``changes``."""
+    from omegaconf import OmegaConf
+
+    from common.core.config import load_config
+
+    section = OmegaConf.to_container(load_config(["dataset=synthetic", f"privacy={name}"]).privacy)
+    return {**section, **changes}
+
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
@@ -66,7 +125,7 @@ def brain_subset(real_data: Path, tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small centralised run on the embedded synthetic default (EfficientNet-Lite0, 64 px)."""
-    from common.config import load_config
+    from common.core.config import load_config
     from simulations.centralised import run_centralised
 
     tmp = tmp_path_factory.mktemp("trained")

@@ -2,7 +2,7 @@ import json
 import shutil
 from pathlib import Path
 
-from common.audit import audit, format_report
+from common.commands.audit import audit, format_report
 from simulations.cli import main
 from tests.conftest import noise, save_gray
 

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cache import PreprocessSpec, build_cache, cache_key
-from common.datasets.site_folder import read_site_folder
+from common.data.cache import PreprocessSpec, build_cache, cache_key
+from common.data.datasets.site_folder import read_site_folder
 from tests.conftest import noise, save_gray
 
 
@@ -52,11 +52,32 @@ def test_unreadable_file_is_flagged_not_fatal(tmp_path: Path):
     assert "corrupt" in cache.errors[bad] or "identify" in cache.errors[bad]
 
 
-def test_fingerprints_reused_from_disk_match_fresh(tmp_path: Path):
-    from common.fingerprint import compute_fingerprints
+def test_fingerprints_are_reused_from_disk_and_only_changed_files_decoded(tmp_path, monkeypatch):
+    from common.data import fingerprint
 
     c = read_site_folder(_site(tmp_path / "s"), "brain_mri")
-    fresh = compute_fingerprints(c, tmp_path / "cache")
-    again = compute_fingerprints(c, tmp_path / "cache")
+    decoded: list[str] = []
+    real = fingerprint.read_gray
+
+    def counting(path, **kw):
+        decoded.append(Path(path).name)
+        return real(path, **kw)
+
+    monkeypatch.setattr(fingerprint, "read_gray", counting)
+    fresh = fingerprint.compute_fingerprints(c, tmp_path / "cache")
+    assert len(decoded) == 8
+    decoded.clear()
+    again = fingerprint.compute_fingerprints(c, tmp_path / "cache")
+    assert decoded == []  # every row came from the store on disk
     for field in ("pixel_hash", "phash", "height", "width", "thumbs", "error"):
         assert np.array_equal(getattr(fresh, field), getattr(again, field)), field
+    # one changed file: exactly that one is decoded again
+    target = c.paths[3]
+    save_gray(target, 255 - noise(3, 40))
+    st = target.stat()
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    changed = fingerprint.compute_fingerprints(
+        read_site_folder(tmp_path / "s", "brain_mri"), tmp_path / "cache"
+    )
+    assert decoded == [target.name]
+    assert changed.pixel_hash[3] != fresh.pixel_hash[3]

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import load_config
-from common.errors import ConfigError
+from common.core.config import load_config
+from common.core.errors import ConfigError
 from simulations.cli import build_parser, main
 
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from common.errors import DataError
+from common.core.errors import DataError
 from deploy.explain import gradcam, overlay
 from deploy.export import load_run_model
 from deploy.package import SPEC_FILE, ModelPackage
@@ -57,7 +57,7 @@ def test_package_loads_without_training_code(packages: dict[str, Path]) -> None:
     """Block the model registry, training loop, timm and Flower; the package still predicts."""
     code = f"""
 import sys
-for mod in ("common.models", "common.training", "common.pipeline", "timm", "flwr"):
+for mod in ("common.learn.models", "common.learn.training", "common.data.pipeline", "timm", "flwr"):
     sys.modules[mod] = None  # any import of these now fails
 import numpy as np
 from deploy.package import ModelPackage
@@ -148,4 +148,4 @@ def test_predict_cli_table_json_explain_and_bad_file(
 
 def test_export_of_a_folder_that_is_no_run_names_it(tmp_path: Path, capsys) -> None:
     assert cli(["export", str(tmp_path)]) == 2
-    assert f"{tmp_path}/config.yaml: not a fedscan run folder" in capsys.readouterr().err
+    assert f"{tmp_path}: not a fedscan run folder" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from common.datasets.synthetic import generate
+from common.data.datasets.synthetic import generate
 from deploy.pki import make_dev_pki
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from flwr.app import Context, Message
 
-from common.config import load_config
-from common.federation import exchanged_keys
-from common.models import build_model
+from common.core.config import load_config
+from common.federated.exchange import exchanged_keys
+from common.learn.models import build_model
 from simulations.federated import run_federated
-from tests.test_simulation import BASE
+from tests.conftest import SIM_BASE as BASE
 
 IMAGE = 32
 
@@ -48,9 +48,7 @@ def recorder(folder: Path):
     return record
 
 
-@pytest.fixture(autouse=True)
-def _no_real_data(monkeypatch):
-    monkeypatch.delenv("FEDSCAN_DATA", raising=False)
+pytestmark = pytest.mark.usefixtures("_no_real_data")
 
 
 def test_sites_send_only_parameters_and_scalar_metrics(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import torch
 from flwr.app import ArrayRecord, Message
 
 from simulations.federated import run_federated
-from tests.test_simulation import BASE as SMALL
+from tests.conftest import SIM_BASE as SMALL
 
 ROOT = Path(__file__).resolve().parents[1]
 ATTACKER = 0
@@ -42,9 +42,7 @@ BASE = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _no_real_data(monkeypatch):
-    monkeypatch.delenv("FEDSCAN_DATA", raising=False)
+pytestmark = pytest.mark.usefixtures("_no_real_data")
 
 
 def scaled_update_mod(msg: Message, context, call_next) -> Message:

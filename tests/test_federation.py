@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from common.federation import exchanged_keys, get_exchanged, local_keys, set_exchanged
-from common.models import build_model
+from common.federated.exchange import exchanged_keys, get_exchanged, local_keys, set_exchanged
+from common.learn.models import build_model
+from tests.conftest import tree_train_settings
 
 
 def test_only_trainable_stages_travel():
@@ -39,13 +40,12 @@ def test_set_exchanged_refuses_bad_updates():
 def test_proximal_term_pulls_local_model_towards_global():
     import numpy as np
 
-    from common.federation import local_fit
-    from common.training import TrainSettings
+    from common.federated.trainer import local_fit
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (64, 16, 16), dtype=np.uint8)
     y = rng.integers(0, 3, 64)
-    settings = TrainSettings(batch_size=16, lr=0.05, optimizer="sgd", augment="none")
+    settings = tree_train_settings(batch_size=16, lr=0.05, optimizer="sgd", augment="none")
 
     def drift(mu: float) -> float:
         torch.manual_seed(0)
@@ -67,16 +67,39 @@ def test_proximal_term_pulls_local_model_towards_global():
             float(((p.detach() - s) ** 2).sum()) for p, s in zip(m.parameters(), start, strict=True)
         )
 
-    free, zero, prox = drift(0.0), drift(0.0), drift(1.0)
-    assert free == pytest.approx(zero)  # mu = 0 is plain local training
+    def plain() -> float:
+        """The same local epochs without FedProx's machinery: train_one_epoch, no anchor."""
+        from common.learn.training import (
+            Batches,
+            loss_function,
+            make_optimizer,
+            place_model,
+            train_one_epoch,
+        )
+
+        torch.manual_seed(0)
+        m = place_model(build_model({"name": "paper_cnn"}, 3), torch.device("cpu"))
+        start = [p.detach().clone() for p in m.parameters()]
+        batches = Batches(x, y, np.arange(64), batch_size=16, shuffle=True, seed=1)
+        opt = make_optimizer(m, settings)
+        loss_fn = loss_function(settings, y, 3)
+        for _ in range(3):
+            train_one_epoch(m, batches, opt, loss_fn, device=torch.device("cpu"))
+        return sum(
+            float(((p.detach() - s) ** 2).sum()) for p, s in zip(m.parameters(), start, strict=True)
+        )
+
+    free, weak, prox = drift(0.0), drift(0.1), drift(1.0)
+    assert free == plain()  # mu = 0 is plain local training, to the bit
+    assert prox < weak < free  # a stronger pull, a smaller drift
     assert prox < 0.5 * free
 
 
 def test_missing_data_path_is_named(tmp_path):
     from omegaconf import OmegaConf
 
-    from common.errors import DataError
-    from common.site import site_config
+    from common.core.errors import DataError
+    from common.federated.site import site_config
 
     cfg = OmegaConf.create({"dataset": {"domain": "lung_ct", "split": {"policy": "scan_groups"}}})
     with pytest.raises(DataError, match="data-path"):

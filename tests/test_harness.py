@@ -10,16 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.errors import ConfigError, DataError
-from common.report import write_report
+from common.commands.report import write_report
+from common.core.errors import ConfigError, DataError
 from simulations.cli import main
 from simulations.harness import expand_sweep, run_one
-from tests.test_simulation import BASE
+from tests.conftest import SIM_BASE as BASE
+from tests.conftest import split_metrics
 
-
-@pytest.fixture(autouse=True)
-def _no_real_data(monkeypatch):
-    monkeypatch.delenv("FEDSCAN_DATA", raising=False)
+pytestmark = pytest.mark.usefixtures("_no_real_data")
 
 
 def test_num_sites_and_its_alias_cannot_disagree():
@@ -77,10 +75,10 @@ def test_local_and_pooled_baselines_share_the_partition(tmp_path: Path):
     local = run_one([*common, "method=local"])
     pooled = run_one([*common, "method=pooled"])
     m = json.loads((local / "metrics.json").read_text())
-    assert m["method"] == "local" and m["epochs"] == 2 and len(m["sites"]) == 2
+    assert m["kind"] == "local" and m["epochs"] == 2 and len(m["sites"]) == 2
     for s in m["sites"]:
         assert 0.0 <= s["final"]["test_grouped"]["accuracy"] <= 1.0
-    assert json.loads((pooled / "metrics.json").read_text())["method"] == "pooled"
+    assert json.loads((pooled / "metrics.json").read_text())["kind"] == "pooled"
     files = write_report([local, pooled], tmp_path / "report")
     text = files["markdown"].read_text()
     assert "| local | iid |" in text and "| pooled | - |" in text
@@ -90,13 +88,15 @@ def _fake_run(root: Path, name: str, *, seed: int, acc: float, method: str, site
     """A federated or pooled run folder with chosen numbers (2 classes, 10 test images)."""
     d = root / name
     d.mkdir(parents=True)
-    cfg = {
-        "seed": seed,
-        "dataset": {"name": "lung_ct"},
-        "strategy": {"name": "fedprox", "mu": 0.01},
-        "partition": {"name": "dirichlet", "alpha": 0.1, "min_samples": 10},
-    }
-    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    _write_config(
+        d,
+        f"seed={seed}",
+        "dataset=lung_ct",
+        "strategy=fedprox",
+        "strategy.mu=0.01",
+        "partition=dirichlet",
+        "partition.alpha=0.1",
+    )
     correct = round(acc * 10)
     m = {
         "n": 10,
@@ -117,11 +117,33 @@ def _fake_run(root: Path, name: str, *, seed: int, acc: float, method: str, site
             {"round": 1, "global": {"test_grouped": {**m, "accuracy": 0.5}}, "sites": {}},
             {"round": 2, "global": {"test_grouped": m}, "sites": {"evaluate": sites or []}},
         ]
-        metrics = {"label": "lung", "rounds": rounds}
+        metrics = {**_header("federated", "lung_ct"), "rounds": rounds}
     else:
-        metrics = {"label": "lung", "method": "pooled", "final": {"test_grouped": m, "val": m}}
+        metrics = {**_header("pooled", "lung_ct"), "final": {"test_grouped": m, "val": m}}
     (d / "metrics.json").write_text(json.dumps(metrics))
     return d
+
+
+def _write_config(d: Path, *overrides: str) -> None:
+    """A run folder's config.yaml as the tree resolves it (data_root set: no fallback)."""
+    from omegaconf import OmegaConf
+
+    from common.core.config import load_config
+
+    cfg = load_config([f"data_root={d}", *overrides])
+    (d / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def _header(kind: str, dataset: str) -> dict:
+    from common.runs.record import VERSION
+
+    return {
+        "version": VERSION,
+        "kind": kind,
+        "label": dataset,
+        "synthetic": False,
+        "dataset": dataset,
+    }
 
 
 def test_report_on_tiny_run_folders_gives_the_right_numbers(tmp_path: Path, capsys):
@@ -165,29 +187,12 @@ def test_report_on_tiny_run_folders_gives_the_right_numbers(tmp_path: Path, caps
         write_report([tmp_path / "report"], tmp_path / "r2")
 
 
-def _horizon_run(root: Path, name: str, cfg: dict, metrics: dict) -> Path:
+def _horizon_run(root: Path, name: str, overrides: list[str], metrics: dict) -> Path:
     d = root / name
     d.mkdir(parents=True)
-    base = {
-        "seed": 0,
-        "dataset": {"name": "brain_mri"},
-        "partition": {"name": "dirichlet", "alpha": 0.1, "min_samples": 10},
-        "federation": {"local_epochs": 1},
-    }
-    (d / "config.yaml").write_text(yaml.safe_dump({**base, **cfg}))
+    _write_config(d, "partition=dirichlet", "partition.alpha=0.1", *overrides)
     (d / "metrics.json").write_text(json.dumps(metrics))
     return d
-
-
-def _split(acc: float) -> dict:
-    per = {"recall": acc, "precision": acc, "f1": acc, "support": 5}
-    return {
-        "accuracy": acc,
-        **{k: acc for k in ("balanced_accuracy", "macro_precision", "macro_recall", "macro_f1")},
-        "loss": 1 - acc,
-        "per_class": {"glioma": per, "notumor": per},
-        "confusion_matrix": [[5, 0], [0, 5]],
-    }
 
 
 def test_horizon_reads_each_checkpoint_from_one_trajectory_beside_an_equal_budget_pool(
@@ -195,22 +200,22 @@ def test_horizon_reads_each_checkpoint_from_one_trajectory_beside_an_equal_budge
 ):
     from simulations.horizon import horizon_rows, to_markdown, write_page
 
-    def fed(name: str, strategy: dict, accs: dict[int, float]) -> Path:
+    def fed(name: str, strategy: list[str], accs: dict[int, float]) -> Path:
         rounds = [
-            {"round": r, "global": {"test_official": _split(a)} if a else {}, "sites": {}}
+            {"round": r, "global": {"test_official": split_metrics(a)} if a else {}, "sites": {}}
             for r, a in accs.items()
         ]
-        return _horizon_run(tmp_path, name, {"strategy": strategy, "rounds": 4}, {"rounds": rounds})
+        metrics = {**_header("federated", "brain_mri"), "rounds": rounds}
+        return _horizon_run(tmp_path, name, [*strategy, "rounds=4"], metrics)
 
     def pooled(name: str, rounds: int, acc: float) -> Path:
-        metrics = {"method": "pooled", "final": {"test_official": _split(acc), "val": _split(acc)}}
-        return _horizon_run(
-            tmp_path, name, {"strategy": {"name": "fedavg"}, "rounds": rounds}, metrics
-        )
+        final = {"test_official": split_metrics(acc), "val": split_metrics(acc)}
+        metrics = {**_header("pooled", "brain_mri"), "final": final}
+        return _horizon_run(tmp_path, name, [f"rounds={rounds}"], metrics)
 
     runs = [
-        fed("a", {"name": "fedavg"}, {1: None, 2: 0.5, 3: None, 4: 0.7}),
-        fed("b", {"name": "fedprox", "mu": 1.0}, {1: None, 2: 0.6, 3: None, 4: 0.75}),
+        fed("a", [], {1: None, 2: 0.5, 3: None, 4: 0.7}),
+        fed("b", ["strategy=fedprox", "strategy.mu=1.0"], {1: None, 2: 0.6, 3: None, 4: 0.75}),
         pooled("p2", 2, 0.8),
         pooled("p4", 4, 0.9),
     ]

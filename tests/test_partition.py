@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.errors import ConfigError, DataError
-from common.partition import class_histogram, iid_partition, partition
+from common.core.errors import ConfigError, DataError
+from common.data.partition import class_histogram, iid_partition, partition
 
 CONFIGS = [
     {"name": "iid", "min_samples": 1},

@@ -11,20 +11,18 @@ import torch
 from opacus.accountants import RDPAccountant
 from torch import nn
 
-from common.errors import ConfigError
-from common.models import build_model
-from common.models.staged import InputAdapter, StagedModel, set_trainable
-from common.privacy import (
+from common.core.errors import ConfigError
+from common.federated.privacy import (
     BudgetExhausted,
-    DPSGDSettings,
     PrivacyLedger,
     dp_local_fit,
     dp_settings,
-    make_dp_compatible,
     planned_noise,
     steps_per_epoch,
 )
-from common.training import TrainSettings
+from common.learn.models import build_model, make_dp_compatible
+from common.learn.models.staged import InputAdapter, StagedModel, set_trainable
+from tests.conftest import tree_dp_settings, tree_privacy, tree_train_settings
 
 CPU = torch.device("cpu")
 
@@ -49,7 +47,7 @@ def test_three_rounds_of_kept_history_equal_one_accountant_over_all_steps() -> N
 
 
 def test_planned_noise_spends_the_target_over_the_planned_epochs() -> None:
-    dp = DPSGDSettings(target_epsilon=3.0, delta=1e-4)
+    dp = tree_dp_settings(target_epsilon=3.0, delta=1e-4)
     sigma = planned_noise(dp, n_train=500, batch_size=25, epochs_total=6, delta=1e-4)
     steps = steps_per_epoch(500, 25)
     eps = PrivacyLedger([(sigma, 1 / steps, steps * 6)]).epsilon(1e-4)
@@ -71,7 +69,7 @@ def test_planned_noise_spends_the_target_over_the_planned_epochs() -> None:
 )
 def test_bad_dp_settings_name_the_key(key: str, value: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        dp_settings({"name": "dp_sgd", key: value})
+        dp_settings(tree_privacy("dp_sgd", **{key: value}))
 
 
 def test_privacy_off_has_no_settings() -> None:
@@ -110,8 +108,10 @@ def test_batchnorm_cnn_trains_under_dp_and_rounds_accumulate() -> None:
     assert _batchnorm_count(model) == 0
     x, labels = _site()
     idx = np.arange(len(labels))
-    settings = TrainSettings(batch_size=16, lr=0.01)
-    dp = DPSGDSettings(target_epsilon=5.0, delta=1e-3, max_grad_norm=1.0, max_physical_batch_size=8)
+    settings = tree_train_settings(batch_size=16, lr=0.01)
+    dp = tree_dp_settings(
+        target_epsilon=5.0, delta=1e-3, max_grad_norm=1.0, max_physical_batch_size=8
+    )
     ledger = PrivacyLedger()
     before = [p.detach().clone() for p in model.parameters()]
     eps = []
@@ -165,9 +165,6 @@ def test_a_model_opacus_cannot_fix_is_a_config_error() -> None:
 
 
 # ------------------------------------------------------------ in a federation
-@pytest.fixture
-def _no_real_data(monkeypatch):
-    monkeypatch.delenv("FEDSCAN_DATA", raising=False)
 
 
 @pytest.mark.usefixtures("_no_real_data")
@@ -175,7 +172,7 @@ def test_dp_federation_accounts_per_site_across_rounds_and_a_resume_stops_at_the
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from simulations.federated import run_federated
-    from tests.test_simulation import BASE
+    from tests.conftest import SIM_BASE as BASE
 
     dp = [*BASE, f"runs_dir={tmp_path}", "privacy=dp_sgd", "privacy.target_epsilon=4"]
     run = run_federated([*dp, "federation.rounds=2"])
@@ -198,32 +195,68 @@ def test_dp_federation_accounts_per_site_across_rounds_and_a_resume_stops_at_the
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def _round_one_update(run: Path, initial: dict[str, torch.Tensor]) -> np.ndarray:
+    """The global model's change in round 1, flattened (what the server's aggregate did)."""
+    after = torch.load(run / "last.pt", weights_only=False)["arrays"]
+    return np.concatenate([(after[k] - initial[k]).double().flatten().numpy() for k in initial])
+
+
+@pytest.fixture(scope="module")
+def plain_round(tmp_path_factory: pytest.TempPathFactory):
+    """One FedAvg round without DP, and the initial global model it started from."""
+    from common.core.config import load_config
+    from common.federated.exchange import exchanged_keys, get_exchanged
+    from common.learn.prepare import prepare_run
+    from simulations.federated import run_federated
+    from tests.conftest import SIM_BASE
+
+    mp = pytest.MonkeyPatch()
+    mp.delenv("FEDSCAN_DATA", raising=False)
+    base = [*SIM_BASE, "federation.rounds=1", "federation.fraction_evaluate=0"]
+    model = prepare_run(load_config(base)).model  # the server's seeded initial model
+    initial = get_exchanged(model, exchanged_keys(model))
+    run = run_federated([*base, f"runs_dir={tmp_path_factory.mktemp('plain')}"])
+    yield base, initial, _round_one_update(run, initial)
+    mp.undo()
+
+
 @pytest.mark.usefixtures("_no_real_data")
 @pytest.mark.parametrize("side", ["client", "server"])
-def test_central_dp_clips_and_noises_updates(tmp_path: Path, side: str) -> None:
+def test_central_dp_clips_and_noises_updates(tmp_path: Path, side: str, plain_round) -> None:
+    """Against the same round without DP: with noise 0 the aggregate update is clipped to
+    the norm (each site's is, so their average is); with noise it differs from the
+    noise-free one by Gaussian noise of Flower's std (noise x norm / sampled sites)."""
     from simulations.federated import run_federated
-    from tests.test_simulation import BASE
 
-    run = run_federated(
-        [
-            *BASE,
-            f"runs_dir={tmp_path}",
-            "federation.rounds=1",
-            "privacy=central",
-            f"privacy.side={side}",
-            "privacy.noise_multiplier=0.1",
-            "privacy.clipping_norm=0.5",
-        ]
+    base, initial, plain = plain_round
+    norm = float(np.linalg.norm(plain)) / 4  # well below what the sites' updates are
+    dp = [*base, "privacy=central", f"privacy.side={side}", f"privacy.clipping_norm={norm}"]
+    clipped = _round_one_update(
+        run_federated([*dp, "privacy.noise_multiplier=0", f"runs_dir={tmp_path / 'a'}"]), initial
     )
-    arrays = torch.load(run / "last.pt", weights_only=False)["arrays"]
-    assert all(torch.isfinite(v).all() for v in arrays.values())
-    assert len(json.loads((run / "metrics.json").read_text())["rounds"][0]["sites"]["train"]) == 2
+    assert np.linalg.norm(clipped) <= norm * (1 + 1e-4)
+    assert np.linalg.norm(plain) > 3.9 * norm
+    cos = clipped @ plain / (np.linalg.norm(clipped) * np.linalg.norm(plain))
+    assert cos > 0.9  # clipping scales the sites' updates; it does not replace them
+
+    # small noise: Flower adds it to every exchanged tensor, BatchNorm variances included
+    expected = 0.01  # Flower's std: noise_multiplier * clipping_norm / sampled sites
+    multiplier = expected * 2 / norm
+    noisy = _round_one_update(
+        run_federated(
+            [*dp, f"privacy.noise_multiplier={multiplier}", f"runs_dir={tmp_path / 'b'}"]
+        ),
+        initial,
+    )
+    noise = noisy - clipped
+    assert abs(noise.mean()) < 5 * expected / np.sqrt(noise.size)
+    assert noise.std() == pytest.approx(expected, rel=0.05)
 
 
 @pytest.mark.usefixtures("_no_real_data")
 def test_bad_dp_setting_stops_a_simulation_before_it_starts(tmp_path: Path) -> None:
     from simulations.federated import run_federated
-    from tests.test_simulation import BASE
+    from tests.conftest import SIM_BASE as BASE
 
     with pytest.raises(ConfigError, match=r"privacy\.max_grad_norm"):
         run_federated([*BASE, f"runs_dir={tmp_path}", "privacy=dp_sgd", "privacy.max_grad_norm=0"])

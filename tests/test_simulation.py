@@ -7,21 +7,9 @@ import pytest
 import torch
 
 from simulations.federated import run_federated
+from tests.conftest import SIM_BASE as BASE
 
-BASE = [
-    "model=paper_cnn",
-    "dataset.image_size=32",
-    "dataset.size=32",
-    "dataset.per_class=24",
-    "train.batch_size=16",
-    "federation.num_sites=2",
-    "federation.min_nodes=2",
-]
-
-
-@pytest.fixture(autouse=True)
-def _no_real_data(monkeypatch):
-    monkeypatch.delenv("FEDSCAN_DATA", raising=False)
+pytestmark = pytest.mark.usefixtures("_no_real_data")
 
 
 def test_two_round_simulation_writes_per_site_metrics(tmp_path: Path):
@@ -62,7 +50,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path):
 
 
 def test_more_min_nodes_than_sites_is_refused(tmp_path: Path):
-    from common.errors import ConfigError
+    from common.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"federation\.min_nodes"):
         run_federated([*BASE, f"runs_dir={tmp_path}", "federation.min_nodes=3"])

@@ -22,7 +22,7 @@ from PIL import Image
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLSLossless
 
-from common.sitecheck import site_check
+from common.commands.sitecheck import site_check
 from simulations.cli import main
 from tests.conftest import noise, save_gray
 from tests.test_dicom import PATIENT, write_dicom

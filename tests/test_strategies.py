@@ -1,5 +1,6 @@
 """Server-side aggregation through fedscan's strategies, on hand-made site replies."""
 
+import dataclasses
 import time
 
 import numpy as np
@@ -9,10 +10,12 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
 from flwr.common import MessageType, Metadata
 
-from common.errors import ConfigError
+from common.core.config import load_config
+from common.core.errors import ConfigError
+from common.federated.settings import federation_settings
 from server.strategies import STRATEGIES, build_strategy
 
-FED = {"min_nodes": 2, "fraction_train": 1.0, "fraction_evaluate": 1.0}
+FED = federation_settings(load_config(["dataset=synthetic", "federation.min_nodes=2"]))
 
 
 def reply(node: int, value: float, n: int, *, shape=(3,)):
@@ -77,7 +80,7 @@ def test_registry_and_bad_settings():
     with pytest.raises(ConfigError, match=r"strategy\.mu"):
         build_strategy({"name": "fedprox", "mu": -1}, FED)
     with pytest.raises(ConfigError, match=r"federation\.min_nodes"):
-        build_strategy({"name": "fedavg"}, {**FED, "min_nodes": 0})
+        build_strategy({"name": "fedavg"}, dataclasses.replace(FED, min_nodes=0))
 
 
 def test_too_few_sites_is_a_clear_error_not_a_hang():
@@ -143,7 +146,7 @@ def test_updates_with_wrong_names_shapes_or_values_are_rejected_by_name(name, ca
 
 
 def test_too_few_usable_updates_leave_the_global_model_unchanged(caplog):
-    s = build_strategy({"name": "fedavg"}, {**FED, "min_nodes": 3})
+    s = build_strategy({"name": "fedavg"}, dataclasses.replace(FED, min_nodes=3))
     arrays, metrics = s.aggregate_train(
         5, [reply(1, 1.0, 10), reply(2, 2.0, 10), reply(3, float("nan"), 10)]
     )

@@ -2,10 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from common.errors import ConfigError
-from common.models import build_model
-from common.training import Batches, TrainSettings, proximal_term
-from common.transforms import Augment
+from common.core.errors import ConfigError
+from common.data.transforms import Augment
+from common.learn.models import build_model
+from common.learn.training import Batches, proximal_term
+from tests.conftest import tree_train_settings
 
 
 def test_batches_are_deterministic_and_cover_the_split():
@@ -50,4 +51,4 @@ def test_proximal_term_zero_at_anchor_and_mu_zero():
 )
 def test_bad_train_settings_name_the_key(key, value):
     with pytest.raises(ConfigError, match=f"train.{key}"):
-        TrainSettings(**{key: value})
+        tree_train_settings(**{key: value})

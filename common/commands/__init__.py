@@ -1,0 +1,1 @@
+"""Whole commands behind the CLI: ``fedscan audit``, ``fedscan site check``, ``fedscan report``."""

@@ -1,0 +1,272 @@
+"""``fedscan report RUN_DIR...``: the paper's table over many run folders.
+
+Reads every run folder the harness writes (federated, local, pooled, and the
+centralised ``fedscan train``), one row per (run, test split), then groups rows
+by dataset, test split, method and partition and reports mean +- std over the
+seeds. Nothing is re-evaluated: the numbers are the ones the runs recorded.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.core.errors import DataError
+from common.runs.plots import plot_confusion, plot_site_histogram
+from common.runs.record import read_run
+
+METRICS = ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall", "macro_f1")
+ORDER = {"pooled": 0, "centralised": 0, "local": 1}  # then the federated strategies
+
+
+def _summary(m: dict) -> dict[str, float]:
+    row = {k: float(m[k]) for k in METRICS}
+    row.update({f"recall_{c}": float(v["recall"]) for c, v in m["per_class"].items()})
+    return row
+
+
+def load_run(run_dir: Path) -> list[dict[str, Any]]:
+    """One row per test split of the run in ``run_dir`` (read through :func:`read_run`)."""
+    run = read_run(run_dir)
+    base = {
+        "dataset": run.dataset,
+        "method": run.method,
+        "partition": run.partition,
+        "seed": run.seed,
+        "synthetic": run.synthetic,
+        "run": str(run.dir),
+    }
+    rows = []
+    if run.kind == "federated":
+        site_acc = [s["val_accuracy"] for s in run.site_rows("evaluate")]
+        evaluated = run.evaluated_rounds
+        for split, m in run.final().items():
+            rows.append(
+                {
+                    **base,
+                    "split": split,
+                    **_summary(m),
+                    "worst_site_accuracy": min(site_acc) if site_acc else None,
+                    "confusion_matrix": m["confusion_matrix"],
+                    "curve": [
+                        (r["round"], r["global"][split]["accuracy"], r["global"][split]["loss"])
+                        for r in evaluated
+                    ],
+                }
+            )
+    elif run.kind == "local":  # the average site, and the worst one
+        sites = run.sites
+        for split in sites[0]["final"]:
+            per_site = [_summary(s["final"][split]) for s in sites]
+            mean = {k: float(np.mean([p[k] for p in per_site])) for k in per_site[0]}
+            cms = np.sum([s["final"][split]["confusion_matrix"] for s in sites], axis=0)
+            rows.append(
+                {
+                    **base,
+                    "split": split,
+                    **mean,
+                    "worst_site_accuracy": min(p["accuracy"] for p in per_site),
+                    "confusion_matrix": cms.tolist(),
+                    "curve": None,
+                }
+            )
+    else:  # pooled / centralised
+        for split, m in run.final().items():
+            rows.append(
+                {
+                    **base,
+                    "split": split,
+                    **_summary(m),
+                    "worst_site_accuracy": None,
+                    "confusion_matrix": m["confusion_matrix"],
+                    "curve": None,
+                }
+            )
+    return rows
+
+
+def aggregate(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and standard deviation over seeds per (dataset, split, method, partition)."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["dataset"], r["split"], r["method"], r["partition"])].append(r)
+    out = []
+    for (dataset, split, method, part), rs in groups.items():
+        keys = [
+            k
+            for k in rs[0]
+            if (k in METRICS or k.startswith("recall_") or k == "worst_site_accuracy")
+        ]
+        row: dict[str, Any] = {
+            "dataset": dataset,
+            "split": split,
+            "method": method,
+            "partition": part,
+            "seeds": len(rs),
+            "synthetic": any(r["synthetic"] for r in rs),
+        }
+        for k in keys:
+            vals = [r[k] for r in rs if r.get(k) is not None]
+            row[f"{k}_mean"] = float(np.mean(vals)) if vals else None
+            row[f"{k}_std"] = float(np.std(vals)) if vals else None
+        out.append(row)
+    out.sort(
+        key=lambda r: (
+            r["dataset"],
+            r["split"],
+            r["partition"] != "-",
+            _partition_order(r["partition"]),
+            ORDER.get(r["method"], 2),
+            r["method"],
+        )
+    )
+    return out
+
+
+def _partition_order(label: str) -> tuple:
+    """iid first, then Dirichlet from mild to severe (large alpha to small)."""
+    if label.startswith("iid") or label == "-":
+        return (0, 0.0)
+    if label.startswith("dirichlet(alpha="):
+        return (1, -float(label.split("=")[1].rstrip(")")))
+    return (2, label)
+
+
+def _pm(row: dict, key: str, pct: bool = True) -> str:
+    mean, std = row.get(f"{key}_mean"), row.get(f"{key}_std")
+    if mean is None:
+        return "-"
+    scale = 100.0 if pct else 1.0
+    return f"{mean * scale:.1f} ± {std * scale:.1f}" if row["seeds"] > 1 else f"{mean * scale:.1f}"
+
+
+def to_markdown(table: Sequence[dict[str, Any]]) -> str:
+    """One markdown table per (dataset, test split), percentages as mean ± std."""
+    out = []
+    by: dict[tuple, list[dict]] = defaultdict(list)
+    for r in table:
+        by[(r["dataset"], r["split"])].append(r)
+    for (dataset, split), rows in by.items():
+        recalls = list(  # class order, as the runs recorded it
+            dict.fromkeys(
+                k[7:-5] for r in rows for k in r if k.startswith("recall_") and k.endswith("_mean")
+            )
+        )
+        synthetic = " (SYNTHETIC data)" if any(r["synthetic"] for r in rows) else ""
+        out.append(f"### {dataset}, test split `{split}`{synthetic}\n")
+        head = ["method", "partition", "seeds", "accuracy", "bal. acc.", "macro P", "macro R"]
+        head += ["macro F1", *[f"recall {c}" for c in recalls], "worst site acc."]
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "---|" * len(head))
+        for r in rows:
+            cells = [r["method"], r["partition"], str(r["seeds"])]
+            cells += [_pm(r, k) for k in METRICS]
+            cells += [_pm(r, f"recall_{c}") for c in recalls]
+            cells.append(_pm(r, "worst_site_accuracy"))
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_report(run_dirs: Sequence[Path], out: Path) -> dict[str, Path]:
+    """``report.md``, ``report.csv`` and the plots for ``run_dirs`` into ``out``."""
+    rows = [row for d in run_dirs for row in load_run(d)]
+    if not rows:
+        raise DataError(out, "no runs to report")
+    table = aggregate(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"markdown": out / "report.md", "csv": out / "report.csv"}
+    files["markdown"].write_text("# fedscan report\n\n" + to_markdown(table))
+    columns = sorted({k for r in table for k in r}, key=lambda k: (k not in _FIRST, k))
+    with open(files["csv"], "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=sorted(columns, key=_csv_order))
+        w.writeheader()
+        w.writerows(table)
+    files.update(_plots(rows, out))
+    return files
+
+
+_FIRST = ("dataset", "split", "method", "partition", "seeds", "synthetic")
+
+
+def _csv_order(k: str) -> tuple:
+    return (_FIRST.index(k) if k in _FIRST else len(_FIRST), k)
+
+
+def _slug(s: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in s)
+
+
+def _plots(rows: list[dict], out: Path) -> dict[str, Path]:
+    """Per dataset and first test split: accuracy/loss per round for every federated
+    method x partition (mean over seeds, pooled as a reference line), confusion
+    matrices summed over seeds, and the first seed's per-site class histogram."""
+    import matplotlib.pyplot as plt
+
+    files: dict[str, Path] = {}
+    datasets = sorted({r["dataset"] for r in rows})
+    for ds in datasets:
+        mine = [r for r in rows if r["dataset"] == ds]
+        split = sorted({r["split"] for r in mine})[0]
+        mine = [r for r in mine if r["split"] == split]
+        fig, (ax_a, ax_l) = plt.subplots(1, 2, figsize=(11, 4))
+        curves: dict[tuple, list] = defaultdict(list)
+        for r in mine:
+            if r["curve"]:
+                curves[(r["method"], r["partition"])].append(r["curve"])
+        for (method, part), cs in sorted(curves.items()):
+            n = min(len(c) for c in cs)
+            xs = [c[0] for c in cs[0][:n]]
+            acc = np.mean([[p[1] for p in c[:n]] for c in cs], axis=0)
+            loss = np.mean([[p[2] for p in c[:n]] for c in cs], axis=0)
+            ax_a.plot(xs, acc, "-o", ms=3, label=f"{method} {part}")
+            ax_l.plot(xs, loss, "-o", ms=3, label=f"{method} {part}")
+        pooled = [r["accuracy"] for r in mine if r["method"] in ("pooled", "centralised")]
+        if pooled:
+            ax_a.axhline(float(np.mean(pooled)), ls="--", c="k", label="pooled")
+        ax_a.set(xlabel="round", ylabel="accuracy", title=f"{ds}: global accuracy ({split})")
+        ax_l.set(xlabel="round", ylabel="loss", title=f"{ds}: global loss ({split})")
+        for ax in (ax_a, ax_l):
+            ax.grid(alpha=0.3)
+        ax_a.legend(fontsize=7)
+        fig.tight_layout()
+        files[f"curves_{ds}"] = out / f"curves_{_slug(ds)}.png"
+        fig.savefig(files[f"curves_{ds}"], dpi=110)
+        plt.close(fig)
+
+        cms: dict[str, np.ndarray] = {}
+        for r in mine:
+            key = f"{r['method']} {r['partition']}".replace(" -", "")
+            cms[key] = cms.get(key, 0) + np.asarray(r["confusion_matrix"])
+        classes = [k[7:] for k in mine[0] if k.startswith("recall_")]
+        for start in range(0, len(cms), 4):
+            chunk = dict(sorted(cms.items())[start : start + 4])
+            path = out / f"confusion_{_slug(ds)}_{start // 4}.png"
+            plot_confusion(chunk, classes, path, title=f"{ds} ({split}), summed over seeds")
+            files[f"confusion_{ds}_{start // 4}"] = path
+
+        seen = set()
+        for r in sorted(mine, key=lambda r: r["seed"]):
+            part_csv = Path(r["run"]) / "partition.csv"
+            if r["partition"] in seen or not part_csv.exists():
+                continue
+            seen.add(r["partition"])
+            with open(part_csv) as fh:
+                table = list(csv.reader(fh))
+            header, body = table[0], table[1:]
+            counts = np.array([[int(v) for v in row[1:-1]] for row in body])
+            path = out / f"partition_{_slug(ds)}_{_slug(r['partition'])}.png"
+            plot_site_histogram(
+                counts,
+                header[1:-1],
+                path,
+                title=f"{ds}: {r['partition']}, seed {r['seed']}",
+                sites=[row[0] for row in body],
+            )
+            files[f"partition_{ds}_{r['partition']}"] = path
+    return files

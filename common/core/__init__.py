@@ -1,0 +1,1 @@
+"""Errors that name what to fix, registries, paths, the one config tree, process helpers."""

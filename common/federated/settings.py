@@ -1,0 +1,116 @@
+"""The ``federation`` and ``strategy`` config groups, validated without Flower.
+
+No field has a default (``configs/config.yaml`` holds them). ``epoch_budget`` is
+the one definition of a federated run's local compute, rounds x local epochs,
+used by the local / pooled baselines, the DP-SGD noise calibration and the
+study drivers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from common.core.config import config_dir
+from common.core.errors import ConfigError
+from common.core.settings import from_section
+
+# Server-side test metrics that can pick best.pt
+BEST_METRICS = ("macro_f1", "accuracy", "balanced_accuracy", "loss")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FederationSettings:
+    num_sites: int
+    rounds: int
+    local_epochs: int
+    fraction_train: float
+    fraction_evaluate: float
+    min_nodes: int
+    fedbn: bool
+    site_val_fraction: float
+    evaluate_every: int
+    best_metric: str
+    round_timeout_s: float
+    wait_for_nodes_s: float
+    resume: str | None
+    cpus_per_site: int | None
+
+    def __post_init__(self) -> None:
+        checks = [
+            # num_sites / rounds are top-level keys (federation.* are their aliases)
+            ("num_sites", self.num_sites >= 1, "must be >= 1"),
+            ("rounds", self.rounds >= 1, "must be >= 1"),
+            ("federation.local_epochs", self.local_epochs >= 1, "must be >= 1"),
+            ("federation.fraction_train", 0 < self.fraction_train <= 1, "must be in (0, 1]"),
+            # 0: no federated evaluation
+            ("federation.fraction_evaluate", 0 <= self.fraction_evaluate <= 1, "must be in [0, 1]"),
+            ("federation.min_nodes", self.min_nodes >= 1, "must be >= 1"),
+            ("federation.site_val_fraction", 0 < self.site_val_fraction < 1, "must be in (0, 1)"),
+            ("federation.evaluate_every", self.evaluate_every >= 1, "must be >= 1"),
+            ("federation.best_metric", self.best_metric in BEST_METRICS, f"use {BEST_METRICS}"),
+            ("federation.round_timeout_s", self.round_timeout_s > 0, "must be > 0"),
+            ("federation.wait_for_nodes_s", self.wait_for_nodes_s >= 0, "must be >= 0"),
+            (
+                "federation.cpus_per_site",
+                self.cpus_per_site is None or self.cpus_per_site >= 1,
+                "must be >= 1 (or null)",
+            ),
+        ]
+        for key, ok, msg in checks:
+            if not ok:
+                value = getattr(self, key.split(".")[-1])
+                raise ConfigError(key, f"{msg}, got {value!r}")
+
+    @property
+    def epoch_budget(self) -> int:
+        """A site's local epochs over the whole run: rounds x local epochs."""
+        return self.rounds * self.local_epochs
+
+
+def federation_settings(cfg: DictConfig) -> FederationSettings:
+    """The ``federation`` group of ``cfg``, typed and validated."""
+    return from_section(FederationSettings, cfg.federation, "federation")
+
+
+# Parameters of the strategies in configs/strategy/, and what each must satisfy.
+_STRATEGY_RULES = {
+    "mu": (lambda v: v >= 0, "must be >= 0"),
+    "eta": (lambda v: v > 0, "must be > 0"),
+    "eta_l": (lambda v: v > 0, "must be > 0"),
+    "beta_1": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "beta_2": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "tau": (lambda v: v > 0, "must be > 0"),
+    "beta": (lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
+    "num_malicious_nodes": (lambda v: v >= 0 and float(v).is_integer(), "must be an integer >= 0"),
+}
+
+
+def strategy_names() -> list[str]:
+    """The strategies the config tree offers (``configs/strategy/<name>.yaml``)."""
+    return sorted(p.stem for p in (config_dir() / "strategy").glob("*.yaml"))
+
+
+def check_strategy(section: Mapping[str, Any]) -> None:
+    """Fail on a bad ``strategy`` setting without building anything: an unknown name,
+    a parameter its ``configs/strategy/<name>.yaml`` does not declare, a value out of range."""
+    name = str(section.get("name"))
+    names = strategy_names()
+    if name not in names:
+        raise ConfigError("strategy.name", f"unknown strategy '{name}'; available: {names}")
+    declared = set(OmegaConf.load(config_dir() / "strategy" / f"{name}.yaml")) - {"name"}
+    for key, value in section.items():
+        if key == "name":
+            continue
+        if key not in declared:
+            raise ConfigError(
+                f"strategy.{key}", f"'{name}' takes {sorted(declared) or 'no parameters'}"
+            )
+        ok, msg = _STRATEGY_RULES.get(key, (lambda v: True, ""))
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"strategy.{key}", f"expected a number, got {value!r}")
+        if not ok(value):
+            raise ConfigError(f"strategy.{key}", f"{msg}, got {value!r}")

@@ -1,0 +1,124 @@
+"""A site's view of the data: its own samples, split into local train and validation.
+
+In simulation a site is partition ``partition_id`` of the configured dataset's
+training pool (the global test sets stay with the server). In deployment it is
+the hospital's own folder (``data_path``), read with the generic site layout.
+Both paths end in the same :class:`SiteData`, so a site has one code path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from common.core.errors import ConfigError, DataError
+from common.data.partition import partition
+from common.data.pipeline import PreparedData
+from common.data.splits import group_holdout
+from common.federated.wire import COUNT_PREFIX, DATA_PATH, PARTITION_ID
+from common.learn.prepare import PreparedRun, prepare_run
+
+
+@dataclass
+class SiteData:
+    run: PreparedRun  # the process's data, model template and model inputs
+    train: np.ndarray  # this site's training indices
+    val: np.ndarray  # and its own validation split
+
+    @property
+    def x(self) -> np.ndarray:
+        return self.run.x
+
+    @property
+    def start(self) -> int:
+        return self.run.start
+
+    @property
+    def prepared(self) -> PreparedData:
+        return self.run.data
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.run.labels
+
+    def train_class_counts(self) -> dict[str, int]:
+        """Per-class training counts as reply metrics (aggregates, no sample ids)."""
+        return class_counts_metrics(self.labels[self.train], self.run.classes)
+
+
+def class_counts_metrics(labels: np.ndarray, classes: Sequence[str]) -> dict[str, int]:
+    """A site's per-class training counts as metric entries (``n_train_<class>``)."""
+    counts = np.bincount(labels, minlength=len(classes))
+    return {f"{COUNT_PREFIX}{c}": int(n) for c, n in zip(classes, counts, strict=True)}
+
+
+def site_config(cfg: DictConfig, data_path: str | None) -> DictConfig:
+    """Point ``cfg`` at a hospital folder when the node was given a ``data-path``."""
+    if not data_path:
+        return cfg
+    path = Path(str(data_path)).expanduser()
+    if not path.is_dir():
+        raise DataError(path, f"node config '{DATA_PATH}' does not exist or is not a folder")
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg))
+    domain = cfg.dataset.domain
+    cfg.dataset = OmegaConf.merge(
+        cfg.dataset, {"name": "site", "path": str(path), "domain": domain}
+    )
+    cfg.dataset.split.policy = "grouped"
+    return cfg
+
+
+def site_indices(
+    cfg: DictConfig,
+    prepared: PreparedData,
+    *,
+    partition_id: int | None,
+    num_partitions: int | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The site's (train, val) indices: its partition, or its whole folder in deployment."""
+    s = prepared.splits
+    labels = prepared.collection.labels
+    if partition_id is None:  # deployment: every readable sample of the site's folder
+        pool = np.flatnonzero(prepared.cache.ok)
+    else:
+        if num_partitions is None or not 0 <= partition_id < num_partitions:
+            raise ConfigError(PARTITION_ID, f"{partition_id} not in [0, {num_partitions})")
+        pool_all = np.sort(np.concatenate([s.train, s.val]))
+        pool = partition(
+            pool_all, s.groups, labels, num_partitions, cfg=cfg.partition, seed=int(cfg.seed)
+        )[partition_id]
+    fraction = float(cfg.federation.site_val_fraction)
+    try:
+        return group_holdout(
+            pool, labels, s.groups, fraction, int(cfg.seed), "site val", few_groups_ok=True
+        )
+    except DataError as exc:
+        raise DataError(prepared.collection.root, f"site has too little data: {exc}") from None
+
+
+@lru_cache(maxsize=2)
+def _prepared(cfg_yaml: str, data_path: str) -> tuple[DictConfig, PreparedRun]:
+    """Per process, once per config: data, decode cache, model template, trunk features.
+
+    Shared by every partition a simulation actor serves, so rotating sites through
+    a few actors never re-reads the dataset.
+    """
+    cfg = site_config(OmegaConf.create(cfg_yaml), data_path or None)
+    return cfg, prepare_run(cfg)
+
+
+@lru_cache(maxsize=1024)
+def load_site(
+    cfg_yaml: str, partition_id: int | None, num_partitions: int | None, data_path: str
+) -> tuple[DictConfig, SiteData]:
+    """The site's config (pointed at its folder in deployment) and its data, cached."""
+    cfg, run = _prepared(cfg_yaml, data_path)
+    train, val = site_indices(
+        cfg, run.data, partition_id=partition_id, num_partitions=num_partitions
+    )
+    return cfg, SiteData(run=run, train=train, val=val)

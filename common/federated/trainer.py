@@ -1,0 +1,235 @@
+"""The site contract: what one site does with the global model, framework-free.
+
+Modelled on ``monai.fl``'s ``ClientAlgo``: :class:`SiteTrainer` has
+``train(global arrays, round) -> (arrays, metrics)`` and ``evaluate(global
+arrays) -> metrics``; the Flower ClientApp only unpacks a message, calls one of
+them and packs the reply. Everything a site decides lives here: the seed rule,
+plain / FedProx / DP-SGD local training, the privacy ledger, the validation
+metrics, and which tensors stay at the site (FedBN).
+
+What a site keeps between rounds is a :class:`SiteState` the caller stores (Flower
+node state in the ClientApp), so the trainer itself holds no per-round state.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from common.data.transforms import Augment
+from common.federated.exchange import exchanged_keys, get_exchanged, local_keys, set_exchanged
+from common.federated.privacy import PrivacyLedger, dp_settings, dp_site_round, ledger_file
+from common.federated.settings import federation_settings
+from common.federated.site import SiteData, load_site
+from common.federated.wire import NO_SITE, NUM_EXAMPLES, SITE_ID, node_site
+from common.learn.models.staged import StagedModel
+from common.learn.settings import TrainSettings, train_settings
+from common.learn.training import (
+    Batches,
+    evaluate_model,
+    loss_function,
+    make_optimizer,
+    place_model,
+    train_one_epoch,
+)
+
+Arrays = dict[str, torch.Tensor]
+
+
+@dataclass
+class SiteState:
+    """What a site keeps across rounds: its own tensors (FedBN) and its privacy ledger."""
+
+    local_arrays: Arrays = field(default_factory=dict)
+    ledger: dict[str, Any] | None = None  # PrivacyLedger.to_dict()
+
+
+def site_seed(seed: int, rnd: int, partition_id: int | None) -> int:
+    """The seed of a site's round: differs per run seed, round and site."""
+    return seed * 100_003 + rnd * 1_009 + (partition_id or 0)
+
+
+def local_fit(
+    model: StagedModel,
+    x: np.ndarray,
+    labels: np.ndarray,
+    indices: np.ndarray,
+    settings: TrainSettings,
+    *,
+    device: torch.device,
+    start: int,
+    epochs: int,
+    proximal_mu: float = 0.0,
+    seed: int = 0,
+    augment: Augment | None = None,
+) -> tuple[float, float]:
+    """A site's local epochs from the received global weights; FedProx when ``mu`` > 0.
+
+    The optimizer is created fresh each round (Flower's examples do the same):
+    momentum from a previous global model would point the wrong way.
+    """
+    place_model(model, device)
+    anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    batches = Batches(
+        x,
+        labels,
+        indices,
+        batch_size=settings.batch_size,
+        shuffle=True,
+        balanced=settings.sampler == "balanced",
+        augment=augment,
+        seed=seed,
+    )
+    loss_fn = loss_function(settings, labels[indices], model.num_classes)
+    optimizer = make_optimizer(model, settings)
+    loss, acc = float("nan"), float("nan")
+    for _ in range(epochs):
+        loss, acc = train_one_epoch(
+            model,
+            batches,
+            optimizer,
+            loss_fn,
+            device=device,
+            start=start,
+            proximal_mu=proximal_mu,
+            anchor=anchor,
+        )
+    return loss, acc
+
+
+class SiteTrainer:
+    """One site: its data, its settings, and the two things a server asks of it."""
+
+    def __init__(
+        self, cfg: DictConfig, site: SiteData, *, partition_id: int | None, data_path: str = ""
+    ) -> None:
+        self.cfg, self.site = cfg, site
+        self.partition_id, self.data_path = partition_id, data_path
+        self.settings = train_settings(cfg)
+        self.federation = federation_settings(cfg)
+        self.dp = dp_settings(cfg.privacy)
+        self.device = site.run.device
+
+    @classmethod
+    def for_node(cls, cfg: DictConfig, node_config: Mapping[str, Any]) -> SiteTrainer:
+        """The trainer of the node described by ``node_config`` (data cached per process)."""
+        pid, n, data_path = node_site(node_config)
+        site_cfg, site = load_site(OmegaConf.to_yaml(cfg), pid, n, data_path)
+        return cls(site_cfg, site, partition_id=pid, data_path=data_path)
+
+    @property
+    def site_id(self) -> int:
+        """The ``partition-id`` a site reports: its partition, or ``NO_SITE`` when deployed."""
+        return NO_SITE if self.partition_id is None else self.partition_id
+
+    # ------------------------------------------------------------------ contract
+    def train(
+        self,
+        arrays: Arrays,
+        *,
+        rnd: int,
+        state: SiteState,
+        proximal_mu: float = 0.0,
+        run_key: str = "",
+    ) -> tuple[Arrays, dict[str, float | int]]:
+        """Local training from the global ``arrays``; returns the update and reply metrics.
+
+        ``state`` is read and updated in place (FedBN tensors, privacy ledger).
+        """
+        model, keys = self._model(arrays, state)
+        seed = site_seed(self.settings.seed, rnd, self.partition_id)
+        torch.manual_seed(seed)
+        site = self.site
+        augment = Augment(self.settings.augment, seed=seed) if site.start == 0 else None
+        fit = {
+            "device": self.device,
+            "start": site.start,
+            "epochs": self.federation.local_epochs,
+            "proximal_mu": proximal_mu,
+            "seed": seed,
+            "augment": augment,
+        }
+        metrics: dict[str, float | int] = {NUM_EXAMPLES: len(site.train), SITE_ID: self.site_id}
+        # per-class counts (aggregate): the partition report is what sites really hold
+        metrics.update(site.train_class_counts())
+        if self.dp is None:
+            loss, acc = local_fit(model, site.x, site.labels, site.train, self.settings, **fit)
+            metrics.update(train_loss=loss, train_accuracy=acc)
+        else:
+            metrics.update(self._dp_round(model, rnd, run_key, state, fit))
+        metrics.update(self._val_metrics(model))
+        kept = local_keys(model, keys)
+        if kept:
+            state.local_arrays = get_exchanged(model.cpu(), kept)
+        return get_exchanged(model.cpu(), keys), metrics
+
+    def evaluate(self, arrays: Arrays, *, state: SiteState) -> dict[str, float | int]:
+        """The global model (with this site's own FedBN tensors) on the site's validation split."""
+        model, _ = self._model(arrays, state)
+        place_model(model, self.device)
+        return {
+            NUM_EXAMPLES: len(self.site.val),
+            SITE_ID: self.site_id,
+            **self._val_metrics(model),
+        }
+
+    # ------------------------------------------------------------------ helpers
+    def _model(self, arrays: Arrays, state: SiteState) -> tuple[StagedModel, list[str]]:
+        """The global weights, plus this site's own kept tensors (FedBN) from earlier rounds."""
+        # A copy of the per-process template: cheaper than rebuilding and re-reading weights.
+        model = copy.deepcopy(self.site.run.model)
+        keys = exchanged_keys(model, fedbn=self.federation.fedbn)
+        set_exchanged(model, arrays, keys)
+        if state.local_arrays:
+            model.load_state_dict(state.local_arrays, strict=False)
+        return model, keys
+
+    def _dp_round(
+        self, model: StagedModel, rnd: int, run_key: str, state: SiteState, fit: dict[str, Any]
+    ) -> dict[str, float | int]:
+        """DP-SGD for this round; the ledger continues from node state, else from its file."""
+        assert self.dp is not None
+        path = ledger_file(
+            run_key=run_key,
+            data_path=self.data_path,
+            runs_dir=str(self.cfg.runs_dir),
+            site=self.partition_id or 0,
+        )
+        if state.ledger is not None:
+            ledger = PrivacyLedger.from_dict(state.ledger)
+        elif path is not None:
+            ledger = PrivacyLedger.load(path, self.dp.accountant)
+        else:
+            ledger = PrivacyLedger([], self.dp.accountant)
+        site = self.site
+        out = dp_site_round(
+            model,
+            site.x,
+            site.labels,
+            site.train,
+            self.settings,
+            self.dp,
+            ledger,
+            site=self.site_id,
+            rnd=rnd,
+            epochs_total=self.federation.epoch_budget,
+            **fit,
+        )
+        state.ledger = ledger.to_dict()
+        if path is not None:
+            ledger.save(path)
+        return out
+
+    def _val_metrics(self, model: StagedModel) -> dict[str, float]:
+        site = self.site
+        batches = Batches(site.x, site.labels, site.val, batch_size=64)
+        m = evaluate_model(model, batches, site.run.classes, device=self.device, start=site.start)
+        out = {"val_loss": m["loss"], "val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"]}
+        out.update({f"val_recall_{c}": v["recall"] for c, v in m["per_class"].items()})
+        return out

@@ -1,0 +1,53 @@
+"""The keys of fedscan's federated messages, in one place.
+
+Client, server, strategies and the run folder all read and write these. Some are
+Flower's own (``server-round``, ``proximal-mu``, ``num-examples``: FedAvg weighs
+by it), some are fedscan's. Plain strings, so this module needs no Flower.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+# Message content records
+ARRAYS = "arrays"
+METRICS = "metrics"
+CONFIG = "config"
+
+# Train / evaluate config, server -> site
+SERVER_ROUND = "server-round"  # Flower: 1-based round of this ServerApp run
+ROUND_OFFSET = "round-offset"  # fedscan: rounds done before a resume
+RUN_KEY = "run-key"  # fedscan: run folder name; sites key their privacy ledger by it
+PROXIMAL_MU = "proximal-mu"  # Flower's FedProx
+
+# Reply metrics, site -> server
+NUM_EXAMPLES = "num-examples"  # Flower's weighting key; 0 = "do not average me"
+SITE_ID = "partition-id"  # the site's partition in simulation; NO_SITE in deployment
+COUNT_PREFIX = "n_train_"  # + class name: the site's training images of that class
+NODE_ID = "node_id"  # added by the server to every recorded reply
+
+# Node config (SuperNode --node-config; simulation injects the first two)
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+DATA_PATH = "data-path"
+
+NO_SITE = -1  # SITE_ID of a deployed site: it has a folder, not a partition
+
+
+def round_number(config: Mapping[str, Any]) -> int:
+    """The run's round (1-based, continuing across a resume) from a train/evaluate config."""
+    return int(config.get(SERVER_ROUND, 1)) + int(config.get(ROUND_OFFSET, 0))
+
+
+def node_site(node_config: Mapping[str, Any]) -> tuple[int | None, int | None, str]:
+    """``(partition_id, num_partitions, data_path)`` of a node.
+
+    A node with a ``data-path`` is a deployed site and has no partition (both
+    ``None``); otherwise it is simulation's partition ``partition-id`` of
+    ``num-partitions`` (Flower always injects both there).
+    """
+    data_path = str(node_config.get(DATA_PATH, "") or "")
+    if data_path:
+        return None, None, data_path
+    return int(node_config.get(PARTITION_ID, 0)), int(node_config.get(NUM_PARTITIONS, 1)), ""

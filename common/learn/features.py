@@ -1,0 +1,93 @@
+"""Frozen-trunk features: the frozen stages run once per image, cached on disk.
+
+This is what makes pretrained models practical on a CPU-only hospital server:
+each epoch then runs only the trainable stages. The cache file's name carries the
+image-cache key and a digest of the frozen weights, so it can never be stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from common.core.paths import cache_root
+from common.data.pipeline import PreparedData
+from common.data.transforms import to_float
+from common.learn.models.staged import StagedModel
+from common.learn.training import autocast
+
+
+def prefix_digest(model: StagedModel, cut: int) -> str:
+    """Identity of the frozen stages' weights, part of the feature-cache key."""
+    h = hashlib.sha1(model.name.encode() + str(cut).encode())
+    for k, v in model.stages[:cut].state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@torch.inference_mode()
+def cached_features(
+    model: StagedModel,
+    images: np.ndarray,
+    indices: np.ndarray,
+    *,
+    cut: int,
+    cache_file: Path,
+    device: torch.device,
+    batch_size: int = 16,
+) -> np.ndarray:
+    """Outputs of ``stages[:cut]`` for every image in ``indices`` (float16, memmapped).
+
+    Rows outside ``indices`` are zeros. Reused when ``cache_file`` exists; its name
+    must carry the image-cache key and :func:`prefix_digest`.
+    """
+    if cache_file.exists():
+        return np.load(cache_file, mmap_mode="r")
+    model.eval()
+    probe = model.forward_until(to_float(torch.from_numpy(images[:1].copy())).to(device), cut)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(".partial.npy")
+    out = np.lib.format.open_memmap(
+        tmp, mode="w+", dtype=np.float16, shape=(len(images), *probe.shape[1:])
+    )
+    idx = np.sort(np.asarray(indices))
+    for s in tqdm(range(0, len(idx), batch_size), desc="frozen trunk", leave=False, disable=None):
+        b = idx[s : s + batch_size]
+        xb = to_float(torch.from_numpy(np.ascontiguousarray(images[b]))).to(device)
+        if device.type == "cpu":
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            out[b] = model.forward_until(xb, cut).float().cpu().numpy().astype(np.float16)
+    out.flush()
+    del out
+    tmp.replace(cache_file)
+    return np.load(cache_file, mmap_mode="r")
+
+
+def model_inputs(
+    model: StagedModel, data: PreparedData, cfg: DictConfig, device: torch.device
+) -> tuple[np.ndarray, int]:
+    """The array the trainable stages read, and the stage they start at.
+
+    With ``model.feature_cache`` and a frozen trunk this is the trunk's cached
+    output (augmentation cannot apply to it); otherwise the cached uint8 images.
+    """
+    cut = model.frozen_until
+    if not (cfg.model.get("feature_cache", False) and cut > 0):
+        return data.cache.images, 0
+    # Every readable image, not just this split's: the cache key does not depend on
+    # the split, so a later run with another seed or fold must find its rows filled.
+    needed = np.flatnonzero(data.cache.ok)
+    folder = cache_root(cfg.cache_dir) / "features"
+    name = f"{data.cache.key}-{model.name}-cut{cut}-{prefix_digest(model, cut)}.npy"
+    model.to(device)
+    feats = cached_features(
+        model, data.cache.images, needed, cut=cut, cache_file=folder / name, device=device
+    )
+    return feats, cut

@@ -1,0 +1,253 @@
+"""Training and evaluation loops shared by the centralised baseline and every site.
+
+Two input kinds feed the same loops: uint8 images from the decode-once cache
+(augmented on the fly) and cached activations of a frozen trunk. The second is
+what makes pretrained models practical on a CPU-only hospital server: the frozen
+stages run once per image instead of once per image per epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from sklearn.utils.class_weight import compute_class_weight
+from torch import nn
+from tqdm import tqdm
+
+from common.core.errors import ConfigError
+from common.core.parallel import available_cpus
+from common.data.transforms import Augment, to_float
+from common.learn.metrics import classification_metrics
+from common.learn.models.staged import StagedModel
+from common.learn.settings import TrainSettings
+
+
+def select_device(preference: str = "auto", num_threads: int | None = None) -> torch.device:
+    """A GPU when present (``auto``), else the CPU limited to the cores we may use."""
+    if preference not in ("auto", "cpu", "cuda"):
+        raise ConfigError("device", f"use auto, cpu or cuda (got '{preference}')")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", "cuda requested but no GPU is visible")
+    use_cuda = preference == "cuda" or (preference == "auto" and torch.cuda.is_available())
+    if not use_cuda:
+        torch.set_num_threads(num_threads or available_cpus())
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
+def place_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move to ``device``; on CPUs use channels-last, ~2x faster convolutions here."""
+    model.to(device)
+    if device.type == "cpu":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision on GPUs (bfloat16 where supported); full precision on CPUs."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+class Batches:
+    """Mini-batches of ``x[indices]`` (uint8 images or float features) and labels.
+
+    Deterministic for a given seed and epoch; ``balanced`` sampling draws with
+    replacement so that every class is seen equally often.
+    """
+
+    def __init__(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        indices: np.ndarray,
+        *,
+        batch_size: int,
+        shuffle: bool = False,
+        balanced: bool = False,
+        augment: Augment | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.x, self.y, self.indices = x, y, np.asarray(indices, dtype=np.int64)
+        self.batch_size, self.shuffle, self.balanced = batch_size, shuffle, balanced
+        self.augment, self.seed, self.epoch = augment, seed, 0
+        self.is_images = x.dtype == np.uint8
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.indices)
+
+    def _order(self) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.balanced:
+            labels = self.y[self.indices]
+            counts = np.bincount(labels)
+            w = 1.0 / counts[labels]
+            return rng.choice(self.indices, size=len(self.indices), replace=True, p=w / w.sum())
+        return rng.permutation(self.indices) if self.shuffle else self.indices
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self._order()
+        self.epoch += 1
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s : s + self.batch_size]
+            sorted_idx = np.sort(idx)  # memmap reads are faster in file order
+            xb = torch.from_numpy(np.ascontiguousarray(self.x[sorted_idx]))
+            yb = torch.from_numpy(self.y[sorted_idx].astype(np.int64))
+            if self.is_images:
+                xb = to_float(xb)
+                if self.augment is not None:
+                    xb = self.augment(xb)
+            else:
+                xb = xb.float()
+            yield xb, yb
+
+
+def loss_function(settings: TrainSettings, train_labels: np.ndarray, num_classes: int) -> nn.Module:
+    weight = None
+    if settings.class_weighting == "balanced":
+        present = np.unique(train_labels)
+        w = np.ones(num_classes)
+        w[present] = compute_class_weight("balanced", classes=present, y=train_labels)
+        weight = torch.tensor(w, dtype=torch.float32)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=settings.label_smoothing)
+
+
+def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=settings.lr, momentum=0.9, weight_decay=settings.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def proximal_term(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's (mu / 2) * ||w - w_global||^2 over the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return (mu / 2.0) * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+
+
+def train_one_epoch(
+    model: StagedModel,
+    batches: Batches,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    *,
+    device: torch.device,
+    start: int = 0,
+    proximal_mu: float = 0.0,
+    anchor: list[torch.Tensor] | None = None,
+    desc: str = "train",
+) -> tuple[float, float]:
+    """One pass; returns (mean loss, accuracy). ``start`` > 0 when inputs are cached features."""
+    model.train()
+    loss_fn = loss_fn.to(device)
+    total, correct, loss_sum = 0, 0, 0.0
+    for xb, yb in tqdm(
+        batches, desc=desc, leave=False, disable=True if len(batches) < 20 else None
+    ):
+        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device):
+            logits = model.forward_from(xb, start)
+            loss = loss_fn(logits.float(), yb)
+        objective = loss
+        if proximal_mu > 0 and anchor is not None:
+            objective = loss + proximal_term(model, anchor, proximal_mu)
+        if not torch.isfinite(objective):
+            raise FloatingPointError(f"non-finite training loss ({objective.item()})")
+        objective.backward()
+        optimizer.step()
+        n = len(yb)
+        total += n
+        loss_sum += loss.item() * n
+        correct += int((logits.argmax(1) == yb).sum())
+    return loss_sum / max(total, 1), correct / max(total, 1)
+
+
+@torch.inference_mode()
+def predict(
+    model: StagedModel, batches: Batches, *, device: torch.device, start: int = 0
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """(probabilities [N, C], labels [N], mean cross-entropy) in the batches' order."""
+    model.eval()
+    probs, labels, loss_sum = [], [], 0.0
+    for xb, yb in batches:
+        with autocast(device):
+            logits = model.forward_from(xb.to(device), start).float()
+        loss_sum += float(nn.functional.cross_entropy(logits, yb.to(device), reduction="sum"))
+        probs.append(torch.softmax(logits, 1).cpu().numpy())
+        labels.append(yb.numpy())
+    if not probs:
+        return np.zeros((0, model.num_classes)), np.zeros(0, np.int64), float("nan")
+    y = np.concatenate(labels)
+    return np.concatenate(probs), y, loss_sum / len(y)
+
+
+def evaluate_model(
+    model: StagedModel,
+    batches: Batches,
+    classes: Sequence[str],
+    *,
+    device: torch.device,
+    start: int = 0,
+) -> dict:
+    """:func:`predict` then :func:`classification_metrics` (with the loss)."""
+    probs, y, loss = predict(model, batches, device=device, start=start)
+    return classification_metrics(y, probs, classes, loss=loss)
+
+
+def fit(
+    model: StagedModel,
+    train: Batches,
+    val: Batches,
+    settings: TrainSettings,
+    *,
+    device: torch.device,
+    start: int = 0,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Train for ``settings.epochs`` epochs; keep the best epoch's weights if asked.
+
+    Returns the per-epoch history (train/val loss and accuracy, val macro-F1).
+    """
+    place_model(model, device)
+    loss_fn = loss_function(settings, train.y[train.indices], model.num_classes)
+    optimizer = make_optimizer(model, settings)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
+    history: list[dict] = []
+    best_score, best_state = -np.inf, None
+    classes = [str(i) for i in range(model.num_classes)]
+    for epoch in range(1, settings.epochs + 1):
+        tr_loss, tr_acc = train_one_epoch(
+            model, train, optimizer, loss_fn, device=device, start=start, desc=f"epoch {epoch}"
+        )
+        sched.step()
+        m = evaluate_model(model, val, classes, device=device, start=start)
+        row = {
+            "epoch": epoch,
+            "train_loss": tr_loss,
+            "train_accuracy": tr_acc,
+            "val_loss": m["loss"],
+            "val_accuracy": m["accuracy"],
+            "val_macro_f1": m["macro_f1"],
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        history.append(row)
+        if on_epoch:
+            on_epoch(row)
+        score = row[settings.best_metric] * (-1 if settings.best_metric.endswith("loss") else 1)
+        if settings.select_best and score > best_score:
+            best_score, best_state = score, copy.deepcopy(model.state_dict())
+    if settings.select_best and best_state is not None:
+        model.load_state_dict(best_state)
+    return history

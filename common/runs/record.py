@@ -1,0 +1,389 @@
+"""The run folder: one self-contained directory per run, and the one definition of it.
+
+Three kinds of run write a folder, and everything that reads one (``fedscan
+report``, ``fedscan export``, the study drivers, the benchmarks) reads it through
+:func:`read_run`, never by sniffing JSON:
+
+- ``centralised`` / ``pooled`` (:func:`write_centralised`): ``config.yaml``,
+  ``metrics.json`` (per-epoch ``history``, ``final`` metrics per split),
+  ``model.pt``, ``curves.png``, ``confusion_matrix.png``.
+- ``local`` (:func:`write_local`): every site alone; ``metrics.json`` holds each
+  site's ``final`` test metrics; ``partition.csv`` / ``.png``.
+- ``federated`` (:class:`FederatedRun`): ``metrics.json`` rewritten after every
+  round (global test metrics, each site's reply metrics, seconds), ``last.pt`` /
+  ``best.pt`` checkpoints, ``partition.csv`` / ``.png``, plots at the end.
+
+``metrics.json`` carries ``version`` (:data:`VERSION`) and ``kind``: a folder of
+another shape is refused with a message, not guessed at. Strategy parameters and
+partitions are read from ``config.yaml``, never parsed back out of labels.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from common.core.errors import DataError
+from common.federated.settings import federation_settings
+from common.federated.wire import COUNT_PREFIX, NUM_EXAMPLES
+from common.runs.partition_report import counts_from_sites, write_partition_report
+from common.runs.plots import plot_confusion, plot_round_curves
+
+VERSION = 2  # of metrics.json; 1 (unversioned) was fedscan <= 0.1
+KINDS = ("centralised", "pooled", "local", "federated")
+CHECKPOINTS = ("model.pt", "best.pt", "last.pt")  # centralised, then federated best / last
+
+
+# ---------------------------------------------------------------------- writing
+def new_run_dir(cfg: DictConfig, kind: str) -> Path:
+    """``runs_dir/<time>-<kind>-<dataset>-<model>`` (absolute), created empty."""
+    base = Path(str(cfg.runs_dir)).expanduser().resolve()
+    name = cfg.get("run_name") or "-".join(
+        [time.strftime("%Y%m%d-%H%M%S"), kind, str(cfg.dataset.name), str(cfg.model.name)]
+    )
+    path = base / name
+    suffix = 1
+    while path.exists():
+        path = base / f"{name}-{suffix}"
+        suffix += 1
+    path.mkdir(parents=True)
+    return path
+
+
+def write_config(run_dir: Path, cfg: DictConfig) -> Path:
+    path = run_dir / "config.yaml"
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return path
+
+
+def write_json(path: Path, payload: Any) -> Path:
+    """Atomic: a reader never sees half a file, even while a run is being written."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(path)
+    return path
+
+
+def _header(kind: str, *, label: str, synthetic: bool, dataset: str) -> dict[str, Any]:
+    if kind not in KINDS:
+        raise ValueError(f"unknown run kind '{kind}'")
+    return {
+        "version": VERSION,
+        "kind": kind,
+        "label": label,
+        "synthetic": synthetic,
+        "dataset": dataset,
+    }
+
+
+def write_centralised(
+    run_dir: Path,
+    *,
+    kind: str,
+    label: str,
+    synthetic: bool,
+    dataset: str,
+    history: list[dict],
+    final: dict[str, dict],
+    **details: Any,
+) -> Path:
+    """``metrics.json`` of a centralised or pooled run (``details``: timings, splits...)."""
+    if kind not in ("centralised", "pooled"):
+        raise ValueError(f"write_centralised: kind must be centralised or pooled, not {kind}")
+    doc = _header(kind, label=label, synthetic=synthetic, dataset=dataset)
+    doc.update(details, history=history, final=final)
+    return write_json(run_dir / "metrics.json", doc)
+
+
+def write_model(run_dir: Path, model: torch.nn.Module, cfg: DictConfig, **meta: Any) -> Path:
+    """``model.pt``: the trained weights with what rebuilding the model needs."""
+    path = run_dir / "model.pt"
+    state = {"state_dict": model.state_dict(), "model": OmegaConf.to_container(cfg.model)}
+    torch.save({**state, **meta}, path)
+    return path
+
+
+def write_local(
+    run_dir: Path,
+    *,
+    label: str,
+    synthetic: bool,
+    dataset: str,
+    sites: list[dict],
+    **details: Any,
+) -> Path:
+    """``metrics.json`` of the local-only baseline: ``sites`` = [{partition-id, n_train, final}]."""
+    doc = _header("local", label=label, synthetic=synthetic, dataset=dataset)
+    doc.update(details, sites=sites)
+    return write_json(run_dir / "metrics.json", doc)
+
+
+class FederatedRun:
+    """The federated folder, written round by round: an interrupted run leaves a
+    readable record up to its last round, and ``last.pt`` holds everything needed to
+    continue at the next one."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: DictConfig,
+        *,
+        label: str,
+        synthetic: bool,
+        classes: Sequence[str],
+    ) -> None:
+        self.dir, self.cfg, self.label, self.classes = run_dir, cfg, label, list(classes)
+        self.synthetic = synthetic
+        self.rounds: list[dict[str, Any]] = []
+        self.best_score = float("-inf")
+        self.best_metric = federation_settings(cfg).best_metric
+        self._t = time.perf_counter()
+        write_config(run_dir, cfg)
+
+    @classmethod
+    def resume(
+        cls,
+        run_dir: Path,
+        cfg: DictConfig,
+        *,
+        label: str,
+        synthetic: bool,
+        classes: Sequence[str],
+    ) -> tuple[FederatedRun, dict[str, Any]]:
+        ckpt = run_dir / "last.pt"
+        if not ckpt.exists():
+            raise DataError(ckpt, "cannot resume: no last.pt checkpoint in this run folder")
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        run = cls(run_dir, cfg, label=label, synthetic=synthetic, classes=classes)
+        run.rounds = state["rounds"]
+        run.best_score = state["best_score"]
+        return run, state
+
+    def record(self, rnd: int, tests: dict[str, dict], sites: dict[str, list[dict]]) -> dict:
+        """One round's global test metrics (may be empty) and the sites' reply metrics."""
+        now = time.perf_counter()
+        row = {"round": rnd, "seconds": round(now - self._t, 2), "global": tests, "sites": sites}
+        self._t = now
+        self.rounds = [r for r in self.rounds if r["round"] != rnd] + [row]
+        self._write()
+        if any(f"{COUNT_PREFIX}{self.classes[0]}" in r for r in sites.get("train", [])):
+            self._partition_report()
+        return row
+
+    def _partition_report(self) -> None:
+        """Per-site class counts as the sites last reported them, over all rounds so far."""
+        rows = [r for rnd in self.rounds for r in rnd["sites"].get("train", [])]
+        names, counts = counts_from_sites(rows, self.classes)
+        title = f"{self.label} | partition {partition_label(self.cfg)} | training samples per site"
+        write_partition_report(self.dir, names, counts, self.classes, title=title)
+
+    def is_best(self, tests: dict[str, dict]) -> bool:
+        first = next(iter(tests.values()))
+        score = first[self.best_metric]
+        score = -score if self.best_metric.endswith("loss") else score
+        if score > self.best_score:
+            self.best_score = score
+            return True
+        return False
+
+    def checkpoint(
+        self, rnd: int, arrays: dict[str, torch.Tensor], strategy_state: dict, *, best: bool
+    ) -> None:
+        state = {
+            "round": rnd,
+            "arrays": arrays,
+            "strategy_state": strategy_state,
+            "rounds": self.rounds,
+            "best_score": self.best_score,
+            "classes": self.classes,
+            "model": OmegaConf.to_container(self.cfg.model),
+        }
+        tmp = self.dir / "last.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(self.dir / "last.pt")
+        if best:
+            torch.save(state, self.dir / "best.pt")
+
+    def _write(self) -> None:
+        doc = _header(
+            "federated",
+            label=self.label,
+            synthetic=self.synthetic,
+            dataset=str(self.cfg.dataset.name),
+        )
+        write_json(self.dir / "metrics.json", {**doc, "rounds": self.rounds})
+
+    def finish(self) -> None:
+        if not self.rounds:
+            return
+        title = f"{self.label} | {self.cfg.strategy.name} | {self.cfg.model.name}"
+        plot_round_curves(self.rounds, self.dir / "curves.png", title=title)
+        last = next((r["global"] for r in reversed(self.rounds) if r["global"]), None)
+        if last:
+            plot_confusion(
+                {k: v["confusion_matrix"] for k, v in last.items()},
+                self.classes,
+                self.dir / "confusion_matrix.png",
+                title=f"{title} | final round",
+            )
+
+
+# ---------------------------------------------------------------------- reading
+def partition_label(cfg: DictConfig | dict) -> str:
+    """``iid``, ``dirichlet(alpha=0.1)``, ``pathological(classes_per_site=2)``..."""
+    part = dict(cfg.get("partition") or {"name": "iid"})
+    params = {k: v for k, v in part.items() if k not in ("name", "min_samples")}
+    inner = ",".join(
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+    )
+    return f"{part['name']}({inner})" if inner else str(part["name"])
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A run folder as read back: its kind, resolved config and metrics document."""
+
+    dir: Path
+    kind: str
+    cfg: DictConfig
+    doc: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        return str(self.doc["label"])
+
+    @property
+    def synthetic(self) -> bool:
+        return bool(self.doc["synthetic"])
+
+    @property
+    def dataset(self) -> str:
+        return str(self.doc["dataset"])
+
+    @property
+    def seed(self) -> int:
+        return int(self.cfg.seed)
+
+    @property
+    def strategy(self) -> str:
+        return str(self.cfg.strategy.name)
+
+    @property
+    def strategy_params(self) -> dict[str, Any]:
+        """The strategy's parameters (``mu`` for FedProx...), from ``config.yaml``."""
+        params = OmegaConf.to_container(self.cfg.strategy, resolve=True)
+        return {k: v for k, v in params.items() if k != "name"}
+
+    @property
+    def method(self) -> str:
+        """``pooled``, ``local``, ``centralised``, or the strategy with its parameters."""
+        if self.kind != "federated":
+            return self.kind
+        params = ",".join(
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in self.strategy_params.items()
+            if k == "mu"  # the parameter the study varies; the others are fixed defaults
+        )
+        return f"{self.strategy}({params})" if params else self.strategy
+
+    @property
+    def partition(self) -> str:
+        """The partition label; ``-`` for runs that pool every site's data."""
+        return "-" if self.kind in ("pooled", "centralised") else partition_label(self.cfg)
+
+    @cached_property
+    def epoch_budget(self) -> int:
+        """Local epochs a federated site trains over the run (baselines train this many)."""
+        return federation_settings(self.cfg).epoch_budget
+
+    @property
+    def rounds(self) -> list[dict[str, Any]]:
+        self._require("federated")
+        return list(self.doc["rounds"])
+
+    @property
+    def evaluated_rounds(self) -> list[dict[str, Any]]:
+        """Federated rounds with server-side test metrics (every ``evaluate_every``)."""
+        return [r for r in self.rounds if r["global"]]
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        self._require("centralised", "pooled")
+        return list(self.doc["history"])
+
+    @property
+    def sites(self) -> list[dict[str, Any]]:
+        """Local baseline: one entry per site, ``final`` = its model's test metrics."""
+        self._require("local")
+        return list(self.doc["sites"])
+
+    def final(self) -> dict[str, dict[str, Any]]:
+        """Test metrics per split of the run's model: the last evaluated round of a
+        federated run, the final model of a centralised / pooled one (``val`` left out)."""
+        if self.kind == "federated":
+            evaluated = self.evaluated_rounds
+            if not evaluated:
+                raise DataError(self.dir / "metrics.json", "no evaluated round yet")
+            return dict(evaluated[-1]["global"])
+        self._require("centralised", "pooled")
+        return {k: v for k, v in self.doc["final"].items() if k != "val"}
+
+    def site_rows(self, phase: str, rnd: int = -1) -> list[dict[str, Any]]:
+        """The sites' reply metrics of a federated round (``phase``: train | evaluate)."""
+        rounds = self.rounds
+        return list(rounds[rnd]["sites"].get(phase, [])) if rounds else []
+
+    def mean_site_val_accuracy(self) -> float:
+        """The federation's own validation score: the sites' validation accuracy of the
+        final global model, weighted by their validation sizes."""
+        rows = self.site_rows("evaluate")
+        n = sum(r[NUM_EXAMPLES] for r in rows)
+        return sum(r["val_accuracy"] * r[NUM_EXAMPLES] for r in rows) / max(n, 1)
+
+    def checkpoint(self) -> Path:
+        """The model file to use: ``model.pt`` (centralised), else ``best.pt``, else
+        ``last.pt`` (federated)."""
+        found = next((self.dir / n for n in CHECKPOINTS if (self.dir / n).exists()), None)
+        if found is None:
+            why = (
+                "a local-only baseline keeps no shared model (each site trained its own)"
+                if self.kind == "local"
+                else "no model.pt, best.pt or last.pt"
+            )
+            raise DataError(self.dir, f"nothing to export: {why}")
+        return found
+
+    def _require(self, *kinds: str) -> None:
+        if self.kind not in kinds:
+            raise DataError(self.dir, f"a {self.kind} run has no such record (needs {kinds})")
+
+
+def read_run(run_dir: Path | str) -> RunRecord:
+    """Read a run folder; a missing file, an unknown kind or another format version is
+    a :class:`DataError` naming the file."""
+    run_dir = Path(run_dir).expanduser().resolve()
+    mpath, cpath = run_dir / "metrics.json", run_dir / "config.yaml"
+    if not mpath.exists() or not cpath.exists():
+        raise DataError(run_dir, "not a fedscan run folder (metrics.json and config.yaml needed)")
+    try:
+        doc = json.loads(mpath.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(mpath, f"unreadable metrics: {exc}") from None
+    version = doc.get("version") if isinstance(doc, dict) else None
+    if version is None:
+        raise DataError(
+            mpath, f"no format version: written by an older fedscan (this one reads {VERSION})"
+        )
+    if version != VERSION:
+        raise DataError(mpath, f"format version {version}; this fedscan reads {VERSION}")
+    if doc.get("kind") not in KINDS:
+        raise DataError(mpath, f"unknown run kind {doc.get('kind')!r}; known: {list(KINDS)}")
+    return RunRecord(dir=run_dir, kind=doc["kind"], cfg=OmegaConf.load(cpath), doc=doc)

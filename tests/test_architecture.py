@@ -1,0 +1,143 @@
+"""The layering, checked on the source: no import circles, ``common/`` free of Flower
+and of every package above it, and each ``common`` sub-package importing only the
+ones below it. Function-local imports count: a lazy import is still an arrow."""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("common", "client", "server", "simulations", "deploy")
+# Bottom to top; a sub-package may import those before it (and itself).
+COMMON_LAYERS = ("core", "data", "learn", "federated", "runs", "commands")
+ABOVE_COMMON = ("client", "server", "simulations", "deploy", "flwr")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path, name: str) -> set[str]:
+    """Absolute names of everything ``path`` imports (relative imports resolved)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    is_pkg = path.name == "__init__.py"
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = name.split(".")
+                anchor = anchor[: len(anchor) - node.level + (1 if is_pkg else 0)]
+                base = ".".join([*anchor, base] if base else anchor)
+            out.add(base)
+            # `from pkg import module` imports that module
+            out.update(f"{base}.{a.name}" for a in node.names)
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    files = {
+        _module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py") if p.is_file()
+    }
+    graph: dict[str, set[str]] = defaultdict(set)
+    for name, path in files.items():
+        graph[name] = {i for i in _imports(path, name) if i in files and i != name}
+    return graph
+
+
+def _raw_imports() -> dict[str, set[str]]:
+    return {
+        _module_name(p): _imports(p, _module_name(p))
+        for p in (ROOT / "common").rglob("*.py")
+        if p.is_file()
+    }
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in list(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_circles() -> None:
+    assert _cycles(_graph()) == []
+
+
+def test_cycle_finder_finds_a_circle() -> None:
+    # the check above must be able to fail
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_common_imports_nothing_above_it() -> None:
+    bad = {
+        mod: sorted(i for i in imps if i.split(".")[0] in ABOVE_COMMON)
+        for mod, imps in _raw_imports().items()
+    }
+    assert {m: i for m, i in bad.items() if i} == {}
+
+
+@pytest.mark.parametrize("layer", COMMON_LAYERS)
+def test_common_subpackage_imports_only_layers_below(layer: str) -> None:
+    allowed = set(COMMON_LAYERS[: COMMON_LAYERS.index(layer) + 1])
+    wrong = {}
+    for mod, imps in _raw_imports().items():
+        parts = mod.split(".")
+        if len(parts) < 2 or parts[1] != layer:
+            continue
+        up = sorted(
+            i
+            for i in imps
+            if i.startswith("common.")
+            and i.split(".")[1] in COMMON_LAYERS
+            and i.split(".")[1] not in allowed
+        )
+        if up:
+            wrong[mod] = up
+    assert wrong == {}
+
+
+def test_common_has_no_loose_modules() -> None:
+    """Every module sits in a layer, so the folder names tell where it belongs."""
+    loose = [p.name for p in (ROOT / "common").glob("*.py") if p.name != "__init__.py"]
+    assert loose == []
+    assert sorted(p.name for p in (ROOT / "common").iterdir() if (p / "__init__.py").exists()) == (
+        sorted(COMMON_LAYERS)
+    )

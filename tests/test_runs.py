@@ -1,0 +1,116 @@
+"""The run-folder contract: every kind of run is written and read through one module,
+and a folder of another shape is refused with a message, never guessed at."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.core.config import load_config
+from common.core.errors import DataError
+from common.runs.record import (
+    VERSION,
+    FederatedRun,
+    new_run_dir,
+    read_run,
+    write_centralised,
+    write_config,
+    write_local,
+)
+from tests.conftest import split_metrics
+
+pytestmark = pytest.mark.usefixtures("_no_real_data")
+
+
+def _cfg(tmp_path: Path, *overrides: str):
+    return load_config(["dataset=synthetic", f"runs_dir={tmp_path}", *overrides])
+
+
+def test_centralised_run_reads_back_with_its_kind_and_splits(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "seed=3")
+    run_dir = new_run_dir(cfg, "pooled")
+    write_config(run_dir, cfg)
+    write_centralised(
+        run_dir,
+        kind="pooled",
+        label="SYNTHETIC",
+        synthetic=True,
+        dataset="synthetic",
+        history=[{"epoch": 1}],
+        final={"val": split_metrics(0.5), "test_grouped": split_metrics(0.9)},
+    )
+    run = read_run(run_dir)
+    assert json.loads((run_dir / "metrics.json").read_text())["version"] == VERSION
+    assert (run.kind, run.method, run.partition, run.seed) == ("pooled", "pooled", "-", 3)
+    assert list(run.final()) == ["test_grouped"]  # the validation split is not a test
+    assert run.synthetic and run.history == [{"epoch": 1}]
+    with pytest.raises(DataError, match="nothing to export"):
+        run.checkpoint()
+
+
+def test_federated_run_reads_strategy_parameters_from_its_config(tmp_path: Path) -> None:
+    cfg = _cfg(
+        tmp_path,
+        "strategy=fedprox",
+        "strategy.mu=0.1",
+        "partition=dirichlet",
+        "partition.alpha=0.3",
+        "rounds=4",
+        "federation.local_epochs=2",
+    )
+    run_dir = new_run_dir(cfg, "federated")
+    fed = FederatedRun(run_dir, cfg, label="L", synthetic=False, classes=["a", "b"])
+    fed.record(1, {}, {"train": [], "evaluate": []})
+    rows = [{"num-examples": 30, "val_accuracy": 0.5}, {"num-examples": 10, "val_accuracy": 1.0}]
+    fed.record(2, {"test_grouped": split_metrics(0.8)}, {"train": [], "evaluate": rows})
+    fed.checkpoint(2, {"w": torch.zeros(1)}, {}, best=True)
+    run = read_run(run_dir)
+    assert run.kind == "federated" and run.method == "fedprox(mu=0.1)"
+    assert run.strategy_params == {"mu": 0.1}
+    assert run.partition == "dirichlet(alpha=0.3)"
+    assert run.epoch_budget == 8
+    assert [r["round"] for r in run.evaluated_rounds] == [2]
+    assert run.final()["test_grouped"]["accuracy"] == 0.8
+    assert run.mean_site_val_accuracy() == pytest.approx((0.5 * 30 + 1.0 * 10) / 40)
+    assert run.checkpoint().name == "best.pt"
+
+
+def test_local_run_is_refused_for_export_with_the_reason(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+    run_dir = new_run_dir(cfg, "local")
+    write_config(run_dir, cfg)
+    sites = [{"partition-id": 0, "n_train": 5, "final": {"test_grouped": split_metrics(0.7)}}]
+    write_local(run_dir, label="L", synthetic=True, dataset="synthetic", sites=sites)
+    run = read_run(run_dir)
+    assert run.kind == "local" and run.sites == sites
+    with pytest.raises(DataError, match="local-only baseline keeps no shared model"):
+        run.checkpoint()
+    with pytest.raises(DataError, match="a local run has no such record"):
+        run.final()
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"label": "old", "rounds": []}, "no format version: written by an older fedscan"),
+        ({"version": VERSION + 1, "kind": "federated"}, f"format version {VERSION + 1}"),
+        ({"version": VERSION, "kind": "magic"}, "unknown run kind 'magic'"),
+    ],
+)
+def test_a_folder_of_another_shape_is_refused(tmp_path: Path, doc: dict, message: str) -> None:
+    write_config(tmp_path, _cfg(tmp_path))
+    (tmp_path / "metrics.json").write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=message):
+        read_run(tmp_path)
+
+
+def test_a_folder_without_metrics_is_named(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not a fedscan run folder"):
+        read_run(tmp_path)
+    write_config(tmp_path, _cfg(tmp_path))
+    (tmp_path / "metrics.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"metrics\.json: unreadable metrics"):
+        read_run(tmp_path)

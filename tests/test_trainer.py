@@ -1,0 +1,81 @@
+"""The site contract: ``SiteTrainer.train(global arrays, round) -> (arrays, metrics)`` and
+``evaluate``, without Flower."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.core.config import load_config
+from common.federated.trainer import SiteState, SiteTrainer, site_seed
+from common.federated.wire import COUNT_PREFIX, NO_SITE, NUM_EXAMPLES, SITE_ID
+from tests.conftest import SIM_BASE
+
+pytestmark = pytest.mark.usefixtures("_no_real_data")
+
+
+def _trainer(*overrides: str, node: dict | None = None) -> SiteTrainer:
+    cfg = load_config([*SIM_BASE, *overrides])
+    return SiteTrainer.for_node(cfg, node or {"partition-id": 1, "num-partitions": 2})
+
+
+def _global(trainer: SiteTrainer) -> dict[str, torch.Tensor]:
+    from common.federated.exchange import exchanged_keys, get_exchanged
+
+    model = trainer.site.run.model
+    return get_exchanged(model, exchanged_keys(model, fedbn=trainer.federation.fedbn))
+
+
+def test_train_returns_only_exchanged_tensors_and_aggregate_metrics() -> None:
+    trainer = _trainer()
+    sent = _global(trainer)
+    arrays, metrics = trainer.train(sent, rnd=1, state=SiteState())
+    assert set(arrays) == set(sent)
+    assert any(not torch.equal(arrays[k], sent[k]) for k in sent)  # it trained
+    assert metrics[NUM_EXAMPLES] == len(trainer.site.train) and metrics[SITE_ID] == 1
+    counts = {k: v for k, v in metrics.items() if k.startswith(COUNT_PREFIX)}
+    assert sum(counts.values()) == len(trainer.site.train)
+    assert {"train_loss", "train_accuracy", "val_accuracy", "val_macro_f1"} <= set(metrics)
+    assert all(isinstance(v, int | float) for v in metrics.values())
+
+
+def test_a_round_is_reproducible_and_rounds_differ() -> None:
+    trainer = _trainer()
+    sent = _global(trainer)
+    a, _ = trainer.train(sent, rnd=2, state=SiteState())
+    b, _ = trainer.train(sent, rnd=2, state=SiteState())
+    c, _ = trainer.train(sent, rnd=3, state=SiteState())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    assert site_seed(0, 2, 1) != site_seed(0, 3, 1) != site_seed(0, 3, None)
+
+
+def test_fedbn_keeps_batchnorm_at_the_site_across_rounds() -> None:
+    trainer = _trainer("federation.fedbn=true")
+    sent = _global(trainer)
+    state = SiteState()
+    arrays, _ = trainer.train(sent, rnd=1, state=state)
+    assert state.local_arrays and not set(state.local_arrays) & set(arrays)
+    assert all("running_mean" not in k for k in arrays)
+    kept = {k: v.clone() for k, v in state.local_arrays.items()}
+    before = trainer.evaluate(sent, state=SiteState())
+    after = trainer.evaluate(sent, state=state)  # the site's own statistics are used
+    assert before["val_loss"] != after["val_loss"]
+    assert all(torch.equal(kept[k], state.local_arrays[k]) for k in kept)
+
+
+def test_evaluate_reports_the_sites_validation_split() -> None:
+    trainer = _trainer()
+    m = trainer.evaluate(_global(trainer), state=SiteState())
+    assert m[NUM_EXAMPLES] == len(trainer.site.val) and m[SITE_ID] == 1
+    assert 0.0 <= m["val_accuracy"] <= 1.0
+
+
+def test_a_deployed_site_reports_no_partition(tmp_path) -> None:
+    from common.data.datasets.synthetic import generate
+
+    folder = generate(tmp_path / "site", domain="lung_ct", per_class=12, size=32, seed=0)
+    trainer = _trainer("dataset.domain=lung_ct", node={"data-path": str(folder)})
+    assert trainer.partition_id is None and trainer.site_id == NO_SITE
+    _, metrics = trainer.train(_global(trainer), rnd=1, state=SiteState())
+    assert metrics[SITE_ID] == NO_SITE
