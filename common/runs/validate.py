@@ -1,0 +1,99 @@
+"""Validation before any work: one module every entry point calls first.
+
+``fedscan train``, ``fedscan simulate`` (each run of a sweep), the ServerApp
+(``flwr run``, simulation and deployment) and ``fedscan site check`` call
+:func:`validate` before they create a run folder, wait for sites or start Ray,
+so a bad value fails in seconds with the key named, not after an hour.
+Everything here is cheap: no image is read and no model is built.
+:func:`check_sites` is the one check that reads data (the partition of the
+actual dataset); simulations call it before Ray starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from common.core.errors import ConfigError
+from common.data.partition import check_partition_config
+from common.data.pipeline import check_dataset_config, prepare_data
+from common.federated.privacy import (
+    PRIVACY_NAMES,
+    CentralDPSettings,
+    DPSGDSettings,
+    central_dp_settings,
+    dp_settings,
+)
+from common.federated.settings import FederationSettings, check_strategy, federation_settings
+from common.federated.site import site_indices
+from common.learn.models import check_model_config
+from common.learn.settings import TrainSettings, train_settings
+
+METHODS = ("federated", "local", "pooled")
+# What is being started: the centralised baseline, one `fedscan simulate` method,
+# the ServerApp (any deployment, where `num_sites` means nothing), a site check.
+KINDS = ("centralised", "pooled", "local", "federated", "server", "site")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated, typed settings of a run."""
+
+    train: TrainSettings
+    federation: FederationSettings
+    dp: DPSGDSettings | None
+    central_dp: CentralDPSettings | None
+
+
+def validate(cfg: DictConfig, kind: str) -> Settings:
+    """Check ``cfg`` for starting a run of ``kind`` (see :data:`KINDS`); raises ConfigError."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind '{kind}'; use one of {KINDS}")
+    check_dataset_config(cfg.dataset)
+    check_model_config(cfg.model)
+    settings = Settings(
+        train=train_settings(cfg),
+        federation=federation_settings(cfg),
+        dp=dp_settings(cfg.privacy),
+        central_dp=central_dp_settings(cfg.privacy),
+    )
+    privacy = str(cfg.privacy.name)
+    if privacy not in PRIVACY_NAMES:
+        raise ConfigError("privacy", f"unknown '{privacy}'; use one of {list(PRIVACY_NAMES)}")
+    if kind in ("federated", "local", "pooled") and str(cfg.method) not in METHODS:
+        raise ConfigError("method", f"unknown method '{cfg.method}'; use one of {list(METHODS)}")
+    if kind in ("centralised", "pooled") and privacy != "off":
+        raise ConfigError(
+            "privacy",
+            f"'{privacy}' protects what sites send; use it with fedscan simulate "
+            "or flwr run (the centralised baseline pools the data by definition)",
+        )
+    if kind == "local" and privacy != "off":
+        raise ConfigError("privacy", "the local-only baseline shares nothing; use privacy=off")
+    fed = settings.federation
+    if kind in ("federated", "local"):
+        check_partition_config(cfg.partition, fed.num_sites)
+    if kind in ("federated", "server"):
+        check_strategy(cfg.strategy)
+        if fed.resume is not None:
+            last = Path(fed.resume).expanduser() / "last.pt"
+            if not last.exists():
+                raise ConfigError("federation.resume", f"no checkpoint to resume from: {last}")
+    if kind == "federated" and fed.min_nodes > fed.num_sites:
+        raise ConfigError(
+            "federation.min_nodes", f"{fed.min_nodes} is more than the {fed.num_sites} sites"
+        )
+    return settings
+
+
+def check_sites(cfg: DictConfig) -> None:
+    """Partition the data as the simulated sites will: a partition that cannot give
+    every site its minimum, or a site too small to hold out its own validation split,
+    fails here with the site named. The decode cache this builds is the one the
+    sites then read."""
+    data = prepare_data(cfg)
+    n = int(cfg.federation.num_sites)
+    for pid in range(n):
+        site_indices(cfg, data, partition_id=pid, num_partitions=n)
