@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from common.core.errors import UnreadableImageError
+from common.core.parallel import pmap
 from common.data.datasets.base import ImageCollection
 from common.data.dicom import CT_WINDOWS
-from common.core.errors import UnreadableImageError
 from common.data.imageio import read_gray, resize_gray
-from common.core.parallel import pmap
 
 PREPROCESS_VERSION = 1
 

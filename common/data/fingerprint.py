@@ -17,11 +17,11 @@ import imagehash
 import numpy as np
 from PIL import Image
 
+from common.core.errors import UnreadableImageError
+from common.core.parallel import pmap
 from common.data.datasets.base import ImageCollection
 from common.data.dicom import domain_window
-from common.core.errors import UnreadableImageError
 from common.data.imageio import read_gray
-from common.core.parallel import pmap
 
 THUMB = 32
 VERSION = 1

@@ -13,13 +13,13 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from common.core.errors import ConfigError, DataError
+from common.core.paths import cache_root, data_root
 from common.data.cache import ImageCache, PreprocessSpec, build_cache
 from common.data.datasets import ImageCollection, load_dataset
 from common.data.datasets.synthetic import SYNTHETIC_LABEL
 from common.data.dicom import domain_window
-from common.core.errors import ConfigError, DataError
 from common.data.fingerprint import Fingerprints, compute_fingerprints
-from common.core.paths import cache_root, data_root
 from common.data.splits import Splits, make_splits
 
 log = logging.getLogger(__name__)

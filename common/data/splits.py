@@ -20,8 +20,8 @@ import numpy as np
 import sklearn
 from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 
-from common.data.datasets.base import ImageCollection
 from common.core.errors import ConfigError, DataError
+from common.data.datasets.base import ImageCollection
 from common.data.fingerprint import Fingerprints
 from common.data.grouping import leakage_groups, scan_groups
 

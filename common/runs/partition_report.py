@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.federated.wire import COUNT_PREFIX, NODE_ID, NO_SITE, SITE_ID
+from common.federated.wire import COUNT_PREFIX, NO_SITE, NODE_ID, SITE_ID
 from common.runs.plots import plot_site_histogram
 
 

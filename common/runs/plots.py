@@ -13,7 +13,6 @@ import numpy as np
 from sklearn.metrics import ConfusionMatrixDisplay
 
 
-
 def _save(fig, path: Path, *, title: str | None = None) -> Path:
     """Title, lay out, write and close: every figure leaves the same way."""
     if title is not None:
@@ -22,6 +21,7 @@ def _save(fig, path: Path, *, title: str | None = None) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
 
 def _accuracy_loss(
     series: dict[str, tuple[list, list, list, str]],

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from common.core.errors import DataError
 from common.data.classes import canonical_class, known_aliases
 from common.data.dicom import looks_like_dicom
-from common.core.errors import DataError
 from common.data.imageio import DICOM_SUFFIXES, IMAGE_SUFFIXES
 
 

@@ -6,11 +6,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from common.core.errors import DataError
 from common.data.classes import BRAIN_CLASSES
-from common.data.datasets.registry import DATASETS
 from common.data.datasets._layout import assemble, resolve_root
 from common.data.datasets.base import ImageCollection, class_folders, list_images
-from common.core.errors import DataError
+from common.data.datasets.registry import DATASETS
 
 SPLIT_FOLDERS = {"Training": "train", "Testing": "test"}
 

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from common.data.classes import LUNG_CLASSES
-from common.data.datasets.registry import DATASETS
 from common.data.datasets._layout import assemble, resolve_root
 from common.data.datasets.base import ImageCollection, class_folders, list_images
+from common.data.datasets.registry import DATASETS
 
 
 @DATASETS.register("lung_ct")
