@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
@@ -19,7 +19,17 @@ from omegaconf import DictConfig
 
 from common.core.config import load_config, overrides_from_run_config
 from common.federated.trainer import SiteState, SiteTrainer
-from common.federated.wire import ARRAYS, CONFIG, METRICS, PROXIMAL_MU, RUN_KEY, round_number
+from common.federated.wire import (
+    ARRAYS,
+    CONFIG,
+    HEAD_INIT,
+    METRICS,
+    NUM_EXAMPLES,
+    PROXIMAL_MU,
+    RUN_KEY,
+    SITE_ID,
+    round_number,
+)
 
 LOCAL_STATE = "fedscan-local-state"  # FedBN tensors that never leave the site
 LEDGER_STATE = "fedscan-privacy-ledger"  # the site's DP-SGD accountant history
@@ -77,6 +87,23 @@ def make_client_app(overrides: tuple[str, ...] = (), outer_mods: Sequence = ()) 
         )
         _save_state(context, state)
         content = RecordDict({ARRAYS: ArrayRecord(arrays), METRICS: MetricRecord(metrics)})
+        return Message(content=content, reply_to=msg)
+
+    @app.query()
+    def statistics(msg: Message, context: Context) -> Message:
+        """The one-shot statistics round (``federation.head_init``): sums only."""
+        trainer = SiteTrainer.for_node(_config(context, overrides), context.node_config)
+        kind = str(msg.content[CONFIG][HEAD_INIT])
+        stats = trainer.statistics(
+            msg.content[ARRAYS].to_torch_state_dict(), kind=kind, state=_load_state(context)
+        )
+        metrics = {NUM_EXAMPLES: len(trainer.site.train), SITE_ID: trainer.site_id}
+        content = RecordDict(
+            {
+                ARRAYS: ArrayRecord(array_dict={k: Array(v) for k, v in stats.items()}),
+                METRICS: MetricRecord(metrics),
+            }
+        )
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()

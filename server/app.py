@@ -7,14 +7,26 @@ import logging
 import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common import MessageType
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
 from common.core.config import load_config, overrides_from_run_config
 from common.core.errors import ConfigError
 from common.federated.exchange import exchanged_keys, get_exchanged, set_exchanged
-from common.federated.wire import ROUND_OFFSET, RUN_KEY
+from common.federated.head_init import linear_head, set_head, solve_head, sum_statistics
+from common.federated.settings import FederationSettings
+from common.federated.wire import (
+    ARRAYS,
+    CONFIG,
+    HEAD_INIT,
+    METRICS,
+    NODE_ID,
+    ROUND_OFFSET,
+    RUN_KEY,
+)
+from common.learn.models import StagedModel
 from common.learn.prepare import prepare_run
 from common.learn.training import Batches, evaluate_model, place_model
 from common.runs.record import FederatedRun, new_run_dir
@@ -38,6 +50,59 @@ def wait_for_nodes(grid: Grid, min_nodes: int, timeout_s: float) -> int:
                 "(lower federation.min_nodes or start more SuperNodes)",
             )
         time.sleep(1.0)
+
+
+def statistics_round(
+    grid: Grid, model: StagedModel, keys: list[str], fed: FederationSettings
+) -> list[dict]:
+    """The one-shot statistics round (``federation.head_init``): every site sends the
+    sums of its classifier-input features; their total solves the head, written into
+    ``model``. Returns the sites' reply metrics (sizes, bytes sent)."""
+    kind = fed.head_init
+    nodes = list(grid.get_node_ids())
+    messages = [
+        Message(
+            content=RecordDict(
+                {
+                    ARRAYS: ArrayRecord(get_exchanged(model.cpu(), keys)),
+                    CONFIG: ConfigRecord({HEAD_INIT: kind}),
+                }
+            ),
+            dst_node_id=node,
+            message_type=MessageType.QUERY,
+        )
+        for node in nodes
+    ]
+    log.info("statistics round (%s): asking %d sites", kind, len(nodes))
+    start = time.perf_counter()
+    stats, rows = [], []
+    for reply in grid.send_and_receive(messages, timeout=fed.round_timeout_s):
+        site = reply.metadata.src_node_id
+        if reply.has_error():
+            log.warning("statistics round: site %s failed: %s", site, reply.error.reason)
+            continue
+        arrays = {k: a.numpy() for k, a in reply.content[ARRAYS].items()}
+        stats.append(arrays)
+        row = dict(reply.content[METRICS])
+        row[NODE_ID] = int(site)
+        row["bytes"] = int(sum(a.nbytes for a in arrays.values()))
+        rows.append(row)
+    if len(stats) < fed.min_nodes:
+        raise ConfigError(
+            "federation.min_nodes",
+            f"statistics round: {len(stats)} of {len(nodes)} sites answered, "
+            f"fewer than {fed.min_nodes}",
+        )
+    weight, bias = solve_head(kind, sum_statistics(stats), ridge=fed.head_ridge)
+    set_head(model, weight, bias)
+    log.info(
+        "statistics round (%s): head solved from %d sites, %.1f s, %.1f KiB per site",
+        kind,
+        len(stats),
+        time.perf_counter() - start,
+        sum(r["bytes"] for r in rows) / len(rows) / 1024,
+    )
+    return rows
 
 
 def run_server(grid: Grid, cfg: DictConfig) -> Path:
@@ -73,8 +138,33 @@ def run_server(grid: Grid, cfg: DictConfig) -> Path:
         record = FederatedRun(run_dir, cfg, **folder)
         done = 0
     log.info("run folder: %s", run_dir)
+
+    def test_metrics(state: dict) -> dict[str, dict]:
+        set_exchanged(model, state, keys)
+        place_model(model, device)
+        return {
+            n: evaluate_model(model, b, classes, device=device, start=start)
+            for n, b in tests.items()
+        }
+
+    if fed.head_init != "none" and not fed.resume:  # a resumed run has its head already
+        linear_head(model)  # a model without a linear classifier fails before any site works
+        sites = statistics_round(grid, model, keys, fed)
+        state0 = get_exchanged(model.cpu(), keys)
+        results = test_metrics(state0)
+        record.record(0, results, {"statistics": sites})
+        record.checkpoint(0, state0, recording.export_state(), best=record.is_best(results))
+        first = next(iter(results))
+        log.info(
+            "round 0 (one-shot %s head)  %s acc %.4f  macro-F1 %.4f",
+            fed.head_init,
+            first,
+            results[first]["accuracy"],
+            results[first]["macro_f1"],
+        )
     if done >= rounds:
         log.info("nothing to do: %d of %d rounds already done", done, rounds)
+        record.finish()
         return run_dir
 
     every = fed.evaluate_every
@@ -87,10 +177,7 @@ def run_server(grid: Grid, cfg: DictConfig) -> Path:
         state = arrays.to_torch_state_dict()
         results = {}
         if rnd % every == 0 or rnd == rounds:
-            set_exchanged(model, state, keys)
-            place_model(model, device)
-            for name, batches in tests.items():
-                results[name] = evaluate_model(model, batches, classes, device=device, start=start)
+            results = test_metrics(state)
         sites = recording.site_metrics.get(server_round, {})
         row = record.record(rnd, results, sites)  # its seconds include this evaluation
         best = bool(results) and record.is_best(results)

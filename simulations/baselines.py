@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from common.federated.head_init import closed_form_head
 from common.federated.site import site_indices
 from common.federated.trainer import site_seed
 from common.federated.wire import SITE_ID
@@ -39,18 +40,21 @@ def run_pooled(cfg: DictConfig) -> Path:
     """All sites' data together, trained for the federated run's epoch budget."""
     from simulations.centralised import run_centralised
 
-    budget = validate(cfg, "pooled").federation.epoch_budget
+    fed = validate(cfg, "pooled").federation
+    budget = fed.epoch_budget
     cfg = OmegaConf.create(OmegaConf.to_container(cfg))
-    cfg.train.epochs = budget
-    return run_centralised(cfg, kind="pooled")
+    cfg.train.epochs = max(budget, 1)  # rounds=0: the closed-form head alone, no epoch
+    return run_centralised(cfg, kind="pooled", train=budget > 0)
 
 
 def run_local(cfg: DictConfig) -> Path:
     """Each site alone; ``metrics.json`` holds every site's test metrics."""
     t0 = time.perf_counter()
     checked = validate(cfg, "local")
-    settings = dataclasses.replace(checked.train, epochs=checked.federation.epoch_budget)
-    n_sites = checked.federation.num_sites
+    fed = checked.federation
+    budget, head, ridge = fed.epoch_budget, fed.head_init, fed.head_ridge
+    settings = dataclasses.replace(checked.train, epochs=max(budget, 1))
+    n_sites = fed.num_sites
     run = prepare_run(cfg)
     device, data, x, start = run.device, run.data, run.x, run.start
     c = data.collection
@@ -73,6 +77,10 @@ def run_local(cfg: DictConfig) -> Path:
     for pid, (train_idx, val_idx) in enumerate(parts):
         torch.manual_seed(site_seed(settings.seed, 0, pid))  # a site's round-0 seed
         model = build_model(cfg.model, len(c.classes))
+        if head != "none":  # the site's own closed-form head, from its data alone
+            closed_form_head(
+                model, head, x, c.labels, train_idx, start=start, device=device, ridge=ridge
+            )
         train = Batches(
             x,
             c.labels,
@@ -83,7 +91,8 @@ def run_local(cfg: DictConfig) -> Path:
             seed=settings.seed + pid,
         )
         val = Batches(x, c.labels, val_idx, batch_size=64)
-        fit(model, train, val, settings, device=device, start=start)
+        if budget > 0:
+            fit(model, train, val, settings, device=device, start=start)
         final = {
             name: evaluate_model(model, b, c.classes, device=device, start=start)
             for name, b in tests.items()
@@ -105,7 +114,7 @@ def run_local(cfg: DictConfig) -> Path:
         synthetic=c.synthetic,
         dataset=c.name,
         model=run.model.name,
-        epochs=settings.epochs,
+        epochs=budget,
         wall_time_s=round(time.perf_counter() - t0, 1),
         sites=sites,
     )

@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig
 
 from common.data.transforms import Augment
+from common.federated.head_init import closed_form_head
 from common.learn.prepare import prepare_run
 from common.learn.training import Batches, evaluate_model, fit
 from common.runs.plots import plot_confusion, plot_curves
@@ -19,21 +20,30 @@ from common.runs.validate import validate
 log = logging.getLogger("fedscan.train")
 
 
-def run_centralised(cfg: DictConfig, *, kind: str = "centralised") -> Path:
+def run_centralised(cfg: DictConfig, *, kind: str = "centralised", train: bool = True) -> Path:
     """Train on the pooled training split, evaluate every test split, write a run folder.
 
-    ``kind`` names the run (``pooled`` when it is the harness's pooled baseline).
+    ``kind`` names the run (``pooled`` when it is the harness's pooled baseline). With
+    ``federation.head_init`` the classifier starts from the closed-form head of the
+    pooled training features (ridge or class means: what Fed3R / FedNCM reach
+    federated); ``train=False`` evaluates that head alone.
     """
     t0 = time.perf_counter()
-    settings = validate(cfg, kind).train  # before any expensive work
+    checked = validate(cfg, kind)  # before any expensive work
+    settings = checked.train
     run = prepare_run(cfg)
     device, data, model, x, start = run.device, run.data, run.model, run.x, run.start
     c, s = data.collection, data.splits
+    head = checked.federation.head_init
+    if head != "none":
+        ridge = checked.federation.head_ridge
+        closed_form_head(model, head, x, c.labels, s.train, start=start, device=device, ridge=ridge)
+        log.info("classifier: the closed-form %s head of %d training images", head, len(s.train))
     t_prep = time.perf_counter() - t0
     augment = Augment(settings.augment, seed=settings.seed) if start == 0 else None
     if augment is None and settings.augment != "none":
         log.info("augmentation off: the trainable stages read cached frozen-trunk features")
-    train = Batches(
+    batches = Batches(
         x,
         c.labels,
         s.train,
@@ -68,8 +78,18 @@ def run_centralised(cfg: DictConfig, *, kind: str = "centralised") -> Path:
         )
 
     t_fit = time.perf_counter()
-    history = fit(
-        model, train, eval_sets["val"], settings, device=device, start=start, on_epoch=on_epoch
+    history = (
+        fit(
+            model,
+            batches,
+            eval_sets["val"],
+            settings,
+            device=device,
+            start=start,
+            on_epoch=on_epoch,
+        )
+        if train
+        else []
     )
     t_fit = time.perf_counter() - t_fit
 

@@ -93,3 +93,37 @@ def test_sites_send_only_parameters_and_scalar_metrics(tmp_path: Path) -> None:
         assert {"num-examples", "dp_epsilon", "dp_delta", "train_loss"} <= names
     for r in evaluate:
         assert r["kinds"] == ["MetricRecord"] and r["arrays"] == {}
+
+
+def test_the_statistics_round_sends_sums_only(tmp_path: Path) -> None:
+    """``federation.head_init``: each site's query reply holds a (d+1) x (d+1) Gram matrix
+    and a (d+1) x C cross-term (Fed3R), or C x d class sums and C counts (FedNCM):
+    nothing with a per-image row, nothing with an image's shape."""
+    d, classes = 256, 4  # paper_cnn's classifier input; the synthetic brain classes
+    expected = {
+        "fed3r": {"arrays/gram": [d + 1, d + 1], "arrays/cross": [d + 1, classes]},
+        "fedncm": {"arrays/class_sums": [classes, d], "arrays/class_counts": [classes]},
+    }
+    for kind, shapes in expected.items():
+        captured = tmp_path / kind
+        captured.mkdir()
+        overrides = [
+            *BASE,
+            f"runs_dir={tmp_path / 'runs'}",
+            "rounds=0",
+            f"federation.head_init={kind}",
+        ]
+        run_federated(overrides, client_mods=[recorder(captured)])
+        replies = [json.loads(p.read_text()) for p in captured.iterdir()]
+        assert [r["type"] for r in replies] == ["query", "query"]  # 2 sites, nothing else
+        for r in replies:
+            assert not r["error"] and r["configs"] == {}
+            assert r["kinds"] == ["ArrayRecord", "MetricRecord"]
+            assert {k: v[0] for k, v in r["arrays"].items()} == shapes
+            assert all(dtype == "float64" for _, dtype, _ in r["arrays"].values())
+            names = {n.split("/", 1)[1] for n, *_ in r["metrics"]}
+            assert names == {"num-examples", "partition-id"}
+            n_train = next(v for n, _, v in r["metrics"] if n.endswith("num-examples"))
+            # no axis as long as the site's sample list: sums, not rows
+            assert not any(n_train in shape for shape, *_ in r["arrays"].values())
+            assert not any(shape[-2:] == [IMAGE, IMAGE] for shape, *_ in r["arrays"].values())

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from common.core.config import config_dir
 from common.core.errors import ConfigError
 from common.core.settings import from_section
+from common.federated.head_init import HEAD_INITS
 
 # Server-side test metrics that can pick best.pt
 BEST_METRICS = ("macro_f1", "accuracy", "balanced_accuracy", "loss")
@@ -38,12 +39,19 @@ class FederationSettings:
     wait_for_nodes_s: float
     resume: str | None
     cpus_per_site: int | None
+    head_init: str  # none | fed3r | fedncm
+    head_ridge: float
 
     def __post_init__(self) -> None:
         checks = [
             # num_sites / rounds are top-level keys (federation.* are their aliases)
             ("num_sites", self.num_sites >= 1, "must be >= 1"),
-            ("rounds", self.rounds >= 1, "must be >= 1"),
+            # after a one-shot statistics round, 0 rounds is the one-shot model alone
+            (
+                "rounds",
+                self.rounds >= (0 if self.head_init != "none" else 1),
+                "must be >= 1 (>= 0 after a federation.head_init statistics round)",
+            ),
             ("federation.local_epochs", self.local_epochs >= 1, "must be >= 1"),
             ("federation.fraction_train", 0 < self.fraction_train <= 1, "must be in (0, 1]"),
             # 0: no federated evaluation
@@ -54,6 +62,8 @@ class FederationSettings:
             ("federation.best_metric", self.best_metric in BEST_METRICS, f"use {BEST_METRICS}"),
             ("federation.round_timeout_s", self.round_timeout_s > 0, "must be > 0"),
             ("federation.wait_for_nodes_s", self.wait_for_nodes_s >= 0, "must be >= 0"),
+            ("federation.head_init", self.head_init in HEAD_INITS, f"use one of {HEAD_INITS}"),
+            ("federation.head_ridge", self.head_ridge > 0, "must be > 0"),
             (
                 "federation.cpus_per_site",
                 self.cpus_per_site is None or self.cpus_per_site >= 1,

@@ -22,8 +22,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from common.core.errors import DataError
 from common.data.transforms import Augment
 from common.federated.exchange import exchanged_keys, get_exchanged, local_keys, set_exchanged
+from common.federated.head_init import classifier_features, site_statistics
 from common.federated.privacy import PrivacyLedger, dp_settings, dp_site_round, ledger_file
 from common.federated.settings import federation_settings
 from common.federated.site import SiteData, load_site
@@ -178,6 +180,19 @@ class SiteTrainer:
             SITE_ID: self.site_id,
             **self._val_metrics(model),
         }
+
+    def statistics(self, arrays: Arrays, *, kind: str, state: SiteState) -> dict[str, np.ndarray]:
+        """The one-shot statistics round: sums over the features entering the classifier
+        of the global model, on this site's training split only (see ``head_init``)."""
+        if len(self.site.train) == 0:
+            raise DataError(
+                self.site.prepared.collection.root,
+                f"site {self.site_id} has no training samples for the statistics round",
+            )
+        model, _ = self._model(arrays, state)
+        site = self.site
+        feats = classifier_features(model, site.x, site.train, start=site.start, device=self.device)
+        return site_statistics(kind, feats, site.labels[site.train], len(site.run.classes))
 
     # ------------------------------------------------------------------ helpers
     def _model(self, arrays: Arrays, state: SiteState) -> tuple[StagedModel, list[str]]:

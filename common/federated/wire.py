@@ -20,6 +20,7 @@ SERVER_ROUND = "server-round"  # Flower: 1-based round of this ServerApp run
 ROUND_OFFSET = "round-offset"  # fedscan: rounds done before a resume
 RUN_KEY = "run-key"  # fedscan: run folder name; sites key their privacy ledger by it
 PROXIMAL_MU = "proximal-mu"  # Flower's FedProx
+HEAD_INIT = "head-init"  # fedscan: the statistics round's kind (fed3r | fedncm), on a query
 
 # Reply metrics, site -> server
 NUM_EXAMPLES = "num-examples"  # Flower's weighting key; 0 = "do not average me"

@@ -283,16 +283,26 @@ class RunRecord:
         return {k: v for k, v in params.items() if k != "name"}
 
     @property
+    def head_init(self) -> str:
+        """The one-shot head the run started from (``none``, ``fed3r``, ``fedncm``)."""
+        return str(self.cfg.federation.get("head_init", "none"))
+
+    @property
     def method(self) -> str:
-        """``pooled``, ``local``, ``centralised``, or the strategy with its parameters."""
+        """``pooled``, ``local``, ``centralised``, or the strategy with its parameters;
+        a one-shot head comes first (``fed3r+fedavg``, ``fed3r one-shot``, ``pooled+fed3r``)."""
+        head = self.head_init
         if self.kind != "federated":
-            return self.kind
+            return self.kind if head == "none" else f"{self.kind}+{head}"
+        if head != "none" and int(self.cfg.rounds) == 0:
+            return f"{head} one-shot"
         params = ",".join(
             f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
             for k, v in self.strategy_params.items()
             if k == "mu"  # the parameter the study varies; the others are fixed defaults
         )
-        return f"{self.strategy}({params})" if params else self.strategy
+        name = f"{self.strategy}({params})" if params else self.strategy
+        return name if head == "none" else f"{head}+{name}"
 
     @property
     def partition(self) -> str:

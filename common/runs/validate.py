@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from common.core.errors import ConfigError
 from common.data.partition import check_partition_config
 from common.data.pipeline import check_dataset_config, prepare_data
+from common.federated.head_init import linear_head
 from common.federated.privacy import (
     PRIVACY_NAMES,
     CentralDPSettings,
@@ -28,7 +29,7 @@ from common.federated.privacy import (
 )
 from common.federated.settings import FederationSettings, check_strategy, federation_settings
 from common.federated.site import site_indices
-from common.learn.models import check_model_config
+from common.learn.models import build_model, check_model_config
 from common.learn.settings import TrainSettings, train_settings
 
 METHODS = ("federated", "local", "pooled")
@@ -81,6 +82,12 @@ def validate(cfg: DictConfig, kind: str) -> Settings:
             last = Path(fed.resume).expanduser() / "last.pt"
             if not last.exists():
                 raise ConfigError("federation.resume", f"no checkpoint to resume from: {last}")
+    if kind in ("federated", "server") and fed.head_init != "none" and privacy != "off":
+        raise ConfigError(
+            "federation.head_init",
+            f"the statistics round sends feature sums without noise; it cannot run with "
+            f"privacy={privacy}",
+        )
     if kind == "federated" and fed.min_nodes > fed.num_sites:
         raise ConfigError(
             "federation.min_nodes", f"{fed.min_nodes} is more than the {fed.num_sites} sites"
@@ -94,6 +101,8 @@ def check_sites(cfg: DictConfig) -> None:
     fails here with the site named. The decode cache this builds is the one the
     sites then read."""
     data = prepare_data(cfg)
+    if str(cfg.federation.head_init) != "none":  # the statistics round needs a linear head
+        linear_head(build_model(cfg.model, len(data.collection.classes)))
     n = int(cfg.federation.num_sites)
     for pid in range(n):
         site_indices(cfg, data, partition_id=pid, num_partitions=n)

@@ -1,0 +1,168 @@
+"""The one-shot head from the sites' feature statistics (Fed3R, FedNCM): exact for any
+partition, and run end to end as a statistics round before round 1."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common.core.errors import ConfigError
+from common.data.partition import PARTITIONERS, Groups
+from common.federated.head_init import (
+    linear_head,
+    site_statistics,
+    solve_head,
+    sum_statistics,
+)
+from common.learn.models import build_model
+from simulations.federated import run_federated
+from tests.conftest import SIM_BASE
+
+C, D = 4, 6
+
+
+def _pooled_ridge(phi: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """The reference: ridge regression on the concatenated features, solved another way
+    (least squares on the augmented system [Phi 1; sqrt(lam) I] W = [Y; 0])."""
+    phi1 = np.hstack([phi, np.ones((len(phi), 1))])
+    a = np.vstack([phi1, np.sqrt(lam) * np.eye(phi1.shape[1])])
+    b = np.vstack([np.eye(C)[y], np.zeros((phi1.shape[1], C))])
+    wb = np.linalg.lstsq(a, b, rcond=None)[0]
+    return wb[:-1].T, wb[-1]
+
+
+def _split(n: int, labels: np.ndarray, sites: int, partition: str, seed: int) -> list[np.ndarray]:
+    """Site index sets from fedscan's own partitioners (singleton groups)."""
+    rng = np.random.default_rng(seed)
+    groups = Groups.of(np.arange(n), np.arange(n), labels)
+    params = {
+        "iid": {},
+        "dirichlet": {"alpha": 0.1},
+        "pathological": {"classes_per_site": -(-groups.num_classes // sites)},
+        "quantity": {"alpha": 0.5},
+    }[partition]
+    owner = PARTITIONERS.get(partition)(groups, sites, rng, **params)
+    return [np.flatnonzero(owner == s) for s in range(sites)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(20, 120),
+    sites=st.integers(1, 6),
+    partition=st.sampled_from(["iid", "dirichlet", "pathological", "quantity"]),
+    seed=st.integers(0, 10_000),
+    lam=st.sampled_from([1e-3, 0.1, 1.0, 10.0]),
+)
+def test_federated_heads_equal_the_pooled_heads_for_any_partition(
+    n: int, sites: int, partition: str, seed: int, lam: float
+) -> None:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, C, n)
+    phi = rng.normal(size=(n, D)) + labels[:, None] * 0.5
+    parts = _split(n, labels, sites, partition, seed)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(n))
+
+    fed3r = sum_statistics([site_statistics("fed3r", phi[p], labels[p], C) for p in parts])
+    w, b = solve_head("fed3r", fed3r, ridge=lam)
+    w_ref, b_ref = _pooled_ridge(phi, labels, lam)
+    assert np.abs(w - w_ref).max() < 1e-6 and np.abs(b - b_ref).max() < 1e-6
+
+    ncm = sum_statistics([site_statistics("fedncm", phi[p], labels[p], C) for p in parts])
+    w, b = solve_head("fedncm", ncm, ridge=lam)
+    for c in range(C):
+        if (labels == c).any():
+            mean = phi[labels == c].mean(0)
+            assert np.abs(w[c] - mean / np.linalg.norm(mean)).max() < 1e-6
+        else:
+            assert not w[c].any()
+    assert not b.any()
+
+
+def test_statistics_hold_sums_not_rows() -> None:
+    phi = np.arange(12.0).reshape(4, 3)
+    stats = site_statistics("fed3r", phi, np.array([0, 1, 1, 3]), C)
+    assert stats["gram"].shape == (D - 2, D - 2) and stats["cross"].shape == (D - 2, C)
+    assert stats["gram"][-1, -1] == 4  # the bias column's count
+    ncm = site_statistics("fedncm", phi, np.array([0, 1, 1, 3]), C)
+    assert ncm["class_counts"].tolist() == [1, 2, 0, 1]
+    assert ncm["class_sums"][1].tolist() == (phi[1] + phi[2]).tolist()
+
+
+def test_bad_inputs_are_refused() -> None:
+    good = site_statistics("fed3r", np.ones((3, 2)), np.array([0, 1, 2]), C)
+    with pytest.raises(ConfigError, match=r"federation\.head_ridge"):
+        solve_head("fed3r", good, ridge=0.0)
+    bad = {**good, "gram": np.full_like(good["gram"], np.nan)}
+    with pytest.raises(Exception, match="NaN"):
+        sum_statistics([good, bad])
+    with pytest.raises(Exception, match="keys"):
+        sum_statistics([good, {"gram": good["gram"]}])
+
+
+def test_models_expose_their_linear_head() -> None:
+    for name, mode in (("paper_cnn", "scratch"), ("efficientnet_lite0", "features")):
+        head = linear_head(build_model({"name": name, "mode": mode}, 3))
+        assert isinstance(head, torch.nn.Linear) and head.out_features == 3
+
+
+# ------------------------------------------------------------------ in a federation
+@pytest.mark.usefixtures("_no_real_data")
+def test_statistics_round_then_rounds_and_resume(tmp_path: Path) -> None:
+    """2 sites on the embedded default: the round-0 one-shot head is recorded and
+    checkpointed; a resumed run continues without a second statistics round."""
+    d = 256  # paper_cnn's classifier input
+    base = [*SIM_BASE, "federation.fraction_evaluate=0"]
+    fed3r = run_federated(
+        [*base, "federation.head_init=fed3r", "rounds=0", f"runs_dir={tmp_path / 'fed3r'}"]
+    )
+    rounds = json.loads((fed3r / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0]
+    stats = rounds[0]["sites"]["statistics"]
+    assert len(stats) == 2 and all(s["num-examples"] > 0 for s in stats)
+    assert all(s["bytes"] == 8 * ((d + 1) ** 2 + (d + 1) * 4) for s in stats)  # float64 sums
+    assert rounds[0]["global"]["test_grouped"]["n"] > 0  # the one-shot model is evaluated
+    assert (fed3r / "last.pt").exists() and (fed3r / "curves.png").exists()
+
+    ncm = [*base, "federation.head_init=fedncm", f"runs_dir={tmp_path / 'ncm'}"]
+    part = run_federated([*ncm, "rounds=1"])
+    rows = json.loads((part / "metrics.json").read_text())["rounds"]
+    assert rows[0]["sites"]["statistics"][0]["bytes"] == 8 * (4 * d + 4)
+    # random conv features still separate the synthetic classes' means
+    assert rows[0]["global"]["test_grouped"]["accuracy"] > 0.5
+    resumed = run_federated([*ncm, "rounds=2", f"federation.resume={part}"])
+    rows = json.loads((resumed / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert sum("statistics" in r["sites"] for r in rows) == 1  # not repeated on resume
+
+
+@pytest.mark.usefixtures("_no_real_data")
+def test_statistics_round_is_refused_with_privacy(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"federation\.head_init.*privacy=dp_sgd"):
+        run_federated(
+            [*SIM_BASE, "federation.head_init=fedncm", "privacy=dp_sgd", f"runs_dir={tmp_path}"]
+        )
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.usefixtures("_no_real_data")
+def test_pooled_and_local_references_of_the_closed_form_head(tmp_path: Path) -> None:
+    from common.commands.report import load_run
+    from simulations.harness import run_one
+
+    base = [*SIM_BASE, "federation.head_init=fedncm", f"runs_dir={tmp_path}"]
+    pooled = run_one([*base, "method=pooled", "rounds=0"])
+    local = run_one([*base, "method=local", "rounds=0"])
+    tuned = run_one([*base, "method=pooled", "rounds=1"])
+    rows = {r["method"]: r for run in (pooled, local) for r in load_run(run)}
+    assert set(rows) == {"pooled+fedncm", "local+fedncm"}
+    assert rows["pooled+fedncm"]["accuracy"] > 0.5  # class means separate the synthetic set
+    assert json.loads((pooled / "metrics.json").read_text())["history"] == []
+    assert len(json.loads((tuned / "metrics.json").read_text())["history"]) == 1
+    with pytest.raises(ConfigError, match=r"rounds.*>= 0 after a federation\.head_init"):
+        run_one([*SIM_BASE, "method=pooled", "rounds=0", f"runs_dir={tmp_path}"])
