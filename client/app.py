@@ -27,12 +27,15 @@ from common.federated.wire import (
     NUM_EXAMPLES,
     PROXIMAL_MU,
     RUN_KEY,
+    SCAFFOLD_C,
+    SCAFFOLD_DELTA,
     SITE_ID,
     round_number,
 )
 
 LOCAL_STATE = "fedscan-local-state"  # FedBN tensors that never leave the site
 LEDGER_STATE = "fedscan-privacy-ledger"  # the site's DP-SGD accountant history
+CONTROL_STATE = "fedscan-scaffold"  # the site's SCAFFOLD variate c_i
 
 
 def _config(context: Context, overrides: Sequence[str]) -> DictConfig:
@@ -45,6 +48,8 @@ def _load_state(context: Context) -> SiteState:
         state.local_arrays = context.state[LOCAL_STATE].to_torch_state_dict()
     if LEDGER_STATE in context.state:
         state.ledger = json.loads(str(context.state[LEDGER_STATE]["json"]))
+    if CONTROL_STATE in context.state:
+        state.control = context.state[CONTROL_STATE].to_torch_state_dict()
     return state
 
 
@@ -53,6 +58,8 @@ def _save_state(context: Context, state: SiteState) -> None:
         context.state[LOCAL_STATE] = ArrayRecord(state.local_arrays)
     if state.ledger is not None:
         context.state[LEDGER_STATE] = ConfigRecord({"json": json.dumps(state.ledger)})
+    if state.control:
+        context.state[CONTROL_STATE] = ArrayRecord(state.control)
 
 
 def make_client_app(overrides: tuple[str, ...] = (), outer_mods: Sequence = ()) -> ClientApp:
@@ -78,15 +85,21 @@ def make_client_app(overrides: tuple[str, ...] = (), outer_mods: Sequence = ()) 
         trainer = SiteTrainer.for_node(_config(context, overrides), context.node_config)
         config = msg.content[CONFIG]
         state = _load_state(context)
-        arrays, metrics = trainer.train(
+        control = msg.content.get(SCAFFOLD_C)  # sent by strategy=scaffold only
+        update = trainer.train(
             msg.content[ARRAYS].to_torch_state_dict(),
             rnd=round_number(config),
             proximal_mu=float(config.get(PROXIMAL_MU, 0.0)),
             run_key=str(config.get(RUN_KEY, "")),
             state=state,
+            server_control=None if control is None else control.to_torch_state_dict(),
         )
         _save_state(context, state)
-        content = RecordDict({ARRAYS: ArrayRecord(arrays), METRICS: MetricRecord(metrics)})
+        content = RecordDict(
+            {ARRAYS: ArrayRecord(update.arrays), METRICS: MetricRecord(update.metrics)}
+        )
+        if update.control_delta is not None:
+            content[SCAFFOLD_DELTA] = ArrayRecord(update.control_delta)
         return Message(content=content, reply_to=msg)
 
     @app.query()

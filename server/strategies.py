@@ -13,20 +13,28 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp import strategy as fl
 
 from common.core.errors import ConfigError
 from common.core.registry import Registry
 from common.federated.privacy import CentralDPSettings
+from common.federated.scaffold import server_variate
 from common.federated.settings import FederationSettings, check_strategy
-from common.federated.wire import ARRAYS, METRICS, NODE_ID, NUM_EXAMPLES
+from common.federated.wire import (
+    ARRAYS,
+    METRICS,
+    NODE_ID,
+    NUM_EXAMPLES,
+    SCAFFOLD_C,
+    SCAFFOLD_DELTA,
+)
 
 log = logging.getLogger("fedscan.server")
 
 STRATEGIES: Registry[type] = Registry("strategy", "strategy.name")
 # Server-side state that must survive a resume (FedOpt family).
-STATEFUL_ATTRS = ("current_arrays", "m_t", "v_t")
+STATEFUL_ATTRS = ("current_arrays", "m_t", "v_t", "scaffold_c")
 
 
 class SiteRecording:
@@ -132,6 +140,42 @@ class SiteRecording:
             setattr(self, a, v)
 
 
+class Scaffold(fl.FedAvg):
+    """SCAFFOLD (Karimireddy et al. 2020) on Flower's Message-API FedAvg.
+
+    Every train message carries the server variate ``c`` beside the weights; every
+    reply carries the site's ``delta c_i`` beside its weights. The deltas are taken
+    out before FedAvg averages the weights (it expects one ArrayRecord per reply) and
+    update ``c`` with :func:`common.federated.scaffold.server_variate`. ``c`` is part
+    of the resumable strategy state.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.scaffold_c: dict[str, np.ndarray] = {}
+        self._connected = 1
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config, grid):
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._connected = max(1, len(list(grid.get_node_ids())))
+        for m in messages:
+            c = {k: Array(v) for k, v in self.scaffold_c.items()}
+            m.content[SCAFFOLD_C] = ArrayRecord(array_dict=c)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        deltas = []
+        for m in replies:
+            if m.has_content() and SCAFFOLD_DELTA in m.content:
+                record = m.content.pop(SCAFFOLD_DELTA)
+                deltas.append({k: a.numpy() for k, a in record.items()})
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None:
+            self.scaffold_c = server_variate(self.scaffold_c, deltas, num_sites=self._connected)
+        return arrays, metrics
+
+
 def _register(name: str, base: type) -> None:
     STRATEGIES.register(name)(type(f"Recording{base.__name__}", (SiteRecording, base), {}))
 
@@ -144,6 +188,7 @@ for _name, _base in {
     "fedmedian": fl.FedMedian,
     "fedtrimmedavg": fl.FedTrimmedAvg,
     "krum": fl.Krum,
+    "scaffold": Scaffold,
 }.items():
     _register(_name, _base)
 

@@ -29,7 +29,7 @@ def _global(trainer: SiteTrainer) -> dict[str, torch.Tensor]:
 def test_train_returns_only_exchanged_tensors_and_aggregate_metrics() -> None:
     trainer = _trainer()
     sent = _global(trainer)
-    arrays, metrics = trainer.train(sent, rnd=1, state=SiteState())
+    arrays, metrics, _ = trainer.train(sent, rnd=1, state=SiteState())
     assert set(arrays) == set(sent)
     assert any(not torch.equal(arrays[k], sent[k]) for k in sent)  # it trained
     assert metrics[NUM_EXAMPLES] == len(trainer.site.train) and metrics[SITE_ID] == 1
@@ -42,9 +42,9 @@ def test_train_returns_only_exchanged_tensors_and_aggregate_metrics() -> None:
 def test_a_round_is_reproducible_and_rounds_differ() -> None:
     trainer = _trainer()
     sent = _global(trainer)
-    a, _ = trainer.train(sent, rnd=2, state=SiteState())
-    b, _ = trainer.train(sent, rnd=2, state=SiteState())
-    c, _ = trainer.train(sent, rnd=3, state=SiteState())
+    a = trainer.train(sent, rnd=2, state=SiteState()).arrays
+    b = trainer.train(sent, rnd=2, state=SiteState()).arrays
+    c = trainer.train(sent, rnd=3, state=SiteState()).arrays
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
     assert site_seed(0, 2, 1) != site_seed(0, 3, 1) != site_seed(0, 3, None)
@@ -54,7 +54,7 @@ def test_fedbn_keeps_batchnorm_at_the_site_across_rounds() -> None:
     trainer = _trainer("federation.fedbn=true")
     sent = _global(trainer)
     state = SiteState()
-    arrays, _ = trainer.train(sent, rnd=1, state=state)
+    arrays = trainer.train(sent, rnd=1, state=state).arrays
     assert state.local_arrays and not set(state.local_arrays) & set(arrays)
     assert all("running_mean" not in k for k in arrays)
     kept = {k: v.clone() for k, v in state.local_arrays.items()}
@@ -77,5 +77,5 @@ def test_a_deployed_site_reports_no_partition(tmp_path) -> None:
     folder = generate(tmp_path / "site", domain="lung_ct", per_class=12, size=32, seed=0)
     trainer = _trainer("dataset.domain=lung_ct", node={"data-path": str(folder)})
     assert trainer.partition_id is None and trainer.site_id == NO_SITE
-    _, metrics = trainer.train(_global(trainer), rnd=1, state=SiteState())
+    metrics = trainer.train(_global(trainer), rnd=1, state=SiteState()).metrics
     assert metrics[SITE_ID] == NO_SITE

@@ -186,20 +186,6 @@ class PrivacyLedger:
         return cls.from_dict(json.loads(path.read_text())) if path.exists() else cls([], accountant)
 
 
-def ledger_file(*, run_key: str, data_path: str, runs_dir: str, site: int) -> Path | None:
-    """Where a site's ledger is kept between rounds and across a resumed run.
-
-    Deployment (``data_path`` set): in the site's own folder, so a restarted
-    SuperNode still knows what it has spent. Simulation: beside the run folder,
-    one file per virtual site (node state alone is lost when a run is resumed).
-    """
-    if not run_key:
-        return None
-    if data_path:
-        return Path(data_path).expanduser() / ".fedscan-privacy" / f"{run_key}.json"
-    return Path(runs_dir) / run_key / "site-privacy" / f"site-{site}.json"
-
-
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
     """Opacus' Poisson loader: ``ceil(N / B)`` steps at sample rate ``1 / ceil(N / B)``."""
     return max(1, math.ceil(n_train / batch_size))

@@ -57,6 +57,23 @@ def class_counts_metrics(labels: np.ndarray, classes: Sequence[str]) -> dict[str
     return {f"{COUNT_PREFIX}{c}": int(n) for c, n in zip(classes, counts, strict=True)}
 
 
+def site_file(
+    what: str, suffix: str, *, run_key: str, data_path: str, runs_dir: str, site: int
+) -> Path | None:
+    """Where a site keeps ``what`` (its privacy ledger, its SCAFFOLD variate) between
+    rounds and across a resumed run; ``None`` without a run key.
+
+    Deployment (``data_path`` set): in the site's own folder, so a restarted SuperNode
+    still has it. Simulation: beside the run folder, one file per virtual site (node
+    state alone is lost when a run is resumed).
+    """
+    if not run_key:
+        return None
+    if data_path:
+        return Path(data_path).expanduser() / f".fedscan-{what}" / f"{run_key}{suffix}"
+    return Path(runs_dir) / run_key / f"site-{what}" / f"site-{site}{suffix}"
+
+
 def site_config(cfg: DictConfig, data_path: str | None) -> DictConfig:
     """Point ``cfg`` at a hospital folder when the node was given a ``data-path``."""
     if not data_path:

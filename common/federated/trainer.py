@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -26,9 +26,10 @@ from common.core.errors import DataError
 from common.data.transforms import Augment
 from common.federated.exchange import exchanged_keys, get_exchanged, local_keys, set_exchanged
 from common.federated.head_init import classifier_features, site_statistics
-from common.federated.privacy import PrivacyLedger, dp_settings, dp_site_round, ledger_file
+from common.federated.privacy import PrivacyLedger, dp_settings, dp_site_round
+from common.federated.scaffold import correction, site_variate
 from common.federated.settings import federation_settings
-from common.federated.site import SiteData, load_site
+from common.federated.site import SiteData, load_site, site_file
 from common.federated.wire import NO_SITE, NUM_EXAMPLES, SITE_ID, node_site
 from common.learn.models.staged import StagedModel
 from common.learn.settings import TrainSettings, train_settings
@@ -50,6 +51,16 @@ class SiteState:
 
     local_arrays: Arrays = field(default_factory=dict)
     ledger: dict[str, Any] | None = None  # PrivacyLedger.to_dict()
+    control: Arrays = field(default_factory=dict)  # SCAFFOLD's c_i
+
+
+class SiteUpdate(NamedTuple):
+    """What ``train`` returns: the weights and metrics every strategy gets, and SCAFFOLD's
+    ``delta c_i`` when the server sent a variate."""
+
+    arrays: Arrays
+    metrics: dict[str, float | int]
+    control_delta: Arrays | None = None
 
 
 def site_seed(seed: int, rnd: int, partition_id: int | None) -> int:
@@ -70,8 +81,10 @@ def local_fit(
     proximal_mu: float = 0.0,
     seed: int = 0,
     augment: Augment | None = None,
+    correction: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[float, float]:
-    """A site's local epochs from the received global weights; FedProx when ``mu`` > 0.
+    """A site's local epochs from the received global weights; FedProx when ``mu`` > 0,
+    SCAFFOLD when ``correction`` (parameter name -> ``c - c_i``) is given.
 
     The optimizer is created fresh each round (Flower's examples do the same):
     momentum from a previous global model would point the wrong way.
@@ -90,6 +103,12 @@ def local_fit(
     )
     loss_fn = loss_function(settings, labels[indices], model.num_classes)
     optimizer = make_optimizer(model, settings)
+    per_param = None
+    if correction is not None:
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        per_param = [
+            correction[n].to(p) if n in correction else torch.zeros_like(p) for n, p in trainable
+        ]
     loss, acc = float("nan"), float("nan")
     for _ in range(epochs):
         loss, acc = train_one_epoch(
@@ -101,6 +120,7 @@ def local_fit(
             start=start,
             proximal_mu=proximal_mu,
             anchor=anchor,
+            correction=per_param,
         )
     return loss, acc
 
@@ -139,10 +159,13 @@ class SiteTrainer:
         state: SiteState,
         proximal_mu: float = 0.0,
         run_key: str = "",
-    ) -> tuple[Arrays, dict[str, float | int]]:
+        server_control: Arrays | None = None,
+    ) -> SiteUpdate:
         """Local training from the global ``arrays``; returns the update and reply metrics.
 
-        ``state`` is read and updated in place (FedBN tensors, privacy ledger).
+        ``state`` is read and updated in place (FedBN tensors, privacy ledger, SCAFFOLD
+        variate). ``server_control`` (SCAFFOLD's ``c``, possibly empty in round 1)
+        turns on the drift correction.
         """
         model, keys = self._model(arrays, state)
         seed = site_seed(self.settings.seed, rnd, self.partition_id)
@@ -160,16 +183,22 @@ class SiteTrainer:
         metrics: dict[str, float | int] = {NUM_EXAMPLES: len(site.train), SITE_ID: self.site_id}
         # per-class counts (aggregate): the partition report is what sites really hold
         metrics.update(site.train_class_counts())
-        if self.dp is None:
-            loss, acc = local_fit(model, site.x, site.labels, site.train, self.settings, **fit)
+        delta = None
+        if self.dp is not None:
+            metrics.update(self._dp_round(model, rnd, run_key, state, fit))
+        elif server_control is not None:
+            loss, acc, delta = self._scaffold_fit(
+                model, arrays, server_control, run_key, state, fit
+            )
             metrics.update(train_loss=loss, train_accuracy=acc)
         else:
-            metrics.update(self._dp_round(model, rnd, run_key, state, fit))
+            loss, acc = local_fit(model, site.x, site.labels, site.train, self.settings, **fit)
+            metrics.update(train_loss=loss, train_accuracy=acc)
         metrics.update(self._val_metrics(model))
         kept = local_keys(model, keys)
         if kept:
             state.local_arrays = get_exchanged(model.cpu(), kept)
-        return get_exchanged(model.cpu(), keys), metrics
+        return SiteUpdate(get_exchanged(model.cpu(), keys), metrics, delta)
 
     def evaluate(self, arrays: Arrays, *, state: SiteState) -> dict[str, float | int]:
         """The global model (with this site's own FedBN tensors) on the site's validation split."""
@@ -195,6 +224,58 @@ class SiteTrainer:
         return site_statistics(kind, feats, site.labels[site.train], len(site.run.classes))
 
     # ------------------------------------------------------------------ helpers
+    def _file(self, what: str, suffix: str, run_key: str):
+        return site_file(
+            what,
+            suffix,
+            run_key=run_key,
+            data_path=self.data_path,
+            runs_dir=str(self.cfg.runs_dir),
+            site=self.partition_id or 0,
+        )
+
+    def _scaffold_fit(
+        self,
+        model: StagedModel,
+        global_arrays: Arrays,
+        server_c: Arrays,
+        run_key: str,
+        state: SiteState,
+        fit: dict[str, Any],
+    ) -> tuple[float, float, Arrays]:
+        """Local epochs with SCAFFOLD's correction; updates ``c_i`` (node state and file)
+        and returns (loss, accuracy, ``delta c_i``)."""
+        path = self._file("scaffold", ".pt", run_key)
+        if not state.control and path is not None and path.exists():  # a resumed run
+            state.control = torch.load(path, weights_only=True)
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        site = self.site
+        loss, acc = local_fit(
+            model,
+            site.x,
+            site.labels,
+            site.train,
+            self.settings,
+            correction=correction(server_c, state.control, names),
+            **fit,
+        )
+        steps = fit["epochs"] * -(-len(site.train) // self.settings.batch_size)
+        local = dict(model.named_parameters())
+        new, delta = site_variate(
+            server_c,
+            state.control,
+            global_arrays,
+            {n: local[n].detach().cpu() for n in names},
+            names,
+            steps=steps,
+            lr=self.settings.lr,
+        )
+        state.control = new
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(new, path)
+        return loss, acc, delta
+
     def _model(self, arrays: Arrays, state: SiteState) -> tuple[StagedModel, list[str]]:
         """The global weights, plus this site's own kept tensors (FedBN) from earlier rounds."""
         # A copy of the per-process template: cheaper than rebuilding and re-reading weights.
@@ -210,12 +291,7 @@ class SiteTrainer:
     ) -> dict[str, float | int]:
         """DP-SGD for this round; the ledger continues from node state, else from its file."""
         assert self.dp is not None
-        path = ledger_file(
-            run_key=run_key,
-            data_path=self.data_path,
-            runs_dir=str(self.cfg.runs_dir),
-            site=self.partition_id or 0,
-        )
+        path = self._file("privacy", ".json", run_key)
         if state.ledger is not None:
             ledger = PrivacyLedger.from_dict(state.ledger)
         elif path is not None:

@@ -21,6 +21,8 @@ ROUND_OFFSET = "round-offset"  # fedscan: rounds done before a resume
 RUN_KEY = "run-key"  # fedscan: run folder name; sites key their privacy ledger by it
 PROXIMAL_MU = "proximal-mu"  # Flower's FedProx
 HEAD_INIT = "head-init"  # fedscan: the statistics round's kind (fed3r | fedncm), on a query
+SCAFFOLD_C = "scaffold-c"  # ArrayRecord beside ARRAYS on a train message: SCAFFOLD's c
+SCAFFOLD_DELTA = "scaffold-dc"  # ArrayRecord beside ARRAYS on a train reply: delta c_i
 
 # Reply metrics, site -> server
 NUM_EXAMPLES = "num-examples"  # Flower's weighting key; 0 = "do not average me"

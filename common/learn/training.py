@@ -146,10 +146,16 @@ def train_one_epoch(
     start: int = 0,
     proximal_mu: float = 0.0,
     anchor: list[torch.Tensor] | None = None,
+    correction: list[torch.Tensor] | None = None,
     desc: str = "train",
 ) -> tuple[float, float]:
-    """One pass; returns (mean loss, accuracy). ``start`` > 0 when inputs are cached features."""
+    """One pass; returns (mean loss, accuracy). ``start`` > 0 when inputs are cached features.
+
+    ``correction`` (one tensor per trainable parameter) is added to every gradient
+    before the step: SCAFFOLD's ``c - c_i``.
+    """
     model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
     loss_fn = loss_fn.to(device)
     total, correct, loss_sum = 0, 0, 0.0
     for xb, yb in tqdm(
@@ -166,6 +172,10 @@ def train_one_epoch(
         if not torch.isfinite(objective):
             raise FloatingPointError(f"non-finite training loss ({objective.item()})")
         objective.backward()
+        if correction is not None:
+            for p, c in zip(params, correction, strict=True):
+                if p.grad is not None:
+                    p.grad.add_(c)
         optimizer.step()
         n = len(yb)
         total += n

@@ -88,6 +88,12 @@ def validate(cfg: DictConfig, kind: str) -> Settings:
             f"the statistics round sends feature sums without noise; it cannot run with "
             f"privacy={privacy}",
         )
+    scaffold = str(cfg.strategy.name) == "scaffold"
+    if kind in ("federated", "server") and scaffold and privacy != "off":
+        raise ConfigError(
+            "strategy",
+            f"scaffold's control variates leave the sites without DP; not with privacy={privacy}",
+        )
     if kind == "federated" and fed.min_nodes > fed.num_sites:
         raise ConfigError(
             "federation.min_nodes", f"{fed.min_nodes} is more than the {fed.num_sites} sites"
