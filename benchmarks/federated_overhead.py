@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from common.core.config import load_config
+from common.federated.wire import NUM_EXAMPLES
 from common.runs.record import read_run
 from simulations.centralised import run_centralised
 from simulations.federated import run_federated
@@ -92,7 +93,7 @@ def main() -> None:
         )
         t_fed = time.perf_counter() - t
         rounds = read_run(fed).rounds
-        per_round = sum(s["num-examples"] for s in rounds[-1]["sites"]["train"])
+        per_round = sum(s[NUM_EXAMPLES] for s in rounds[-1]["sites"]["train"])
         fed_samples = per_round * a.rounds
         quiet = [r["seconds"] for r in rounds[1:] if not r["global"]] or [
             r["seconds"] for r in rounds[1:]

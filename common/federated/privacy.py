@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from common.core.errors import ConfigError
 from common.core.settings import from_section
 from common.data.transforms import to_float
+from common.federated.wire import NUM_EXAMPLES
 from common.learn.models.staged import StagedModel
 from common.learn.settings import TrainSettings
 from common.learn.training import loss_function, make_optimizer, place_model
@@ -387,14 +388,14 @@ def dp_site_round(
         log.warning("site %s: %s; not training in round %d", site, exc, rnd)
         delta = dp.site_delta(len(indices))
         return {
-            "num-examples": 0,
+            NUM_EXAMPLES: 0,
             "num_examples_if_trained": len(indices),
             "dp_budget_spent": 1,
             "dp_epsilon": ledger.epsilon(delta),
             "dp_delta": delta,
         }
     return {
-        "num-examples": len(indices),
+        NUM_EXAMPLES: len(indices),
         "train_loss": r.loss,
         "train_accuracy": r.accuracy,
         "dp_budget_spent": 0,
