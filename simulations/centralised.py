@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 
 from common.data.transforms import Augment
-from common.federated.head_init import closed_form_head
+from common.federated.head_init import closed_form_head, linear_head
 from common.learn.prepare import prepare_run
 from common.learn.training import Batches, evaluate_model, fit
 from common.runs.plots import plot_confusion, plot_curves
@@ -39,6 +39,8 @@ def run_centralised(cfg: DictConfig, *, kind: str = "centralised", train: bool =
         ridge = checked.federation.head_ridge
         closed_form_head(model, head, x, c.labels, s.train, start=start, device=device, ridge=ridge)
         log.info("classifier: the closed-form %s head of %d training images", head, len(s.train))
+        if checked.federation.head_freeze:
+            linear_head(model).requires_grad_(False)
     t_prep = time.perf_counter() - t0
     augment = Augment(settings.augment, seed=settings.seed) if start == 0 else None
     if augment is None and settings.augment != "none":

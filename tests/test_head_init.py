@@ -166,3 +166,43 @@ def test_pooled_and_local_references_of_the_closed_form_head(tmp_path: Path) -> 
     assert len(json.loads((tuned / "metrics.json").read_text())["history"]) == 1
     with pytest.raises(ConfigError, match=r"rounds.*>= 0 after a federation\.head_init"):
         run_one([*SIM_BASE, "method=pooled", "rounds=0", f"runs_dir={tmp_path}"])
+
+
+@pytest.mark.usefixtures("_no_real_data")
+def test_a_frozen_head_stays_while_the_blocks_train() -> None:
+    from common.core.config import load_config
+    from common.federated.exchange import exchanged_keys, get_exchanged
+    from common.federated.trainer import SiteState, SiteTrainer
+
+    cfg = load_config([*SIM_BASE, "federation.head_init=fedncm", "federation.head_freeze=true"])
+    trainer = SiteTrainer.for_node(cfg, {"partition-id": 0, "num-partitions": 2})
+    model = trainer.site.run.model
+    sent = get_exchanged(model, exchanged_keys(model))
+    got = trainer.train(sent, rnd=1, state=SiteState()).arrays
+    head = [k for k in sent if k.startswith(f"stages.{len(model.stages) - 1}.")]
+    assert head and all(torch.equal(sent[k], got[k]) for k in head)
+    assert any(not torch.equal(sent[k], got[k]) for k in sent if k not in head)
+
+
+@pytest.mark.usefixtures("_no_real_data")
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["federation.head_freeze=true"], r"head_freeze.*needs a solved head"),
+        (
+            [
+                "model=efficientnet_lite0",
+                "model.mode=features",
+                "federation.head_init=fed3r",
+                "federation.head_freeze=true",
+            ],
+            r"head_freeze.*feature mode",
+        ),
+    ],
+)
+def test_a_frozen_head_needs_a_head_and_something_else_to_train(overrides, message) -> None:
+    from common.core.config import load_config
+    from common.runs.validate import validate
+
+    with pytest.raises(ConfigError, match=message):
+        validate(load_config([*SIM_BASE, *overrides]), "federated")

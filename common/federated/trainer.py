@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from common.core.errors import DataError
 from common.data.transforms import Augment
 from common.federated.exchange import exchanged_keys, get_exchanged, local_keys, set_exchanged
-from common.federated.head_init import classifier_features, site_statistics
+from common.federated.head_init import classifier_features, linear_head, site_statistics
 from common.federated.privacy import PrivacyLedger, dp_settings, dp_site_round
 from common.federated.scaffold import correction, site_variate
 from common.federated.settings import federation_settings
@@ -284,6 +284,8 @@ class SiteTrainer:
         set_exchanged(model, arrays, keys)
         if state.local_arrays:
             model.load_state_dict(state.local_arrays, strict=False)
+        if self.federation.head_freeze:  # the solved head stays as the server set it
+            linear_head(model).requires_grad_(False)
         return model, keys
 
     def _dp_round(

@@ -88,6 +88,12 @@ def validate(cfg: DictConfig, kind: str) -> Settings:
             f"the statistics round sends feature sums without noise; it cannot run with "
             f"privacy={privacy}",
         )
+    if fed.head_freeze and str(cfg.model.get("mode", "scratch")) == "features":
+        raise ConfigError(
+            "federation.head_freeze",
+            "in feature mode the head is all that trains; with it frozen nothing is left "
+            "(use rounds=0 for the one-shot model)",
+        )
     scaffold = str(cfg.strategy.name) == "scaffold"
     if kind in ("federated", "server") and scaffold and privacy != "off":
         raise ConfigError(
