@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from common.core.errors import ConfigError
 from common.data.partition import PARTITIONERS, Groups
 from common.federated.head_init import (
+    classifier_features,
     linear_head,
     site_statistics,
     solve_head,
@@ -206,3 +207,43 @@ def test_a_frozen_head_needs_a_head_and_something_else_to_train(overrides, messa
 
     with pytest.raises(ConfigError, match=message):
         validate(load_config([*SIM_BASE, *overrides]), "federated")
+
+
+@pytest.mark.realdata
+def test_exact_on_real_cached_features_of_a_small_brain_subset(brain_subset: Path) -> None:
+    """The pretrained trunk's cached features of real brain images, dealt to 4 sites by a
+    Dirichlet(0.1) partition: the federated heads equal the pooled ones (Fed3R against a
+    least-squares solve of the pooled features, FedNCM against the pooled class means)."""
+    from common.core.config import load_config
+    from common.data.partition import partition
+    from common.learn.prepare import prepare_run
+
+    cfg = load_config(
+        [
+            f"data_root={brain_subset.parent}",
+            "model.mode=features",
+            "dataset.image_size=64",
+            "dataset.split.val_fraction=0.34",  # 6 images a class: 3 folds
+        ]
+    )
+    run = prepare_run(cfg)
+    s = run.data.splits
+    pool = np.sort(np.concatenate([s.train, s.val]))
+    phi = classifier_features(run.model, run.x, pool, start=run.start, device=run.device)
+    labels = run.labels[pool]
+    row = {int(i): k for k, i in enumerate(pool)}
+    part = {"name": "dirichlet", "alpha": 0.1, "min_samples": 1}
+    sites = partition(pool, s.groups, run.labels, 4, cfg=part, seed=0)
+    rows = [np.array([row[int(i)] for i in site]) for site in sites]
+    assert sorted(np.concatenate(rows).tolist()) == list(range(len(pool)))
+
+    fed3r = sum_statistics([site_statistics("fed3r", phi[r], labels[r], C) for r in rows])
+    w, b = solve_head("fed3r", fed3r, ridge=1.0)
+    w_ref, b_ref = _pooled_ridge(phi, labels, 1.0)
+    assert np.abs(w - w_ref).max() < 1e-6 and np.abs(b - b_ref).max() < 1e-6
+
+    ncm = sum_statistics([site_statistics("fedncm", phi[r], labels[r], C) for r in rows])
+    w, _ = solve_head("fedncm", ncm, ridge=1.0)
+    for c in range(C):
+        mean = phi[labels == c].mean(0)
+        assert np.abs(w[c] - mean / np.linalg.norm(mean)).max() < 1e-6
