@@ -20,24 +20,47 @@ T = torch.tensor
 
 
 def test_two_sites_by_hand() -> None:
-    """x = 1, lr = 0.1, K = 2 steps. Site A ends at y = 0.6, site B at y = 1.2, c = 0."""
-    x = {"w": T([1.0])}
-    c0 = {}  # round 1: no variate yet
-    new_a, delta_a = site_variate(c0, {}, x, {"w": T([0.6])}, ["w"], steps=2, lr=0.1)
-    new_b, delta_b = site_variate(c0, {}, x, {"w": T([1.2])}, ["w"], steps=2, lr=0.1)
-    # c_i+ = c_i - c + (x - y) / (K lr) = (1 - 0.6) / 0.2 = 2 ; (1 - 1.2) / 0.2 = -1
-    assert new_a["w"].item() == pytest.approx(2.0) and new_b["w"].item() == pytest.approx(-1.0)
-    assert delta_a["w"].item() == pytest.approx(2.0) and delta_b["w"].item() == pytest.approx(-1.0)
+    """Round 1: sites A and B have full-batch gradients 2 and -1 at the global weights."""
+    new_a, delta_a = site_variate({}, {"w": T([2.0])})  # no variate yet: c_i = 0
+    new_b, delta_b = site_variate({}, {"w": T([-1.0])})
+    assert new_a["w"].item() == 2.0 and delta_a["w"].item() == 2.0
+    assert new_b["w"].item() == -1.0 and delta_b["w"].item() == -1.0
     # both of 4 connected sites replied: c = 0 + (2 / 4) * mean(2, -1) = 0.25
     c1 = server_variate({}, [{"w": np.array([2.0])}, {"w": np.array([-1.0])}], num_sites=4)
     assert c1["w"].tolist() == pytest.approx([0.25])
-    # round 2, site A: its gradient is corrected by c - c_i = 0.25 - 2 = -1.75
+    # round 2, site A: its gradient is corrected by c - c_A = 0.25 - 2 = -1.75
     assert correction({"w": T(c1["w"])}, new_a, ["w"])["w"].item() == pytest.approx(-1.75)
-    # A ends at y = 0.9: c_A = 2 - 0.25 + 0.1 / 0.2 = 2.25, delta = 0.25
-    again, delta = site_variate(
-        {"w": T(c1["w"])}, new_a, x, {"w": T([0.9])}, ["w"], steps=2, lr=0.1
+    # A's gradient is now 2.5: c_A = 2.5, delta = 0.5; a round without B leaves c_B alone
+    again, delta = site_variate(new_a, {"w": T([2.5])})
+    assert again["w"].item() == 2.5 and delta["w"].item() == pytest.approx(0.5)
+    c2 = server_variate(c1, [{"w": np.array([0.5])}], num_sites=4)
+    assert c2["w"].tolist() == pytest.approx([0.25 + 0.25 * 0.5])
+
+
+def test_mean_gradient_is_the_softmax_regression_gradient() -> None:
+    """grad_W of mean cross-entropy = mean((p - y) x^T), grad_b = mean(p - y)."""
+    from torch import nn
+
+    from common.learn.models.staged import StagedModel
+    from common.learn.training import Batches, mean_gradient
+
+    torch.manual_seed(0)
+    model = StagedModel("lin", [("input", nn.Identity()), ("classifier", nn.Linear(2, 3))], 3)
+    x = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [-1.0, 0.5], [0.3, 0.3]], np.float32)
+    y = np.array([0, 1, 2, 0, 1])
+    grads = mean_gradient(
+        model,
+        Batches(x, y, np.arange(5), batch_size=2),
+        nn.CrossEntropyLoss(),
+        device=torch.device("cpu"),
     )
-    assert again["w"].item() == pytest.approx(2.25) and delta["w"].item() == pytest.approx(0.25)
+    w, b = model.stages[1].weight.detach().numpy(), model.stages[1].bias.detach().numpy()
+    logits = x @ w.T + b
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    err = p - np.eye(3)[y]
+    np.testing.assert_allclose(grads["stages.1.weight"].numpy(), err.T @ x / 5, atol=1e-6)
+    np.testing.assert_allclose(grads["stages.1.bias"].numpy(), err.mean(0), atol=1e-6)
 
 
 def test_strategy_sends_c_takes_deltas_out_and_updates_c() -> None:

@@ -2,19 +2,21 @@
 
 Client drift under label skew is each site's gradient pulling away from the
 global one. SCAFFOLD keeps a server variate ``c`` and one variate ``c_i`` per site
-and corrects every local gradient by ``c - c_i``. After ``K`` local steps of
-learning rate ``lr`` from the global weights ``x`` to ``y_i`` (Option II):
+and corrects every local gradient by ``c - c_i``. Each round a site sets its variate
+to the full-batch gradient of its loss at the received global weights ``x``
+(the paper's Option I):
 
-    c_i+ = c_i - c + (x - y_i) / (K * lr)
+    c_i+ = grad f_i(x)
 
-the site sends ``delta_c_i = c_i+ - c_i`` beside its weights, and the server
-updates ``c <- c + (|S| / N) * mean_i(delta_c_i)`` over the ``|S|`` sites that
-replied of ``N`` connected. Variates cover the trainable *parameters* only
-(BatchNorm statistics are not gradients). Pure functions on name -> tensor dicts;
-the site trainer and the server strategy only store and move them.
-
-The paper's analysis is for plain SGD (``train.optimizer=sgd``); with AdamW the
-correction is added to the gradient before Adam's normalisation, a common heuristic.
+sends ``delta_c_i = c_i+ - c_i`` beside its weights, and the server updates
+``c <- c + (|S| / N) * mean_i(delta_c_i)`` over the ``|S|`` sites that replied of
+``N`` connected. Option I costs one extra gradient pass over the site's data but,
+unlike Option II's ``(x - y_i) / (K lr)``, does not assume plain SGD: with SGD
+momentum or AdamW that quotient is not a gradient (measured: Option II with SGD
+momentum 0.9 oscillated between 22 and 55 % on brain at Dirichlet 0.1). Variates
+cover the trainable *parameters* only (BatchNorm statistics are not gradients).
+Pure functions on name -> tensor dicts; the site trainer and the server strategy
+only store and move them.
 """
 
 from __future__ import annotations
@@ -42,25 +44,14 @@ def correction(server_c: Arrays, site_c: Arrays, names: Sequence[str]) -> dict[s
 
 
 def site_variate(
-    server_c: Arrays,
-    site_c: Arrays,
-    global_w: Arrays,
-    local_w: Arrays,
-    names: Sequence[str],
-    *,
-    steps: int,
-    lr: float,
+    site_c: Arrays, gradient: Arrays
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """``(c_i+, delta_c_i)`` after ``steps`` local steps (Option II of the paper)."""
-    if steps < 1 or not lr > 0:
-        raise ValueError(f"SCAFFOLD needs steps >= 1 and lr > 0 (got {steps}, {lr})")
-    new, delta = {}, {}
-    for n in names:
-        x, y = global_w[n].double(), local_w[n].double()
-        c = server_c[n].double() if n in server_c else torch.zeros_like(x)
-        ci = site_c[n].double() if n in site_c else torch.zeros_like(x)
-        new[n] = (ci - c + (x - y) / (steps * lr)).float()
-        delta[n] = (new[n].double() - ci).float()
+    """``(c_i+, delta_c_i)``: the new variate is the site's full-batch gradient at the
+    global weights (Option I); a missing old variate counts as zero."""
+    new = {n: g.detach().float().cpu() for n, g in gradient.items()}
+    delta = {
+        n: g - (site_c[n].float() if n in site_c else torch.zeros_like(g)) for n, g in new.items()
+    }
     return new, delta
 
 

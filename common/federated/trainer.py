@@ -38,6 +38,7 @@ from common.learn.training import (
     evaluate_model,
     loss_function,
     make_optimizer,
+    mean_gradient,
     place_model,
     train_one_epoch,
 )
@@ -243,13 +244,18 @@ class SiteTrainer:
         state: SiteState,
         fit: dict[str, Any],
     ) -> tuple[float, float, Arrays]:
-        """Local epochs with SCAFFOLD's correction; updates ``c_i`` (node state and file)
-        and returns (loss, accuracy, ``delta c_i``)."""
+        """Local epochs with SCAFFOLD's correction ``c - c_i``; ``c_i`` becomes the site's
+        full-batch gradient at the global weights (node state and file); returns
+        (loss, accuracy, ``delta c_i``)."""
         path = self._file("scaffold", ".pt", run_key)
         if not state.control and path is not None and path.exists():  # a resumed run
             state.control = torch.load(path, weights_only=True)
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         site = self.site
+        place_model(model, self.device)
+        full = Batches(site.x, site.labels, site.train, batch_size=64)
+        loss_fn = loss_function(self.settings, site.labels[site.train], model.num_classes)
+        gradient = mean_gradient(model, full, loss_fn, device=self.device, start=site.start)
         loss, acc = local_fit(
             model,
             site.x,
@@ -259,17 +265,7 @@ class SiteTrainer:
             correction=correction(server_c, state.control, names),
             **fit,
         )
-        steps = fit["epochs"] * -(-len(site.train) // self.settings.batch_size)
-        local = dict(model.named_parameters())
-        new, delta = site_variate(
-            server_c,
-            state.control,
-            global_arrays,
-            {n: local[n].detach().cpu() for n in names},
-            names,
-            steps=steps,
-            lr=self.settings.lr,
-        )
+        new, delta = site_variate(state.control, gradient)
         state.control = new
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -184,6 +184,35 @@ def train_one_epoch(
     return loss_sum / max(total, 1), correct / max(total, 1)
 
 
+def mean_gradient(
+    model: StagedModel,
+    batches: Batches,
+    loss_fn: nn.Module,
+    *,
+    device: torch.device,
+    start: int = 0,
+) -> dict[str, torch.Tensor]:
+    """The gradient of the mean loss over every sample of ``batches`` at the current
+    weights, per trainable parameter name (eval mode: no dropout, no BatchNorm update)."""
+    model.eval()
+    loss_fn = loss_fn.to(device)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    total = {n: torch.zeros_like(p) for n, p in named}
+    count = 0
+    for xb, yb in batches:
+        xb, yb = xb.to(device), yb.to(device)
+        model.zero_grad(set_to_none=True)
+        with autocast(device):
+            loss = loss_fn(model.forward_from(xb, start).float(), yb)
+        (loss * len(yb)).backward()  # a sum over samples, divided once at the end
+        for n, p in named:
+            if p.grad is not None:
+                total[n] += p.grad.detach()
+        count += len(yb)
+    model.zero_grad(set_to_none=True)
+    return {n: (g / max(count, 1)).cpu() for n, g in total.items()}
+
+
 @torch.inference_mode()
 def predict(
     model: StagedModel, batches: Batches, *, device: torch.device, start: int = 0
