@@ -114,3 +114,29 @@ def test_a_folder_without_metrics_is_named(tmp_path: Path) -> None:
     (tmp_path / "metrics.json").write_text("{not json")
     with pytest.raises(DataError, match=r"metrics\.json: unreadable metrics"):
         read_run(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("kind", "overrides", "method"),
+    [
+        ("federated", [], "fedavg"),
+        ("federated", ["federation.head_init=fed3r", "rounds=0"], "fed3r one-shot"),
+        ("federated", ["federation.head_init=fed3r"], "fed3r+fedavg"),
+        (
+            "federated",
+            ["federation.head_init=fed3r", "federation.head_freeze=true"],
+            "fed3r(frozen)+fedavg",
+        ),
+        ("pooled", ["federation.head_init=fed3r", "rounds=0"], "pooled+fed3r"),
+        ("pooled", ["federation.head_init=fed3r"], "pooled+fed3r+ft"),
+        ("local", [], "local"),
+    ],
+)
+def test_unlike_runs_get_unlike_method_labels(
+    tmp_path: Path, kind: str, overrides: list[str], method: str
+) -> None:
+    """The report groups rows by this label: runs that differ must not share one."""
+    from common.runs.record import RunRecord
+
+    record = RunRecord(dir=tmp_path, kind=kind, cfg=_cfg(tmp_path, *overrides), doc={})
+    assert record.method == method

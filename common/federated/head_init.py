@@ -31,7 +31,9 @@ import torch
 from torch import nn
 
 from common.core.errors import ConfigError, DataError
+from common.data.transforms import to_float
 from common.learn.models.staged import StagedModel
+from common.learn.training import autocast
 
 HEAD_INITS = ("none", "fed3r", "fedncm")
 STAT_KEYS = {"fed3r": ("gram", "cross"), "fedncm": ("class_sums", "class_counts")}
@@ -68,9 +70,6 @@ def classifier_features(
     Runs ``stages[start:-1]`` of the current model in eval mode; in feature mode
     (``start`` = the classifier) the cached rows are the features themselves.
     """
-    from common.data.transforms import to_float
-    from common.learn.training import autocast
-
     model.eval()
     model.to(device)
     stop = len(model.stages) - 1

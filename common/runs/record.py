@@ -290,11 +290,18 @@ class RunRecord:
     @property
     def method(self) -> str:
         """``pooled``, ``local``, ``centralised``, or the strategy with its parameters;
-        a one-shot head comes first (``fed3r+fedavg``, ``fed3r one-shot``, ``pooled+fed3r``)."""
+        a one-shot head comes first: ``fed3r one-shot``, ``fed3r+fedavg``,
+        ``fed3r(frozen)+fedavg``, ``pooled+fed3r`` (closed form), ``pooled+fed3r+ft``."""
         head = self.head_init
+        fed = self.cfg.federation
+        if head != "none" and bool(fed.get("head_freeze", False)):
+            head = f"{head}(frozen)"
+        trained = int(self.cfg.rounds) > 0
         if self.kind != "federated":
-            return self.kind if head == "none" else f"{self.kind}+{head}"
-        if head != "none" and int(self.cfg.rounds) == 0:
+            if head == "none":
+                return self.kind
+            return f"{self.kind}+{head}" + ("+ft" if trained else "")
+        if head != "none" and not trained:
             return f"{head} one-shot"
         params = ",".join(
             f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
