@@ -21,7 +21,8 @@ S = TypeVar("S")
 _WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
-def _convert(value: Any, kind: type, key: str) -> Any:
+def typed(value: Any, kind: type, key: str) -> Any:
+    """``value`` as ``kind`` (int, float, str, bool); a ConfigError naming ``key`` if not."""
     try:
         if kind is bool:
             if not isinstance(value, bool):
@@ -56,7 +57,7 @@ def from_section(cls: type[S], section: Mapping[str, Any], prefix: str, **given:
                 raise ConfigError(f"{prefix}.{key}", f"must be set (expected {_WORDS[kind]})")
             values[key] = None
         else:
-            values[key] = _convert(value, kind, f"{prefix}.{key}")
+            values[key] = typed(value, kind, f"{prefix}.{key}")
     missing = sorted(fields - set(values))
     if missing:
         raise ConfigError(f"{prefix}.{missing[0]}", f"missing from the config (missing {missing})")

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.core.errors import ConfigError, DataError
 from common.core.paths import cache_root, data_root
+from common.core.settings import typed
 from common.data.cache import ImageCache, PreprocessSpec, build_cache
 from common.data.datasets import ImageCollection, load_dataset
 from common.data.datasets.synthetic import SYNTHETIC_LABEL
@@ -40,13 +41,7 @@ class PreparedData:
 
 
 def _typed(section: DictConfig | dict, key: str, kind: type, prefix: str) -> Any:
-    value = section[key]
-    try:
-        if kind is bool and isinstance(value, str):
-            raise ValueError
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{prefix}.{key}", f"expected {kind.__name__}, got {value!r}") from None
+    return typed(section[key], kind, f"{prefix}.{key}")
 
 
 def check_dataset_config(ds: DictConfig) -> int:
