@@ -94,7 +94,7 @@ def statistics_round(
             f"fewer than {fed.min_nodes}",
         )
     weight, bias = solve_head(kind, sum_statistics(stats), ridge=fed.head_ridge)
-    set_head(model, weight, bias)
+    set_head(model, weight, bias, scale=fed.head_scale)
     log.info(
         "statistics round (%s): head solved from %d sites, %.1f s, %.1f KiB per site",
         kind,

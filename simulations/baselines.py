@@ -79,7 +79,15 @@ def run_local(cfg: DictConfig) -> Path:
         model = build_model(cfg.model, len(c.classes))
         if head != "none":  # the site's own closed-form head, from its data alone
             closed_form_head(
-                model, head, x, c.labels, train_idx, start=start, device=device, ridge=ridge
+                model,
+                head,
+                x,
+                c.labels,
+                train_idx,
+                start=start,
+                device=device,
+                ridge=ridge,
+                scale=fed.head_scale,
             )
         train = Batches(
             x,

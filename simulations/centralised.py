@@ -36,8 +36,18 @@ def run_centralised(cfg: DictConfig, *, kind: str = "centralised", train: bool =
     c, s = data.collection, data.splits
     head = checked.federation.head_init
     if head != "none":
-        ridge = checked.federation.head_ridge
-        closed_form_head(model, head, x, c.labels, s.train, start=start, device=device, ridge=ridge)
+        fed = checked.federation
+        closed_form_head(
+            model,
+            head,
+            x,
+            c.labels,
+            s.train,
+            start=start,
+            device=device,
+            ridge=fed.head_ridge,
+            scale=fed.head_scale,
+        )
         log.info("classifier: the closed-form %s head of %d training images", head, len(s.train))
         if checked.federation.head_freeze:
             linear_head(model).requires_grad_(False)

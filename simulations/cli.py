@@ -23,7 +23,8 @@ def _setup_logging(verbose: bool) -> None:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("flwr").propagate = False  # flwr has its own handler
-    for noisy in ("matplotlib", "PIL", "hydra", "onnx_ir", "onnxscript", "torch.onnx"):
+    # alembic (pulled in by Ray / MLflow) logs a "setup plugin" line per plugin at INFO
+    for noisy in ("matplotlib", "PIL", "hydra", "onnx_ir", "onnxscript", "torch.onnx", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

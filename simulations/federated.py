@@ -28,6 +28,9 @@ def run_federated(overrides: Sequence[str], *, client_mods: Sequence = ()) -> Pa
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    # Ray >= 2.40 warns on every start unless told how to treat CUDA_VISIBLE_DEVICES
+    # for zero-GPU actors; 0 keeps today's behaviour, without the FutureWarning.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     overrides = list(overrides)
     cfg = load_config(overrides)
     fed = validate(cfg, "federated").federation  # a bad override fails before Ray starts

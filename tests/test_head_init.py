@@ -17,6 +17,7 @@ from common.data.partition import PARTITIONERS, Groups
 from common.federated.head_init import (
     classifier_features,
     linear_head,
+    set_head,
     site_statistics,
     solve_head,
     sum_statistics,
@@ -110,6 +111,31 @@ def test_models_expose_their_linear_head() -> None:
     for name, mode in (("paper_cnn", "scratch"), ("efficientnet_lite0", "features")):
         head = linear_head(build_model({"name": name, "mode": mode}, 3))
         assert isinstance(head, torch.nn.Linear) and head.out_features == 3
+
+
+def test_head_scale_sharpens_the_softmax_and_keeps_every_prediction() -> None:
+    rng = np.random.default_rng(0)
+    phi, y = rng.normal(size=(40, 8)), rng.integers(0, 3, 40)
+    w, b = solve_head("fed3r", site_statistics("fed3r", phi, y, 3), ridge=1.0)
+    x = torch.from_numpy(phi)
+    logits = {}
+    for scale in (1.0, 10.0):
+        lin = torch.nn.Linear(8, 3).double()
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(scale * w))
+            lin.bias.copy_(torch.from_numpy(scale * b))
+        logits[scale] = lin(x).detach()
+    assert torch.equal(logits[1.0].argmax(1), logits[10.0].argmax(1))
+    assert torch.allclose(logits[10.0], 10 * logits[1.0])
+    # set_head writes exactly that into the model, and refuses a non-positive scale
+    model = build_model({"name": "efficientnet_lite0", "mode": "features"}, 3)
+    feat = linear_head(model).in_features
+    w2, b2 = rng.normal(size=(3, feat)), rng.normal(size=3)
+    set_head(model, w2, b2, scale=10.0)
+    assert np.allclose(linear_head(model).weight.detach().numpy(), 10 * w2, atol=1e-5)
+    assert np.allclose(linear_head(model).bias.detach().numpy(), 10 * b2, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"federation\.head_scale"):
+        set_head(model, w2, b2, scale=0.0)
 
 
 # ------------------------------------------------------------------ in a federation

@@ -1,4 +1,4 @@
-"""Map a per-file function over many files on the machine's cores, with a progress bar."""
+"""Map a per-file function over many files on the machine's cores, showing progress."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import TypeVar
 
-from tqdm import tqdm
+from common.core.progress import progress
 
 A = TypeVar("A")
 R = TypeVar("R")
@@ -26,17 +26,9 @@ def pmap(
 ) -> list[R]:
     """Order-preserving map; small jobs stay in-process because a pool costs ~1 s to start."""
     workers = workers or available_cpus()
-    show = len(items) >= 200
+    shown = {"total": len(items), "desc": desc, "unit": "files", "quiet_below": 200}
     if workers <= 1 or len(items) < 200:
-        return [fn(x) for x in tqdm(items, desc=desc, disable=None if show else True, leave=False)]
+        return [fn(x) for x in progress(items, **shown)]
     chunk = max(1, len(items) // (workers * 8))
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(
-            tqdm(
-                pool.map(fn, items, chunksize=chunk),
-                total=len(items),
-                desc=desc,
-                leave=False,
-                disable=None,
-            )
-        )
+        return list(progress(pool.map(fn, items, chunksize=chunk), **shown))

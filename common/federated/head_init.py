@@ -135,15 +135,27 @@ def solve_head(
     return weight, np.zeros(len(weight))
 
 
-def set_head(model: StagedModel, weight: np.ndarray, bias: np.ndarray) -> None:
-    """Write the solved head into the model's final linear layer."""
+def set_head(model: StagedModel, weight: np.ndarray, bias: np.ndarray, *, scale: float) -> None:
+    """Write the solved head, times ``scale``, into the model's final linear layer.
+
+    ``scale`` (``federation.head_scale``) turns the head's outputs into logits for
+    the softmax fine-tuning that follows: a ridge head regresses one-hot targets, so
+    its outputs span about [0, 1] and their softmax is nearly uniform; unit-norm NCM
+    weights likewise. Scaling leaves every prediction (the argmax) unchanged, so the
+    one-shot model is the same; what it changes is how far the first fine-tuning
+    steps move the head (with Adam, a step of ``lr`` is ``1 / scale`` as large
+    relative to the head's logits), i.e. how much of the exact head survives local
+    training on skewed sites.
+    """
+    if not scale > 0:
+        raise ConfigError("federation.head_scale", f"must be > 0, got {scale}")
     head = linear_head(model)
     if weight.shape != tuple(head.weight.shape):
         raise ValueError(f"head is {tuple(head.weight.shape)}, solved {weight.shape}")
     with torch.no_grad():
-        head.weight.copy_(torch.from_numpy(weight).to(head.weight))
+        head.weight.copy_(torch.from_numpy(scale * weight).to(head.weight))
         if head.bias is not None:
-            head.bias.copy_(torch.from_numpy(bias).to(head.bias))
+            head.bias.copy_(torch.from_numpy(scale * bias).to(head.bias))
 
 
 def closed_form_head(
@@ -156,9 +168,10 @@ def closed_form_head(
     start: int,
     device: torch.device,
     ridge: float,
+    scale: float,
 ) -> None:
     """Set ``model``'s classifier to the ``kind`` head of ``x[indices]`` in one place: the
     pooled and local references of a statistics round (the same sums, never sent)."""
     feats = classifier_features(model, x, indices, start=start, device=device)
     stats = site_statistics(kind, feats, labels[indices], linear_head(model).out_features)
-    set_head(model, *solve_head(kind, stats, ridge=ridge))
+    set_head(model, *solve_head(kind, stats, ridge=ridge), scale=scale)

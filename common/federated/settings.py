@@ -41,6 +41,7 @@ class FederationSettings:
     cpus_per_site: int | None
     head_init: str  # none | fed3r | fedncm
     head_ridge: float
+    head_scale: float
     head_freeze: bool
 
     def __post_init__(self) -> None:
@@ -65,6 +66,7 @@ class FederationSettings:
             ("federation.wait_for_nodes_s", self.wait_for_nodes_s >= 0, "must be >= 0"),
             ("federation.head_init", self.head_init in HEAD_INITS, f"use one of {HEAD_INITS}"),
             ("federation.head_ridge", self.head_ridge > 0, "must be > 0"),
+            ("federation.head_scale", self.head_scale > 0, "must be > 0"),
             (
                 "federation.head_freeze",
                 not self.head_freeze or self.head_init != "none",

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from common.core.paths import cache_root
+from common.core.progress import progress
 from common.data.pipeline import PreparedData
 from common.data.transforms import to_float
 from common.learn.models.staged import StagedModel
@@ -57,7 +57,9 @@ def cached_features(
         tmp, mode="w+", dtype=np.float16, shape=(len(images), *probe.shape[1:])
     )
     idx = np.sort(np.asarray(indices))
-    for s in tqdm(range(0, len(idx), batch_size), desc="frozen trunk", leave=False, disable=None):
+    steps = range(0, len(idx), batch_size)
+    desc = f"frozen trunk ({model.name}, stages before {model.stage_names[cut]})"
+    for s in progress(steps, total=len(steps), desc=desc, unit=f"batches of {batch_size}"):
         b = idx[s : s + batch_size]
         xb = to_float(torch.from_numpy(np.ascontiguousarray(images[b]))).to(device)
         if device.type == "cpu":
