@@ -84,7 +84,9 @@ def test_local_and_pooled_baselines_share_the_partition(tmp_path: Path):
     assert "| local | iid |" in text and "| pooled | - |" in text
 
 
-def _fake_run(root: Path, name: str, *, seed: int, acc: float, method: str, sites=None) -> Path:
+def _fake_run(
+    root: Path, name: str, *, seed: int, acc: float, method: str, sites=None, extra=()
+) -> Path:
     """A federated or pooled run folder with chosen numbers (2 classes, 10 test images)."""
     d = root / name
     d.mkdir(parents=True)
@@ -96,6 +98,7 @@ def _fake_run(root: Path, name: str, *, seed: int, acc: float, method: str, site
         "strategy.mu=0.01",
         "partition=dirichlet",
         "partition.alpha=0.1",
+        *extra,
     )
     correct = round(acc * 10)
     m = {
@@ -247,3 +250,25 @@ def test_study_wall_time_reports_the_cache_build_apart_only_when_it_was_timed():
     assert timed.endswith("Total 18.0 min.")
     untimed = _wall_time({"seconds": runs, "cache_seconds": {"brain_mri": 120.0}})
     assert "(total 15.0 min), with warm caches" in untimed and "not timed here" in untimed
+
+
+def test_study_rows_override_the_base_without_setting_a_key_twice() -> None:
+    from simulations.study import merged
+
+    out = merged(["dataset=brain_mri", "rounds=10", "seed=0"], ["rounds=0", "seed=2"])
+    assert out == ["dataset=brain_mri", "rounds=0", "seed=2"]
+
+
+def test_report_keeps_runs_that_differ_in_more_than_the_seed_apart(tmp_path: Path) -> None:
+    from common.commands.report import aggregate, load_run
+
+    a = _fake_run(tmp_path, "a", seed=0, acc=0.8, method="federated", extra=["num_sites=3"])
+    b = _fake_run(tmp_path, "b", seed=1, acc=0.6, method="federated", extra=["num_sites=3"])
+    c = _fake_run(tmp_path, "c", seed=0, acc=0.9, method="federated", extra=["num_sites=2"])
+    d = _fake_run(tmp_path, "d", seed=1, acc=0.9, method="federated", extra=["runs_dir=/x"])
+    table = aggregate(row for r in (a, b, c) for row in load_run(r))
+    methods = {r["method"]: r["seeds"] for r in table}
+    assert methods == {"fedprox(mu=0.01) [num_sites=3]": 2, "fedprox(mu=0.01) [num_sites=2]": 1}
+    # where a run was written is not a difference: one row over both seeds
+    same = aggregate(row for r in (c, d) for row in load_run(r))
+    assert [(r["method"], r["seeds"]) for r in same] == [("fedprox(mu=0.01)", 2)]

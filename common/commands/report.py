@@ -2,8 +2,11 @@
 
 Reads every run folder the harness writes (federated, local, pooled, and the
 centralised ``fedscan train``), one row per (run, test split), then groups rows
-by dataset, test split, method and partition and reports mean +- std over the
-seeds. Nothing is re-evaluated: the numbers are the ones the runs recorded.
+whose resolved configs are equal but for the seed and reports mean +- std over
+the seeds. Runs that share a method and partition label but differ in anything
+else (site count, rounds, learning rate, ...) get separate rows, their label
+naming what differs. Nothing is re-evaluated: the numbers are the ones the runs
+recorded.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from common.core.errors import DataError
 from common.runs.plots import plot_confusion, plot_site_histogram
@@ -22,6 +26,68 @@ from common.runs.record import read_run
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall", "macro_f1")
 ORDER = {"pooled": 0, "centralised": 0, "local": 1}  # then the federated strategies
+# Config keys that do not change what a run measures (where it ran, what it is
+# called, how long it waited): runs differing only in these, and the seed, are one row.
+NOT_COMPARED = (
+    "seed",
+    "runs_dir",
+    "run_name",
+    "data_root",
+    "cache_dir",
+    "device",
+    "num_threads",
+    "federation.resume",
+    "federation.cpus_per_site",
+    "federation.round_timeout_s",
+    "federation.wait_for_nodes_s",
+)
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def compared_config(cfg: Any) -> dict[str, str]:
+    """The config as flat ``key -> value`` text, minus :data:`NOT_COMPARED`.
+
+    Unresolved: an alias (``federation.num_sites: ${num_sites}``) stays the same text,
+    so a difference is named once, at its source key.
+    """
+    tree = OmegaConf.to_container(cfg, resolve=False) if cfg is not None else {}
+    flat = _flat(tree)
+    return {
+        k: str(v)
+        for k, v in flat.items()
+        if not any(k == n or k.startswith(n + ".") for n in NOT_COMPARED)
+    }
+
+
+def distinguish(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows whose method and partition agree but whose configs differ get labels that
+    say how (``fedavg [num_sites=3, rounds=2]``), so they are never averaged together."""
+    by_cell: dict[tuple, dict[str, dict[str, str]]] = defaultdict(dict)
+    for r in rows:
+        cfg = r.get("config") or {}
+        key = tuple(sorted(cfg.items()))
+        by_cell[(r["dataset"], r["method"], r["partition"])][str(hash(key))] = cfg
+    out = []
+    for r in rows:
+        variants = by_cell[(r["dataset"], r["method"], r["partition"])]
+        if len(variants) > 1:
+            cfgs = list(variants.values())
+            keys = sorted({k for c in cfgs for k in c})
+            differ = [k for k in keys if len({c.get(k) for c in cfgs}) > 1]
+            mine = r.get("config") or {}
+            shown = ", ".join(f"{k}={mine.get(k, '-')}" for k in differ[:4])
+            more = f", +{len(differ) - 4} more" if len(differ) > 4 else ""
+            r = {**r, "method": f"{r['method']} [{shown}{more}]"}
+        out.append(r)
+    return out
 
 
 def _summary(m: dict) -> dict[str, float]:
@@ -40,6 +106,7 @@ def load_run(run_dir: Path) -> list[dict[str, Any]]:
         "seed": run.seed,
         "synthetic": run.synthetic,
         "run": str(run.dir),
+        "config": compared_config(run.cfg),
     }
     rows = []
     if run.kind == "federated":
@@ -93,7 +160,7 @@ def load_run(run_dir: Path) -> list[dict[str, Any]]:
 def aggregate(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and standard deviation over seeds per (dataset, split, method, partition)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in rows:
+    for r in distinguish(list(rows)):
         groups[(r["dataset"], r["split"], r["method"], r["partition"])].append(r)
     out = []
     for (dataset, split, method, part), rs in groups.items():
@@ -175,7 +242,7 @@ def to_markdown(table: Sequence[dict[str, Any]]) -> str:
 
 def write_report(run_dirs: Sequence[Path], out: Path) -> dict[str, Path]:
     """``report.md``, ``report.csv`` and the plots for ``run_dirs`` into ``out``."""
-    rows = [row for d in run_dirs for row in load_run(d)]
+    rows = distinguish([row for d in run_dirs for row in load_run(d)])
     if not rows:
         raise DataError(out, "no runs to report")
     table = aggregate(rows)
@@ -220,12 +287,15 @@ def _plots(rows: list[dict], out: Path) -> dict[str, Path]:
             if r["curve"]:
                 curves[(r["method"], r["partition"])].append(r["curve"])
         for (method, part), cs in sorted(curves.items()):
+            # Same config but for the seed, yet unequal lengths (a run stopped early):
+            # the mean covers the common rounds and the legend says so.
             n = min(len(c) for c in cs)
+            note = "" if n == max(len(c) for c in cs) else f" (first {n} rounds of every seed)"
             xs = [c[0] for c in cs[0][:n]]
             acc = np.mean([[p[1] for p in c[:n]] for c in cs], axis=0)
             loss = np.mean([[p[2] for p in c[:n]] for c in cs], axis=0)
-            ax_a.plot(xs, acc, "-o", ms=3, label=f"{method} {part}")
-            ax_l.plot(xs, loss, "-o", ms=3, label=f"{method} {part}")
+            ax_a.plot(xs, acc, "-o", ms=3, label=f"{method} {part}{note}")
+            ax_l.plot(xs, loss, "-o", ms=3, label=f"{method} {part}{note}")
         pooled = [r["accuracy"] for r in mine if r["method"] in ("pooled", "centralised")]
         if pooled:
             ax_a.axhline(float(np.mean(pooled)), ls="--", c="k", label="pooled")
