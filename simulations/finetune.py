@@ -35,7 +35,7 @@ from simulations.study import merged
 log = logging.getLogger("fedscan.finetune")
 ROOT = Path(__file__).resolve().parents[1]
 
-DATASETS = {"brain_mri": [], "lung_ct": ["dataset.split.fold=0"]}
+DATASETS = {"brain_mri": [], "lung_ct": ["dataset.split.fold=0"], "synthetic": []}
 METHODS = {
     "fedavg": ["strategy=fedavg"],
     "fed3r+fedavg": ["strategy=fedavg", "federation.head_init=fed3r"],
@@ -157,7 +157,9 @@ def write_page(runs: dict[str, list[Path]], args: argparse.Namespace, docs: Path
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m simulations.finetune", description=__doc__)
-    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    p.add_argument(
+        "--datasets", nargs="+", default=["brain_mri", "lung_ct"], choices=list(DATASETS)
+    )
     p.add_argument(
         "--alphas", nargs="+", type=float, default=[0.0, 0.1], help="Dirichlet alphas; 0 = IID"
     )

@@ -29,8 +29,6 @@ import argparse
 import json
 import logging
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -190,7 +188,7 @@ def summarize(out: Path, datasets: Sequence[str], alpha: float) -> tuple[list[Pa
             meta["cache_seconds"][ds] = json.loads(caches.read_text())["seconds"]
     meta["seconds"]["total"] = round(sum(meta["seconds"].values()), 1)
     wall = out / "wall.json"
-    if wall.exists():  # the whole invocation, cache builds included (side by side with --jobs)
+    if wall.exists():  # the whole command, cache builds and FedProx's tuning included
         meta["wall"] = json.loads(wall.read_text())
     return runs, meta
 
@@ -199,18 +197,9 @@ def _wall_time(meta: dict) -> str:
     """The wall-time sentence: the one-time cache build apart from the runs when it was timed."""
     runs = {k: v for k, v in meta["seconds"].items() if k != "total"}
     caches = meta.get("cache_seconds", {})
-    wall = meta.get("wall")
-    if wall and wall.get("jobs", 1) > 1:
-        return (
-            f"Wall time on this machine (2 CPU cores, no GPU): {wall['seconds'] / 60:.1f} min for "
-            f"the whole study, run as {wall['jobs']} processes side by side (one per dataset, "
-            "`--jobs`), cache builds included. From each dataset's first run to its last: "
-            + ", ".join(f"{k} {v / 60:.1f} min" for k, v in runs.items())
-            + "; each dataset's one-time cache build (decode every image, run the frozen trunk "
-            + "once) before it: "
-            + ", ".join(f"{k} {caches.get(k, 0) / 60:.1f} min" for k in runs)
-            + " (near 0: the caches were warm)."
-        )
+    if "wall" in meta:
+        whole = f" The whole command took {meta['wall']['seconds'] / 60:.1f} min."
+        return _wall_time({k: v for k, v in meta.items() if k != "wall"}) + whole
     text = (
         "Wall time on this machine (2 CPU cores, no GPU), from the first run's start to the "
         "last run's end: "
@@ -304,48 +293,6 @@ def write_results(runs: list[Path], meta: dict, args: argparse.Namespace, docs: 
     docs.write_text("\n".join(lines))
 
 
-def _run_children(args: argparse.Namespace, out: Path) -> None:
-    """One ``--runs-only`` child per dataset, at most ``args.jobs`` at a time; their
-    output goes to ours (each line names its run folder, so the datasets stay apart)."""
-    pending = list(args.datasets)
-    running: list[tuple[str, subprocess.Popen]] = []
-    failed = []
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            ds = pending.pop(0)
-            cmd = [
-                sys.executable,
-                "-m",
-                "simulations.study",
-                "--runs-only",
-                "--jobs=1",
-                f"--out={out}",
-                "--datasets",
-                ds,
-                "--seeds",
-                *map(str, args.seeds),
-                "--alphas",
-                *map(str, args.alphas),
-                "--mus",
-                *map(str, args.mus),
-                f"--sites={args.sites}",
-                f"--rounds={args.rounds}",
-                f"--local-epochs={args.local_epochs}",
-                *args.overrides,
-            ]
-            log.info("study: %s in its own process", ds)
-            running.append((ds, subprocess.Popen(cmd, cwd=ROOT)))
-        time.sleep(2)
-        for ds, proc in list(running):
-            if proc.poll() is not None:
-                running.remove((ds, proc))
-                if proc.returncode:
-                    failed.append(ds)
-                log.info("study: %s finished (exit %d)", ds, proc.returncode)
-    if failed:
-        raise SystemExit(f"study: the runs of {', '.join(failed)} failed; see the log above")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m simulations.study", description=__doc__)
     p.add_argument("--datasets", nargs="+", default=["brain_mri", "lung_ct"])
@@ -355,25 +302,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sites", type=int, default=5)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--local-epochs", type=int, default=2)
-    p.add_argument(
-        "--jobs",
-        type=int,
-        default=2,
-        help="datasets trained side by side, one process each (a run's fixed costs, Ray's "
-        "start and the sites' preparation, leave a core idle much of the time)",
-    )
-    p.add_argument("--runs-only", action="store_true", help=argparse.SUPPRESS)  # a --jobs child
     args = driver_args(p, argv, out="runs/study", docs=ROOT / "docs" / "results.md")
     out = Path(args.out).resolve()
     started = time.time()
-    if not args.report_only and args.jobs > 1 and len(args.datasets) > 1:
-        for ds in args.datasets:  # every child's overrides checked before any child starts
-            validate_overrides([f"dataset={ds}", *args.overrides])
-        _run_children(args, out)
-        out.mkdir(parents=True, exist_ok=True)
-        wall = {"seconds": round(time.time() - started, 1), "jobs": args.jobs}
-        (out / "wall.json").write_text(json.dumps(wall))
-    elif not args.report_only:
+    if not args.report_only:
         run_study(
             datasets=args.datasets,
             seeds=args.seeds,
@@ -385,10 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             out=out,
             extra=args.overrides,
         )
-        if args.runs_only:
-            return 0
         out.mkdir(parents=True, exist_ok=True)
-        wall = {"seconds": round(time.time() - started, 1), "jobs": 1}
+        wall = {"seconds": round(time.time() - started, 1)}
         (out / "wall.json").write_text(json.dumps(wall))
     runs, meta = summarize(out, args.datasets, min(args.alphas))
     (out / "study.json").write_text(json.dumps({"runs": [str(r) for r in runs], **meta}, indent=2))

@@ -272,3 +272,19 @@ def test_report_keeps_runs_that_differ_in_more_than_the_seed_apart(tmp_path: Pat
     # where a run was written is not a difference: one row over both seeds
     same = aggregate(row for r in (c, d) for row in load_run(r))
     assert [(r["method"], r["seeds"]) for r in same] == [("fedprox(mu=0.01)", 2)]
+
+
+def test_the_finetune_driver_runs_and_writes_its_page(tmp_path: Path) -> None:
+    from simulations.finetune import main as finetune
+
+    docs = tmp_path / "docs" / "finetune.md"
+    small = ["dataset.image_size=32", "dataset.size=32", "dataset.per_class=24"]
+    args = ["--datasets", "synthetic", "--alphas", "0", "--sites", "2", "--rounds", "1"]
+    assert (
+        finetune([*args, "--blocks", "1", f"--out={tmp_path / 'runs'}", f"--docs={docs}", *small])
+        == 0
+    )
+    page = docs.read_text()
+    assert "## synthetic" in page and "| pooled | - |" in page
+    assert "**fed3r+fedavg, iid**, per round:" in page and "| 0 |" in page  # round 0: one-shot
+    assert (tmp_path / "docs" / "finetune" / "curves_synthetic.png").exists()

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
+from common.core.config import ALIASES
 from common.core.errors import DataError
 from common.runs.plots import plot_confusion, plot_site_histogram
 from common.runs.record import read_run
@@ -53,17 +54,14 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def compared_config(cfg: Any) -> dict[str, str]:
-    """The config as flat ``key -> value`` text, minus :data:`NOT_COMPARED`.
-
-    Unresolved: an alias (``federation.num_sites: ${num_sites}``) stays the same text,
-    so a difference is named once, at its source key.
-    """
-    tree = OmegaConf.to_container(cfg, resolve=False) if cfg is not None else {}
+    """The config as flat ``key -> value`` text, minus :data:`NOT_COMPARED` and the
+    ``federation.*`` aliases of top-level keys (a difference is named once, at its key)."""
+    tree = OmegaConf.to_container(cfg, resolve=True) if cfg is not None else {}
     flat = _flat(tree)
     return {
         k: str(v)
         for k, v in flat.items()
-        if not any(k == n or k.startswith(n + ".") for n in NOT_COMPARED)
+        if k not in ALIASES and not any(k == n or k.startswith(n + ".") for n in NOT_COMPARED)
     }
 
 

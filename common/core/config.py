@@ -57,11 +57,11 @@ def load_config(overrides: Sequence[str] = ()) -> DictConfig:
     overrides still apply to it.
     """
     overrides = [
-        _ALIASES.get(o.split("=", 1)[0], o.split("=", 1)[0]) + o[o.find("=") :] if "=" in o else o
+        ALIASES.get(o.split("=", 1)[0], o.split("=", 1)[0]) + o[o.find("=") :] if "=" in o else o
         for o in overrides
     ]
     keys = [o.split("=", 1)[0] for o in overrides if "=" in o]
-    for key in set(_ALIASES.values()):
+    for key in set(ALIASES.values()):
         if keys.count(key) > 1:
             raise ConfigError(key, "set twice (num_sites / rounds and their federation.* aliases)")
     probe = _compose([o for o in overrides if not o.startswith("dataset.")])
@@ -85,7 +85,7 @@ def load_config(overrides: Sequence[str] = ()) -> DictConfig:
 
 # federation.num_sites / federation.rounds are interpolations of the top-level keys;
 # an override of the alias is an override of the key, so there is one value.
-_ALIASES = {"federation.num_sites": "num_sites", "federation.rounds": "rounds"}
+ALIASES = {"federation.num_sites": "num_sites", "federation.rounds": "rounds"}
 
 # Flower run-config keys (pyproject [tool.flwr.app.config]) -> config-tree overrides.
 RUN_CONFIG_KEYS = {
