@@ -30,14 +30,20 @@ def _setup_logging(verbose: bool) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from common.core.config import load_config
+
+    cfg = load_config(args.overrides)  # a bad key fails here, before torch is imported
     from simulations.centralised import run_centralised
 
-    run_dir = run_centralised(load_config(args.overrides))
+    run_dir = run_centralised(cfg)
     print(f"results: {run_dir}")
     return 0
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    from common.core.config import expand_sweep, load_config
+
+    for overrides in expand_sweep(args.overrides) if args.multirun else [args.overrides]:
+        load_config(overrides)  # names and spellings, before torch, Flower and Ray load
     from simulations.harness import run_one, run_sweep
 
     if args.multirun:

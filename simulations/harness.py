@@ -17,25 +17,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from common.core.config import load_config
-from common.core.errors import ConfigError
-from common.runs.validate import METHODS, validate
+from common.core.config import expand_sweep, load_config
+from common.runs.validate import METHODS, check_sites, validate
 
 log = logging.getLogger("fedscan.simulate")
-
-
-def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
-    """Hydra's basic-sweeper expansion of ``overrides`` into one override list per run."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(list(overrides))
-    except HydraException as exc:
-        raise ConfigError("overrides", str(exc).splitlines()[0]) from None
-    batches = BasicSweeper.split_arguments(parsed, None)
-    return [list(run) for batch in batches for run in batch]
 
 
 def validate_overrides(overrides: Sequence[str]) -> DictConfig:
@@ -64,8 +49,12 @@ def run_one(overrides: Sequence[str]) -> Path:
 
 def run_sweep(overrides: Sequence[str]) -> list[Path]:
     runs = expand_sweep(overrides)
-    for r in runs:  # all of them before any training
+    for r in runs:  # all of them before any training: keys, values, then the partitions
         validate_overrides(r)
+    for r in runs:  # a partition that cannot fill its sites fails now, not after hours
+        cfg = load_config(r)
+        if str(cfg.method) in ("federated", "local") and not cfg.federation.resume:
+            check_sites(cfg)
     log.info("sweep: %d runs", len(runs))
     out = []
     for i, r in enumerate(runs, 1):

@@ -9,11 +9,12 @@ import time
 import pytest
 
 from common.core.config import load_config
-from common.core.errors import ConfigError
+from common.core.errors import ConfigError, FedscanError
 from common.federated.privacy import CentralDPSettings, DPSGDSettings
 from common.federated.settings import FederationSettings, strategy_names
 from common.learn.settings import TrainSettings
 from common.runs.validate import validate
+from tests.conftest import SIM_BASE
 
 pytestmark = pytest.mark.usefixtures("_no_real_data")
 
@@ -100,3 +101,24 @@ def test_the_server_app_refuses_a_bad_value_before_waiting_for_sites() -> None:
     with pytest.raises(ConfigError, match=r"federation\.evaluate_every"):
         run_server(NoSites(), cfg)
     assert time.monotonic() - start < 10
+
+
+def test_config_typos_are_answered_with_the_nearest_valid_spelling() -> None:
+    with pytest.raises(ConfigError, match=r"trian\.epochs.*did you mean train\.epochs\?"):
+        load_config(["trian.epochs=2"])
+    with pytest.raises(ConfigError, match=r"did you mean train\.epochs"):
+        load_config(["train.epoch=2"])
+    with pytest.raises(ConfigError, match=r"did you mean dataset=brain_mri\? options: brain_mri"):
+        load_config(["dataset=brain_mr"])
+    # a key that only exists under the chosen option is known once that option is chosen
+    assert load_config(["strategy=fedprox", "strategy.mu=1"]).strategy.mu == 1
+
+
+@pytest.mark.usefixtures("_no_real_data")
+def test_a_sweep_checks_every_partition_before_the_first_run_trains(tmp_path) -> None:
+    from simulations.harness import run_sweep
+
+    small = [o for o in SIM_BASE if not o.startswith("federation.")]
+    with pytest.raises(FedscanError, match="site"):
+        run_sweep([*small, "num_sites=2,60", "federation.min_nodes=2", f"runs_dir={tmp_path}"])
+    assert not list(tmp_path.iterdir())  # nothing trained, no run folder

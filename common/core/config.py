@@ -7,6 +7,7 @@ configured is switched to the synthetic dataset here, loudly.
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import Sequence
 from functools import lru_cache
@@ -45,8 +46,76 @@ def _compose_uncached(overrides: list[str]) -> DictConfig:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             return compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as exc:
+        hint = suggest(overrides)
+        if hint is not None:
+            raise ConfigError(*hint) from None
         key = next((o.split("=")[0] for o in overrides if o.split("=")[0] in str(exc)), "overrides")
         raise ConfigError(key, str(exc).splitlines()[0]) from None
+
+
+def group_options() -> dict[str, list[str]]:
+    """Config groups (``dataset``, ``model``, ...) and their options, from ``configs/``."""
+    root = config_dir()
+    return {
+        d.name: sorted(f.stem for f in d.glob("*.yaml"))
+        for d in sorted(root.iterdir())
+        if d.is_dir() and not d.name.startswith("_") and any(d.glob("*.yaml"))
+    }
+
+
+def _keys(tree: object, prefix: str = "") -> list[str]:
+    if not isinstance(tree, dict):
+        return [prefix[:-1]]
+    out = [prefix[:-1]] if prefix else []
+    for k, v in tree.items():
+        out += _keys(v, f"{prefix}{k}.")
+    return out
+
+
+def suggest(overrides: Sequence[str]) -> tuple[str, str] | None:
+    """``(key, message)`` for the first override naming an unknown group option or key,
+    with the nearest valid spellings (difflib); ``None`` when every name is known."""
+    groups = group_options()
+    chosen = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        key = key.lstrip("+~")
+        if key in groups:
+            if value not in groups[key]:
+                close = difflib.get_close_matches(value, groups[key], n=1, cutoff=0.5)
+                hint = f"did you mean {key}={close[0]}? " if close else ""
+                return key, f"no {key} '{value}'; {hint}options: {', '.join(groups[key])}"
+            chosen.append(f"{key}={value}")
+    try:  # the keys of the tree with the chosen group options (their keys differ)
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            tree = OmegaConf.to_container(compose(config_name="config", overrides=chosen))
+    except (HydraException, OmegaConfBaseException):  # pragma: no cover - options checked above
+        return None
+    known = _keys(tree)
+    for o in overrides:
+        key, eq, _ = o.partition("=")
+        if not eq or o.startswith("+") or key in groups:
+            continue
+        key = key.lstrip("~")
+        if key not in known:
+            leaves = [k for k in known if not any(o.startswith(k + ".") for o in known)]
+            close = difflib.get_close_matches(key, leaves, n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            return key, f"no such config key{hint} (`fedscan config` prints the tree)"
+    return None
+
+
+def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
+    """Hydra's basic-sweeper expansion of ``overrides`` into one override list per run."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as exc:
+        raise ConfigError("overrides", str(exc).splitlines()[0]) from None
+    batches = BasicSweeper.split_arguments(parsed, None)
+    return [list(run) for batch in batches for run in batch]
 
 
 def load_config(overrides: Sequence[str] = ()) -> DictConfig:
