@@ -102,7 +102,7 @@ def _cmd_certs(args: argparse.Namespace) -> int:
     print(f"  SuperLink: {out / 'ca.crt'}, {out / 'superlink.crt'}, {out / 'superlink.key'}")
     for site in args.site:
         print(f"  site {site}: {out / 'sites' / site} (give it ca.crt and this folder only)")
-    print("next: docs/deploy.md, step 2 (start the SuperLink)")
+    print("next: docs/deploy.md, step 3 (start the SuperLink)")
     return 0
 
 
@@ -123,6 +123,20 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
     print(OmegaConf.to_yaml(load_config(args.overrides)))
     return 0
+
+
+def _cmd_flwr_run(args: argparse.Namespace) -> int:
+    from deploy.flwr_status import flwr_run
+
+    return flwr_run([a for a in args.flwr_args if a != "--"])
+
+
+def _cmd_run_status(args: argparse.Namespace) -> int:
+    from deploy.flwr_status import exit_code, run_status
+
+    status = run_status(args.run_id, superlink=args.superlink)
+    print(status)
+    return exit_code(status)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -253,6 +267,20 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="print the resolved config for some overrides")
     c.add_argument("overrides", nargs="*")
     c.set_defaults(fn=_cmd_config)
+
+    fr = sub.add_parser(
+        "flwr-run",
+        help="`flwr run ARGS` that exits 1 when the run fails (flwr's own CLI exits 0)",
+    )
+    fr.add_argument("flwr_args", nargs=argparse.REMAINDER, help="what `flwr run` takes")
+    fr.set_defaults(fn=_cmd_flwr_run)
+    rs = sub.add_parser(
+        "run-status",
+        help="a Flower run's final status; exit 0 completed, 1 failed/stopped, 3 not finished",
+    )
+    rs.add_argument("run_id", type=int)
+    rs.add_argument("superlink", nargs="?", default=None, help="SuperLink connection name")
+    rs.set_defaults(fn=_cmd_run_status)
     return p
 
 

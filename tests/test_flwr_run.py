@@ -65,3 +65,21 @@ def test_flwr_run_out_of_the_box(tmp_path: Path, flwr_env):
     assert [r["round"] for r in rounds] == [1, 2]
     assert len(rounds[-1]["sites"]["train"]) == 2  # the default local federation: 2 SuperNodes
     assert _superlinks_of(Path(flwr_env["FLWR_HOME"]))  # it outlives the CLI; the fixture stops it
+
+
+def test_a_failed_run_gives_a_failing_exit_status_through_fedscan(tmp_path: Path, flwr_env):
+    """flwr's CLI exits 0 for a run whose ServerApp fails; ``fedscan flwr-run`` exits 1."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "simulations.cli",
+        "flwr-run",
+        ".",
+        "--stream",
+        "--run-config",
+        f"runs-dir='{tmp_path / 'runs'}' overrides='train.epochs=0'",  # refused by the server
+    ]
+    out = subprocess.run(cmd, cwd=ROOT, env=flwr_env, capture_output=True, text=True, timeout=400)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text[-3000:]
+    assert re.search(r"fedscan: run \d+ status finished:failed", text), text[-3000:]
