@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as fl
 
 from common.core.errors import ConfigError
@@ -23,11 +23,13 @@ from common.federated.scaffold import server_variate
 from common.federated.settings import FederationSettings, check_strategy
 from common.federated.wire import (
     ARRAYS,
+    COUNT_PREFIX,
     METRICS,
     NODE_ID,
     NUM_EXAMPLES,
     SCAFFOLD_C,
     SCAFFOLD_DELTA,
+    SITE_ID,
 )
 
 log = logging.getLogger("fedscan.server")
@@ -193,6 +195,29 @@ for _name, _base in {
     _register(_name, _base)
 
 
+def site_metrics(records: list[RecordDict], weighting_metric_name: str) -> MetricRecord:
+    """What Flower prints as a round's aggregated site metrics, made meaningful.
+
+    Flower's default weights *every* key by the sites' example counts, so it printed
+    an average site id and fractional class counts. Here ids are dropped, counts
+    (``num-examples``, ``n_train_<class>``) are summed, and rates (accuracy, loss)
+    are averaged weighted by ``weighting_metric_name``, as before.
+    """
+    metrics = [next(iter(r.metric_records.values())) for r in records]
+    weights = [float(m[weighting_metric_name]) for m in metrics]
+    total = sum(weights) or 1.0
+    out = MetricRecord()
+    for m, w in zip(metrics, weights, strict=True):
+        for key, value in m.items():
+            if key in (SITE_ID, NODE_ID) or isinstance(value, list):
+                continue
+            if key == weighting_metric_name or key.startswith(COUNT_PREFIX):
+                out[key] = out.get(key, 0) + value
+            else:
+                out[key] = out.get(key, 0.0) + float(value) * w / total
+    return out
+
+
 def build_strategy(cfg: Mapping[str, Any], federation: FederationSettings) -> SiteRecording:
     """Instantiate the configured strategy with the federation's sampling settings.
 
@@ -211,6 +236,8 @@ def build_strategy(cfg: Mapping[str, Any], federation: FederationSettings) -> Si
             min_train_nodes=federation.min_nodes,
             min_evaluate_nodes=federation.min_nodes,
             min_available_nodes=federation.min_nodes,
+            train_metrics_aggr_fn=site_metrics,
+            evaluate_metrics_aggr_fn=site_metrics,
             **params,
         )
     except TypeError as exc:

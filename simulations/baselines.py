@@ -107,9 +107,9 @@ def run_local(cfg: DictConfig) -> Path:
         }
         first = next(iter(final))
         log.info(
-            "site %d/%d (%d train): %s acc %.4f macro-F1 %.4f",
-            pid + 1,
-            n_sites,
+            "site %d (sites 0-%d, as in partition.csv; %d train): %s acc %.4f macro-F1 %.4f",
+            pid,
+            n_sites - 1,
             len(train_idx),
             first,
             final[first]["accuracy"],

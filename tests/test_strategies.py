@@ -152,3 +152,16 @@ def test_too_few_usable_updates_leave_the_global_model_unchanged(caplog):
     )
     assert arrays is None and metrics is None  # Flower keeps the previous global arrays
     assert "only 2 usable update(s), fewer than federation.min_nodes=3" in caplog.text
+
+
+def test_aggregated_site_metrics_sum_counts_drop_ids_and_average_rates() -> None:
+    from flwr.app import MetricRecord, RecordDict
+
+    from server.strategies import site_metrics
+
+    def reply(n: int, site: int, glioma: int, acc: float) -> RecordDict:
+        m = {"num-examples": n, "partition-id": site, "n_train_glioma": glioma, "val_accuracy": acc}
+        return RecordDict({"metrics": MetricRecord(m)})
+
+    out = dict(site_metrics([reply(10, 0, 7, 0.5), reply(30, 1, 20, 0.9)], "num-examples"))
+    assert out == {"num-examples": 40, "n_train_glioma": 27, "val_accuracy": pytest.approx(0.8)}
