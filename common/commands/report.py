@@ -94,6 +94,43 @@ def _summary(m: dict) -> dict[str, float]:
     return row
 
 
+# What a one-shot head does not depend on: the fine-tuning that may follow it.
+ONE_SHOT_IGNORES = ("strategy.", "federation.local_epochs", "federation.head_freeze")
+ONE_SHOT_IGNORES += ("federation.head_scale", "federation.fraction_", "train.")
+
+
+def one_shot_config(cfg: dict[str, str]) -> dict[str, str]:
+    """The compared config of a one-shot head: fine-tuning keys dropped, ``rounds=0``."""
+    out = {k: v for k, v in cfg.items() if not k.startswith(ONE_SHOT_IGNORES)}
+    return {**out, "rounds": "0"}
+
+
+def _one_shot_rows(run: Any, base: dict[str, Any]) -> list[dict[str, Any]]:
+    """Round 0 of a run that fine-tuned a one-shot head *is* the one-shot model: its
+    rows, labelled ``<head> one-shot`` (a ``rounds=0`` run of the same seed gives the
+    same model; :func:`aggregate` keeps one of the two)."""
+    zero = next((r for r in run.rounds if r["round"] == 0 and r["global"]), None)
+    if zero is None:
+        return []
+    one_shot = {
+        **base,
+        "method": f"{run.head_init} one-shot",
+        "config": one_shot_config(base["config"]),
+        "from_round_0": True,
+    }
+    return [
+        {
+            **one_shot,
+            "split": split,
+            **_summary(m),
+            "worst_site_accuracy": None,
+            "confusion_matrix": m["confusion_matrix"],
+            "curve": None,
+        }
+        for split, m in zero["global"].items()
+    ]
+
+
 def load_run(run_dir: Path) -> list[dict[str, Any]]:
     """One row per test split of the run in ``run_dir`` (read through :func:`read_run`)."""
     run = read_run(run_dir)
@@ -105,8 +142,13 @@ def load_run(run_dir: Path) -> list[dict[str, Any]]:
         "synthetic": run.synthetic,
         "run": str(run.dir),
         "config": compared_config(run.cfg),
+        "rounds": int(run.cfg.get("rounds", 0)),
     }
+    if base["method"].endswith(" one-shot"):
+        base["config"] = one_shot_config(base["config"])
     rows = []
+    if run.kind == "federated" and run.head_init != "none" and base["rounds"] > 0:
+        rows += _one_shot_rows(run, base)
     if run.kind == "federated":
         site_acc = [s["val_accuracy"] for s in run.site_rows("evaluate")]
         evaluated = run.evaluated_rounds
@@ -155,10 +197,30 @@ def load_run(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _without_duplicates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (dataset, split, method, partition, seed, config): a round-0 row is
+    dropped where a ``rounds=0`` run of the same seed measured the same model."""
+
+    def key(r: dict) -> tuple:
+        cfg = tuple(sorted((r.get("config") or {}).items()))
+        return (r["dataset"], r["split"], r["method"], r["partition"], r["seed"], cfg)
+
+    real = {key(r) for r in rows if not r.get("from_round_0")}
+    seen: set[tuple] = set()
+    out = []
+    for r in rows:
+        k = key(r)
+        if (r.get("from_round_0") and k in real) or (r.get("from_round_0") and k in seen):
+            continue
+        seen.add(k)
+        out.append(r)
+    return out
+
+
 def aggregate(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and standard deviation over seeds per (dataset, split, method, partition)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in distinguish(list(rows)):
+    for r in distinguish(_without_duplicates(list(rows))):
         groups[(r["dataset"], r["split"], r["method"], r["partition"])].append(r)
     out = []
     for (dataset, split, method, part), rs in groups.items():
@@ -240,7 +302,7 @@ def to_markdown(table: Sequence[dict[str, Any]]) -> str:
 
 def write_report(run_dirs: Sequence[Path], out: Path) -> dict[str, Path]:
     """``report.md``, ``report.csv`` and the plots for ``run_dirs`` into ``out``."""
-    rows = distinguish([row for d in run_dirs for row in load_run(d)])
+    rows = distinguish(_without_duplicates([row for d in run_dirs for row in load_run(d)]))
     if not rows:
         raise DataError(out, "no runs to report")
     table = aggregate(rows)
