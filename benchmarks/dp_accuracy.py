@@ -22,6 +22,7 @@ from pathlib import Path
 
 from common.runs.record import read_run
 from simulations.federated import run_federated
+from simulations.harness import merged
 
 
 def main() -> None:
@@ -48,12 +49,12 @@ def main() -> None:
             *a.overrides,
         ]
         # Warm every cache (decode, fingerprints, frozen-trunk features) outside the timing.
-        run_federated([*base, "federation.rounds=1", f"runs_dir={tmp / 'warm'}"])
+        run_federated(merged(base, ["federation.rounds=1", f"runs_dir={tmp / 'warm'}"]))
         reference = None
         for eps in [None, *a.epsilons]:
             extra = [] if eps is None else ["privacy=dp_sgd", f"privacy.target_epsilon={eps}"]
             t = time.perf_counter()
-            run = run_federated([*base, *extra])
+            run = run_federated(merged(base, extra))
             wall = time.perf_counter() - t
             rounds = read_run(run).rounds
             final = rounds[-1]["global"]

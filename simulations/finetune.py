@@ -29,8 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from common.runs.record import read_run
-from simulations.harness import driver_args, run_one, validate_overrides
-from simulations.study import merged
+from simulations.harness import driver_args, merged, run_one, validate_overrides
 
 log = logging.getLogger("fedscan.finetune")
 ROOT = Path(__file__).resolve().parents[1]

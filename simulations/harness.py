@@ -23,6 +23,16 @@ from common.runs.validate import METHODS, check_sites, validate
 log = logging.getLogger("fedscan.simulate")
 
 
+def merged(*groups: Sequence[str]) -> list[str]:
+    """Overrides in order, a later ``key=value`` replacing an earlier one of the same key
+    (Hydra refuses a key set twice; a driver's cell must win over its base)."""
+    out: dict[str, str] = {}
+    for group in groups:
+        for item in group:
+            out[item.split("=", 1)[0]] = item
+    return list(out.values())
+
+
 def validate_overrides(overrides: Sequence[str]) -> DictConfig:
     """The resolved config of one run, checked for its ``method`` (no data read)."""
     cfg = load_config(overrides)

@@ -37,7 +37,7 @@ from pathlib import Path
 from common.commands.report import aggregate, load_run, to_markdown, write_report
 from common.learn.prepare import prepare_run
 from common.runs.record import read_run
-from simulations.harness import driver_args, run_one, validate_overrides
+from simulations.harness import driver_args, merged, run_one, validate_overrides
 
 log = logging.getLogger("fedscan.study")
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,16 +59,6 @@ FEDERATED = (
 # At the hardest skew only: FedNCM's class means were the weaker head in every
 # measurement (docs/skew.md); IID and 0.3 rows of it would cost 12 runs per dataset.
 HARDEST_ONLY = (["federation.head_init=fedncm"],)
-
-
-def merged(*groups: Sequence[str]) -> list[str]:
-    """Overrides in order, a later ``key=value`` replacing an earlier one of the same key
-    (Hydra refuses a key set twice; a row's ``rounds=0`` must win over the base's)."""
-    out: dict[str, str] = {}
-    for group in groups:
-        for item in group:
-            out[item.split("=", 1)[0]] = item
-    return list(out.values())
 
 
 def build_caches(overrides: Sequence[str]) -> float:

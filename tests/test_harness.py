@@ -253,7 +253,7 @@ def test_study_wall_time_reports_the_cache_build_apart_only_when_it_was_timed():
 
 
 def test_study_rows_override_the_base_without_setting_a_key_twice() -> None:
-    from simulations.study import merged
+    from simulations.harness import merged
 
     out = merged(["dataset=brain_mri", "rounds=10", "seed=0"], ["rounds=0", "seed=2"])
     assert out == ["dataset=brain_mri", "rounds=0", "seed=2"]
