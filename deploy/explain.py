@@ -48,17 +48,46 @@ def gradcam(package: ModelPackage, image: np.ndarray, class_index: int | None = 
     return heat[0, 0].detach().numpy().astype(np.float32)
 
 
-def overlay(image: np.ndarray, heat: np.ndarray, *, alpha: float = 0.45) -> Image.Image:
-    """The grayscale input with the heatmap blended on top (jet colour map)."""
+def overlay(
+    image: np.ndarray, heat: np.ndarray, *, caption: str | None = None, alpha: float = 0.45
+) -> Image.Image:
+    """The grayscale input with the heatmap blended on top (jet colour map).
+
+    With ``caption`` (the predicted label and its probability), a band below the
+    image says what the picture shows and carries the colour scale, so a PNG read
+    on its own is not a bare rainbow: blue = low, red = high Grad-CAM attention.
+    """
     from matplotlib import colormaps
+    from PIL import ImageDraw
 
     gray = np.repeat(image.reshape(image.shape[-2:])[..., None], 3, axis=2)
-    colour = colormaps["jet"](np.clip(heat, 0.0, 1.0))[..., :3]
+    jet = colormaps["jet"]
+    colour = jet(np.clip(heat, 0.0, 1.0))[..., :3]
     blended = (1 - alpha) * gray + alpha * colour
-    return Image.fromarray((blended * 255).round().astype(np.uint8), mode="RGB")
+    picture = Image.fromarray((blended * 255).round().astype(np.uint8), mode="RGB")
+    if caption is None:
+        return picture
+    w, h = picture.size
+    band = 40
+    canvas = Image.new("RGB", (w, h + band), "white")
+    canvas.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, h + 2), caption, fill="black")
+    bar_left, bar_right = 30, max(31, w - 30)
+    ramp = (jet(np.linspace(0, 1, bar_right - bar_left))[:, :3] * 255).astype(np.uint8)
+    canvas.paste(Image.fromarray(np.repeat(ramp[None], 8, axis=0), mode="RGB"), (bar_left, h + 18))
+    draw.text((2, h + 16), "low", fill="black")
+    draw.text((bar_right + 2, h + 16), "high", fill="black")
+    draw.text((bar_left, h + 27), "Grad-CAM attention", fill="black")
+    return canvas
 
 
-def overlay_png(image: np.ndarray, heat: np.ndarray) -> bytes:
+def overlay_png(image: np.ndarray, heat: np.ndarray, *, caption: str | None = None) -> bytes:
     buf = io.BytesIO()
-    overlay(image, heat).save(buf, format="PNG")
+    overlay(image, heat, caption=caption).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def caption_of(label: str, probability: float) -> str:
+    """The line under a Grad-CAM picture: what the model called it, how sure it was."""
+    return f"predicted: {label} (p = {probability:.2f})"

@@ -22,7 +22,7 @@ def predict_files(
     """One result dict per file: ``label`` and ``probabilities``, or ``error``."""
     results: list[dict[str, Any]] = []
     if explain_dir is not None:
-        from deploy.explain import gradcam, overlay
+        from deploy.explain import caption_of, gradcam, overlay
 
         explain_dir.mkdir(parents=True, exist_ok=True)
     for i, path in enumerate(files):
@@ -36,7 +36,8 @@ def predict_files(
         if explain_dir is not None:
             target = package.classes.index(pred.label)
             out = explain_dir / f"{i:04d}-{Path(path).stem}-gradcam.png"
-            overlay(image, gradcam(package, image, target)).save(out)
+            caption = caption_of(pred.label, pred.probabilities[pred.label])
+            overlay(image, gradcam(package, image, target), caption=caption).save(out)
             row["explanation"] = str(out)
         results.append(row)
     return results

@@ -134,7 +134,12 @@ def test_predict_cli_table_json_explain_and_bad_file(
         "0000-scan0-gradcam.png",
         "0001-scan1-gradcam.png",
     ]
-    assert Image.open(cams / "0000-scan0-gradcam.png").size == (64, 64)
+    cam = np.asarray(Image.open(cams / "0000-scan0-gradcam.png").convert("RGB")).astype(int)
+    assert cam.shape == (64 + 40, 64, 3)  # the image, then a band: caption and colour scale
+    band = cam[64:]
+    assert (band.sum(axis=2) < 200).any()  # caption text
+    bar = cam[64 + 22, 30:34], cam[64 + 22, -34:-30]  # the scale runs from blue to red
+    assert (bar[0][:, 2] > bar[0][:, 0]).all() and (bar[1][:, 0] > bar[1][:, 2]).all()
 
     assert cli(["predict", str(packages["torchscript"]), str(files[0]), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)["results"][0]

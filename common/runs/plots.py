@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,11 +15,17 @@ from sklearn.metrics import ConfusionMatrixDisplay
 
 
 def _save(fig, path: Path, *, title: str | None = None) -> Path:
-    """Title, lay out, write and close: every figure leaves the same way."""
+    """Title, lay out, write and close: every figure leaves the same way.
+
+    A long title (``SYNTHETIC [brain_mri] | ...``) is wrapped to the figure's width
+    and the saved box grows to hold it, so no word of it (least of all SYNTHETIC)
+    is cut off at the edges of a narrow one-panel figure.
+    """
     if title is not None:
-        fig.suptitle(title, fontsize=10)
+        width = max(20, int(fig.get_figwidth() * 13))  # ~13 characters per inch at 10 pt
+        fig.suptitle(textwrap.fill(title, width), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
