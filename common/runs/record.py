@@ -371,7 +371,9 @@ class RunRecord:
         found = next((self.dir / n for n in CHECKPOINTS if (self.dir / n).exists()), None)
         if found is None:
             why = (
-                "a local-only baseline keeps no shared model (each site trained its own)"
+                "a local-only baseline keeps no shared model (each site trained its own and "
+                "only its test scores were kept); export a federated run, a pooled baseline "
+                "(method=pooled) or a `fedscan train` run"
                 if self.kind == "local"
                 else "no model.pt, best.pt or last.pt"
             )
