@@ -22,7 +22,7 @@ from PIL import Image
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLSLossless
 
-from common.commands.sitecheck import site_check
+from common.commands.sitecheck import site_check, survey_layout
 from simulations.cli import main
 from tests.conftest import noise, save_gray
 from tests.test_dicom import PATIENT, write_dicom
@@ -208,5 +208,44 @@ def test_unusable_folders_exit_non_zero_with_the_reason(tmp_path: Path, capsys) 
     assert main(["site", "check", "--data-path", str(tmp_path / "few"), "--no-estimate"]) == 1
     assert "only 1 readable images; a site needs at least 20" in capsys.readouterr().err
     save_gray(tmp_path / "odd" / "tumour-ish" / "a.png", noise(1))
-    assert main(["site", "check", "--data-path", str(tmp_path / "odd"), "--no-estimate"]) == 2
-    assert "tumour-ish" in capsys.readouterr().err
+    assert main(["site", "check", "--data-path", str(tmp_path / "odd"), "--no-estimate"]) == 1
+    out = capsys.readouterr()
+    assert "tumour-ish: not a" in out.out and "tumour-ish" in out.err
+
+
+def test_one_pass_names_every_layout_problem_beside_the_bad_files(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "site"
+    _good(root)  # a lung_ct site: normal / benign / malignant
+    save_gray(root / "scratch" / "x.png", noise(1))  # a stray sub-folder
+    save_gray(root / "glioma" / "g.png", noise(2))  # another domain's class
+    (root / "Bengin cases").mkdir()  # a class folder, empty (the benign one exists too)
+    (root / "normal" / "loop").symlink_to(root)  # a symlink loop
+    (root / "notes.txt").write_text("hello")  # files at the top level
+    save_gray(root / "stray.png", noise(3))
+    (root / "normal" / "empty.jpg").write_bytes(b"")  # and a bad image
+    args = ["site", "check", "--data-path", str(root), "--no-estimate", "--domain", "lung_ct"]
+    assert main([*args, "--json"]) == 1
+    r = json.loads(capsys.readouterr().out)
+    layout = {f["path"]: f["what"] for f in r["layout"]}
+    assert "not a lung_ct class folder" in layout["scratch"]
+    assert "another domain (brain_mri class 'glioma')" in layout["glioma"]
+    assert "a second folder for class 'benign'" in layout["benign"] or (
+        "a second folder for class 'benign'" in layout["Bengin cases"]
+    )
+    assert "symbolic link to a folder" in layout["normal/loop"]
+    assert "top level" in layout["notes.txt"] and "top level" in layout["stray.png"]
+    assert r["unreadable"] == [{"path": "normal/empty.jpg", "reason": "empty file"}]
+    assert r["usable"] is False and any("scratch" in p for p in r["problems"])
+    assert main(args) == 1  # the same findings as text
+    text = capsys.readouterr().out
+    for name in ("scratch", "glioma", "normal/loop", "notes.txt", "stray.png", "normal/empty.jpg"):
+        assert name in text, name
+    # an empty class folder is named too (a warning: a site may lack a class)
+    shutil.rmtree(root / "malignant")
+    (root / "malignant").mkdir()
+    _, findings = survey_layout(root, "lung_ct")
+    assert {
+        "path": "malignant",
+        "what": "class folder 'malignant' holds no JPEG, PNG or DICOM file",
+        "blocking": False,
+    } in findings

@@ -26,8 +26,9 @@ from PIL import Image, UnidentifiedImageError
 
 from common.core.errors import DataError
 from common.core.parallel import pmap
-from common.data.datasets.base import ImageCollection
-from common.data.datasets.site_folder import detect_site_folder
+from common.data.classes import CLASSES, canonical_class
+from common.data.datasets._layout import assemble
+from common.data.datasets.base import ImageCollection, list_images
 from common.data.dicom import domain_window, looks_like_dicom
 from common.data.fingerprint import Fingerprints, compute_fingerprints
 from common.data.grouping import exact_duplicate_groups
@@ -103,11 +104,85 @@ def _inspect(path: Path) -> FileInfo | str:
         return f"header unreadable: {type(exc).__name__}"
 
 
-def read_site(path: Path, domain: str | None) -> ImageCollection:
-    """The site folder under ``domain``'s class names, or whichever vocabulary fits."""
+def _domain_of(folders: list[Path], domain: str | None) -> str:
+    """The given domain, else the one whose class names the most sub-folders match."""
+    if domain is not None:
+        return domain
+    scores = {
+        d: sum(canonical_class(d, f.name) is not None for f in folders) for d in sorted(CLASSES)
+    }
+    return max(scores, key=lambda d: scores[d])
+
+
+def survey_layout(
+    path: Path, domain: str | None
+) -> tuple[ImageCollection | None, list[dict[str, Any]]]:
+    """Read the ``<class>/`` layout in one pass, naming everything that is off.
+
+    Findings (``path``, ``what``, ``blocking``): a sub-folder that is no class of
+    the domain (or one of another domain's), two folders for one class, an empty
+    class folder, a symbolic link to a folder (not followed: a loop or a mount
+    would be read twice or forever), files at the top level (ignored). The
+    collection holds the recognised class folders' images (``None`` when none).
+    """
     if not path.is_dir():
         raise DataError(path, "site data folder does not exist or is not a folder")
-    return detect_site_folder(path, domain)
+    findings: list[dict[str, Any]] = []
+
+    def find(p: Path, what: str, blocking: bool) -> None:
+        rel = p.relative_to(path).as_posix() if p != path else "."
+        findings.append({"path": rel, "what": what, "blocking": blocking})
+
+    entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    links = [p for p in entries if p.is_symlink() and p.is_dir()]
+    folders = [p for p in entries if p.is_dir() and p not in links]
+    domain = _domain_of(folders, domain)
+    if domain not in CLASSES:
+        raise DataError(path, f"domain '{domain}' is not one of {sorted(CLASSES)}")
+    classes = CLASSES[domain]
+    found: dict[str, Path] = {}
+    for sub in folders:
+        cls = canonical_class(domain, sub.name)
+        if cls is None:
+            other = [
+                f"{d} class '{canonical_class(d, sub.name)}'"
+                for d in sorted(CLASSES)
+                if d != domain and canonical_class(d, sub.name) is not None
+            ]
+            what = (
+                f"a folder of another domain ({other[0]}) in a {domain} site"
+                if other
+                else f"not a {domain} class folder (expected {', '.join(classes)})"
+            )
+            find(sub, what + ": rename it or move it out of the site folder", True)
+        elif cls in found:
+            find(sub, f"a second folder for class '{cls}' (first: {found[cls].name})", True)
+        else:
+            found[cls] = sub
+    for p in links:
+        find(p, "a symbolic link to a folder: not followed (a loop or a mount?)", False)
+    for p in entries:
+        if p.is_file():
+            find(p, "a file at the top level, outside any class folder: ignored", False)
+    rows: list[tuple[Path, str, str | None]] = []
+    skipped: list[Path] = []
+    for cls, sub in found.items():
+        images, other = list_images(sub)
+        for q in sorted(sub.rglob("*")):
+            if q.is_symlink() and q.is_dir():
+                find(q, "a symbolic link to a folder: not followed (a loop or a mount?)", False)
+        if not images:
+            find(sub, f"class folder '{cls}' holds no JPEG, PNG or DICOM file", False)
+        rows += [(q, cls, None) for q in images]
+        skipped += other
+    if not found:
+        find(path, f"no class folders; expected folders named {', '.join(classes)}", True)
+    if not rows:
+        return None, findings
+    collection = assemble(
+        name="site", domain=domain, classes=classes, root=path, rows=rows, skipped=skipped
+    )
+    return collection, findings
 
 
 def _problems(
@@ -156,7 +231,9 @@ def site_check(
     ``estimate``: a resolved config to time a round with (its model, image size,
     batch size and local epochs); ``None`` skips the timing.
     """
-    c = read_site(path, domain)
+    c, findings = survey_layout(path, domain)
+    if c is None:  # nothing to read: the findings are the report
+        return _layout_only_report(path, domain, findings)
     fp = compute_fingerprints(c, cache_root)
     rel = [c.relpath(i) for i in range(len(c))]
     ok = np.flatnonzero(fp.readable)
@@ -193,11 +270,42 @@ def site_check(
     report["warnings"] = (
         [f"no images of class {', '.join(empty)}: fine for federation, but say so"] if empty else []
     )
-    report["problems"] = _problems(c, fp, modalities, conflicts, on_unreadable)
+    report["layout"] = findings
+    report["warnings"] += [f"{f['path']}: {f['what']}" for f in findings if not f["blocking"]]
+    report["problems"] = [f"{f['path']}: {f['what']}" for f in findings if f["blocking"]]
+    report["problems"] += _problems(c, fp, modalities, conflicts, on_unreadable)
     report["usable"] = not report["problems"]
     if estimate is not None and len(ok):
         report["estimate"] = estimate_round(c, ok, estimate)
     return report
+
+
+def _layout_only_report(
+    path: Path, domain: str | None, findings: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The report of a folder with no readable class folder: its layout findings."""
+    problems = [f"{f['path']}: {f['what']}" for f in findings if f["blocking"]]
+    if not problems:
+        problems = ["no JPEG, PNG or DICOM file in any class folder"]
+    return {
+        "path": str(path),
+        "domain": domain or "unknown",
+        "files": 0,
+        "readable": 0,
+        "classes": {},
+        "unreadable": [],
+        "non_image_files": [],
+        "formats": {},
+        "modalities": {},
+        "notes": [],
+        "exact_duplicate_groups": [],
+        "label_conflicts": [],
+        "image_sizes": {},
+        "layout": findings,
+        "warnings": [f"{f['path']}: {f['what']}" for f in findings if not f["blocking"]],
+        "problems": problems,
+        "usable": False,
+    }
 
 
 def estimate_round(c: ImageCollection, ok: np.ndarray, cfg: Mapping[str, Any]) -> dict[str, Any]:

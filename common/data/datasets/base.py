@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from common.core.errors import DataError
-from common.data.classes import canonical_class, known_aliases
+from common.data.classes import canonical_class
 from common.data.dicom import looks_like_dicom
 from common.data.imageio import DICOM_SUFFIXES, IMAGE_SUFFIXES
 
@@ -84,8 +84,8 @@ def class_folders(
         if cls is None:
             raise DataError(
                 sub,
-                f"unknown class folder '{sub.name}' for {domain}; expected one of "
-                f"{list(classes)} (accepted spellings: {', '.join(known_aliases(domain))})",
+                f"unknown class folder '{sub.name}' for {domain}; expected "
+                f"{', '.join(classes)} (other accepted spellings: common/data/classes.py)",
             )
         if cls in found:
             raise DataError(sub, f"second folder for class '{cls}' (first: {found[cls].name})")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from common.core.errors import ConfigError, DataError
-from common.data.classes import CLASSES
+from common.data.classes import CLASSES, canonical_class
 from common.data.datasets._layout import assemble
 from common.data.datasets.base import ImageCollection, class_folders, list_images
 from common.data.datasets.registry import DATASETS
@@ -43,13 +43,14 @@ def detect_site_folder(root: Path, domain: str | None = None) -> ImageCollection
     """``root`` read with ``domain``'s class names, or with whichever vocabulary fits."""
     if domain is not None:
         return read_site_folder(root, domain)
-    errors = []
-    for candidate in CLASSES:
-        try:
-            return read_site_folder(root, candidate)
-        except DataError as exc:
-            errors.append(str(exc))
-    raise DataError(root, "not a <class>/ site layout of any domain: " + " | ".join(errors))
+    if not root.is_dir():
+        raise DataError(root, "data folder does not exist")
+    folders = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    # the domain whose class names most sub-folders match; its error names the misfits
+    best = max(
+        sorted(CLASSES), key=lambda d: sum(canonical_class(d, f) is not None for f in folders)
+    )
+    return read_site_folder(root, best)
 
 
 @DATASETS.register("site")
