@@ -60,6 +60,9 @@ def _bad(root: Path) -> dict[str, str]:
     ds.file_meta.TransferSyntaxUID = JPEGLSLossless
     ds.PixelData = encapsulate([b"\xff\xd8 not really JPEG-LS"])
     ds.save_as(d / "jpegls.dcm")
+    whole = (d / "ct.dcm").read_bytes()  # cut off in a copy: in the pixels, in the header
+    (d / "cut.dcm").write_bytes(whole[: len(whole) // 2])
+    (d / "stub.dcm").write_bytes(whole[:300])
     locked = save_gray(d / "locked.jpg", noise(8, 72))
     locked.chmod(0)
     (d / "loop.jpg").symlink_to("loop.jpg")
@@ -86,6 +89,8 @@ def _bad(root: Path) -> dict[str, str]:
         "nopixels.dcm": "DICOM has no pixel data",
         "ultrasound.dcm": "DICOM modality US is not supported",
         "jpegls.dcm": "cannot be decoded here",
+        "cut.dcm": "truncated DICOM: ",
+        "stub.dcm": "truncated or incomplete DICOM",
         "locked.jpg": "permission denied",
         "loop.jpg": "Too many levels of symbolic links",
         "dangling.jpg": "broken symbolic link",

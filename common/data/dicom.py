@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -61,6 +62,16 @@ def _to_uint8(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return scaled.round().astype(np.uint8)
 
 
+def _expected_pixel_bytes(ds: Any) -> int | None:
+    """Uncompressed pixel data size from the header, or ``None`` when it cannot say."""
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        return int(ds.Rows) * int(ds.Columns) * frames * samples * int(ds.BitsAllocated) // 8
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
 def decode_dicom(
     data: bytes | Path,
     *,
@@ -85,6 +96,11 @@ def decode_dicom(
     except Exception as exc:  # truncated / malformed data elements
         raise UnreadableImageError(label, f"corrupt DICOM: {type(exc).__name__}") from None
     modality = str(ds.get("Modality", "")).upper() or "missing"
+    if modality == "missing" and "PixelData" not in ds and "FloatPixelData" not in ds:
+        # pydicom stops quietly at the end of a cut-off file: say what the file is
+        raise UnreadableImageError(
+            label, "truncated or incomplete DICOM (it ends before its Modality and pixel data)"
+        )
     if modality not in modalities:
         raise UnreadableImageError(
             label, f"DICOM modality {modality} is not supported (expected {sorted(modalities)})"
@@ -101,6 +117,12 @@ def decode_dicom(
                 label,
                 f"compressed transfer syntax '{name}' cannot be decoded here "
                 "(install pylibjpeg / pylibjpeg-libjpeg or python-gdcm)",
+            ) from None
+        expected = _expected_pixel_bytes(ds)
+        got = len(ds.PixelData) if "PixelData" in ds else None
+        if expected and got is not None and got < expected:
+            raise UnreadableImageError(
+                label, f"truncated DICOM: {got} of {expected} bytes of pixel data"
             ) from None
         raise UnreadableImageError(
             label, f"cannot decode pixel data: {type(exc).__name__}"
