@@ -20,6 +20,20 @@ from common.runs.validate import check_sites, validate
 log = logging.getLogger("fedscan.simulate")
 
 
+class _NotRunSimulationDeprecation(logging.Filter):
+    """Drop Flower's "run_simulation is deprecated" warning: ``fedscan simulate`` calls it
+    on purpose (in-process, one Python object per app) and the user cannot act on it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not any("run_simulation" in str(a) for a in args) or (
+            "DEPRECATED FEATURE" not in str(record.msg)
+        )
+
+
+logging.getLogger("flwr").addFilter(_NotRunSimulationDeprecation())
+
+
 def run_federated(overrides: Sequence[str], *, client_mods: Sequence = ()) -> Path:
     """Simulate the federation of ``overrides``; returns the run folder.
 

@@ -29,3 +29,20 @@ def test_auc_is_none_when_a_class_is_absent():
     assert classification_metrics(y, probs, ["a", "b", "c"])["roc_auc_ovr"] is None
     y3 = np.array([0, 1, 2])
     assert classification_metrics(y3, np.eye(3), ["a", "b", "c"])["roc_auc_ovr"] == 1.0
+
+
+def test_balanced_accuracy_equals_sklearn_without_its_warning_for_absent_classes() -> None:
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score
+
+    y_true = np.array([0, 0, 1, 1, 1])
+    y_pred = np.array([0, 2, 1, 1, 2])  # class 2 predicted, absent from y_true
+    probs = np.eye(3)[y_pred]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = balanced_accuracy_score(y_true, y_pred)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fedscan's own computation warns about nothing
+        m = classification_metrics(y_true, probs, ["a", "b", "c"])
+    assert m["balanced_accuracy"] == pytest.approx(expected)

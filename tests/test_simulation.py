@@ -54,3 +54,33 @@ def test_more_min_nodes_than_sites_is_refused(tmp_path: Path):
 
     with pytest.raises(ConfigError, match=r"federation\.min_nodes"):
         run_federated([*BASE, f"runs_dir={tmp_path}", "federation.min_nodes=3"])
+
+
+def test_a_small_simulation_logs_nothing_from_third_party_noise(tmp_path: Path) -> None:
+    """No alembic plugin lines, no Flower deprecation, no Ray FutureWarning, no sklearn
+    warnings from the sites: what a user reads is fedscan's progress and results."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "FEDSCAN_DATA"}
+    cmd = [sys.executable, "-m", "simulations.cli", "simulate", *BASE, "rounds=2"]
+    out = subprocess.run(
+        [*cmd, f"runs_dir={tmp_path}"],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    for noise in (
+        "setup plugin",
+        "DEPRECATED FEATURE",
+        "FutureWarning",
+        "UndefinedMetricWarning",
+        "y_pred contains classes not in y_true",
+    ):
+        assert noise not in text, noise
+    assert "results:" in text
