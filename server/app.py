@@ -147,6 +147,11 @@ def run_server(grid: Grid, cfg: DictConfig) -> Path:
             for n, b in tests.items()
         }
 
+    log.info(
+        "the first message to each site makes it read, decode and cache its data (and its "
+        "frozen-trunk features); round %d is slower than the rest",
+        0 if fed.head_init != "none" and not fed.resume else done + 1,
+    )
     if fed.head_init != "none" and not fed.resume:  # a resumed run has its head already
         linear_head(model)  # a model without a linear classifier fails before any site works
         sites = statistics_round(grid, model, keys, fed)

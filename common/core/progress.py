@@ -29,15 +29,19 @@ def progress(
     unit: str = "items",
     every_s: float = 30.0,
     quiet_below: int = 0,
+    announce: bool = True,
 ) -> Iterator[T]:
     """Yield ``items`` while reporting; ``total`` counts them in ``unit`` (for the lines).
 
     ``quiet_below``: phases with fewer items log nothing (tiny test inputs).
+    ``announce=False``: no start and end lines, only the periodic ones (a loop whose
+    caller already logs each pass, like a training epoch).
     """
     if total < quiet_below:
         yield from items
         return
-    log.info("%s: %d %s ...", desc, total, unit)
+    if announce:
+        log.info("%s: %d %s ...", desc, total, unit)
     start = last = time.perf_counter()
     tty = sys.stderr.isatty()
     it = tqdm(items, total=total, desc=desc, leave=False) if tty else items
@@ -47,4 +51,5 @@ def progress(
         if not tty and now - last >= every_s:
             last = now
             log.info("%s: %d/%d %s (%.0f s)", desc, done, total, unit, now - start)
-    log.info("%s: done, %d %s in %.1f s", desc, total, unit, time.perf_counter() - start)
+    if announce:
+        log.info("%s: done, %d %s in %.1f s", desc, total, unit, time.perf_counter() - start)

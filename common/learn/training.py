@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
-from tqdm import tqdm
 
 from common.core.errors import ConfigError
 from common.core.parallel import available_cpus
+from common.core.progress import progress
 from common.data.transforms import Augment, to_float
 from common.learn.metrics import classification_metrics
 from common.learn.models.staged import StagedModel
@@ -158,9 +158,10 @@ def train_one_epoch(
     params = [p for p in model.parameters() if p.requires_grad]
     loss_fn = loss_fn.to(device)
     total, correct, loss_sum = 0, 0, 0.0
-    for xb, yb in tqdm(
-        batches, desc=desc, leave=False, disable=True if len(batches) < 20 else None
-    ):
+    shown = progress(
+        batches, total=len(batches), desc=desc, unit="batches", quiet_below=20, announce=False
+    )
+    for xb, yb in shown:
         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device):
