@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         from common.runs.record import read_run
 
         (run_dir,) = [m.parent for m in runs.glob("*/metrics.json")]
-        final = read_run(run_dir).final
+        final = read_run(run_dir).final()
         official, dedup = dedup_files(data, cache)
         plain = json.loads(plain_json.read_text())["predictions"]
     rows = {"plain": {}, "fedscan": {}}

@@ -1,0 +1,77 @@
+"""Every documented benchmark command runs: smoke runs with the smallest settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+BRAIN = ("glioma", "meningioma", "notumor", "pituitary")
+
+
+def _brain_like(root: Path, per_class: int = 12) -> Path:
+    """A tiny ``brain-tumor-mri/Training|Testing/<class>/*.jpg`` tree of distinct images."""
+    rng = np.random.default_rng(0)
+    for split in ("Training", "Testing"):
+        for k, cls in enumerate(BRAIN):
+            d = root / "brain-tumor-mri" / split / cls
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                img = rng.integers(0, 60, (64, 64)).astype(np.uint8)
+                img[8 * k : 8 * k + 16, :] += 150  # a class-dependent band
+                Image.fromarray(img).save(d / f"{split[:2]}{i}.jpg", quality=95)
+    return root
+
+
+def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    out = subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    return out
+
+
+def test_plain_baseline_runs(tmp_path: Path) -> None:
+    data = _brain_like(tmp_path) / "brain-tumor-mri"
+    res = tmp_path / "plain.json"
+    _run(
+        [
+            "benchmarks/plain_baseline.py",
+            f"--data={data}",
+            "--epochs=1",
+            "--size=32",
+            f"--out={res}",
+        ]
+    )
+    doc = json.loads(res.read_text())
+    assert len(doc["predictions"]) == 4 * 12 and 0 <= doc["accuracy"] <= 1
+
+
+def test_default_vs_plain_runs_side_by_side(tmp_path: Path) -> None:
+    data = _brain_like(tmp_path / "data")
+    res = tmp_path / "vs.json"
+    small = ["dataset.image_size=32", "train.epochs=1", "model.finetune_blocks=1"]
+    out = _run(
+        [
+            "benchmarks/default_vs_plain.py",
+            f"--data={data}",
+            "--plain-epochs=1",
+            f"--json={res}",
+            *small,
+        ]
+    )
+    doc = json.loads(res.read_text())
+    assert set(doc["plain"]) == {"test_official", "test_dedup", "seconds"}
+    assert doc["ratio"] == doc["fedscan"]["seconds"] / doc["plain"]["seconds"]
+    assert "wall-time ratio fedscan / plain" in out.stdout
