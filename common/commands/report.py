@@ -26,7 +26,8 @@ from common.runs.plots import plot_confusion, plot_site_histogram
 from common.runs.record import read_run
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall", "macro_f1")
-ORDER = {"pooled": 0, "centralised": 0, "local": 1}  # then the federated strategies
+# references first (pooled and its closed-form heads), then local, then federated
+ORDER = {"pooled": 0, "centralised": 0, "local": 1}
 # Config keys that do not change what a run measures (where it ran, what it is
 # called, how long it waited): runs differing only in these, and the seed, are one row.
 NOT_COMPARED = (
@@ -248,7 +249,7 @@ def aggregate(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             r["split"],
             r["partition"] != "-",
             _partition_order(r["partition"]),
-            ORDER.get(r["method"], 2),
+            ORDER.get(r["method"].split("+")[0].split(" ")[0], 2),
             r["method"],
         )
     )
