@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,20 +45,55 @@ METHODS = {
 def cells(
     datasets: Sequence[str], alphas: Sequence[float], base: Sequence[str]
 ) -> list[tuple[str, str, list[str]]]:
-    """``(dataset, name, overrides)`` of every run, pooled first; all validated by the caller."""
+    """``(dataset, run name, overrides)`` of every run, pooled first.
+
+    The run name is fixed (``<dataset>-<method>-<partition>``), so a later call finds
+    the runs an earlier one finished or left half-way (see :func:`run_cell`).
+    """
     out = []
     for ds in datasets:
         ds_base = merged(base, [f"dataset={ds}", *DATASETS[ds]])
-        out.append((ds, "centralised", merged(ds_base, ["method=pooled"])))
+        out.append((ds, f"{ds}-centralised", merged(ds_base, ["method=pooled"])))
         for alpha in alphas:
             part = (
                 ["partition=iid"]
                 if alpha <= 0
                 else ["partition=dirichlet", f"partition.alpha={alpha:g}"]
             )
+            label = "iid" if alpha <= 0 else f"dirichlet{alpha:g}"
             for name, extra in METHODS.items():
-                out.append((ds, name, merged(ds_base, [*part, *extra])))
+                out.append((ds, f"{ds}-{name}-{label}", merged(ds_base, [*part, *extra])))
     return out
+
+
+def run_cell(folder: Path, overrides: list[str]) -> Path:
+    """Train one cell into ``folder`` (its fixed name), or reuse what is there.
+
+    A finished run is kept; a federated run stopped part-way resumes from its last
+    checkpoint (``federation.resume``); anything else left there is trained again.
+    On a 2-core CPU this driver takes hours, so it must survive being stopped.
+    """
+    metrics = folder / "metrics.json"
+    if metrics.exists():
+        try:
+            rec = read_run(folder)
+            if rec.kind != "federated" or (
+                rec.rounds and rec.rounds[-1]["round"] >= int(rec.cfg.rounds)
+            ):
+                log.info("finetune: %s is done, reused", folder.name)
+                return folder
+            if (folder / "last.pt").exists():
+                log.info(
+                    "finetune: %s stopped at round %d, resumed",
+                    folder.name,
+                    rec.rounds[-1]["round"],
+                )
+                return run_one(merged(overrides, [f"federation.resume={folder}"]))
+        except Exception as exc:  # an unreadable leftover: train it again
+            log.warning("finetune: %s unreadable (%s), trained again", folder.name, exc)
+    if folder.exists():
+        shutil.rmtree(folder)
+    return run_one(merged(overrides, [f"runs_dir={folder.parent}", f"run_name={folder.name}"]))
 
 
 def curves(run: Path) -> dict[str, Any]:
@@ -182,14 +218,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = cells(args.datasets, args.alphas, base)
     runs: dict[str, list[Path]] = {ds: [] for ds in args.datasets}
     if args.report_only:
-        for ds in args.datasets:
-            runs[ds] = sorted(m.parent for m in (out / ds).glob("*/metrics.json"))
+        for ds, name, _ in plan:
+            if (out / ds / name / "metrics.json").exists():
+                runs[ds].append(out / ds / name)
     else:
         for _, _, ov in plan:  # every run checked before the first one trains
             validate_overrides(merged(ov, [f"runs_dir={out}"]))
         for i, (ds, name, ov) in enumerate(plan, 1):
-            log.info("finetune run %d/%d: %s %s", i, len(plan), ds, name)
-            runs[ds].append(run_one(merged(ov, [f"runs_dir={out / ds}"])))
+            log.info("finetune run %d/%d: %s", i, len(plan), name)
+            runs[ds].append(run_cell(out / ds / name, ov))
     (out / "finetune.json").parent.mkdir(parents=True, exist_ok=True)
     (out / "finetune.json").write_text(
         json.dumps({ds: [str(r) for r in rs] for ds, rs in runs.items()}, indent=2)
