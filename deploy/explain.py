@@ -69,6 +69,7 @@ def overlay(
         return picture
     w, h = picture.size
     band = 40
+    w = max(w, 240)  # room for the caption and the scale beside a small image
     canvas = Image.new("RGB", (w, h + band), "white")
     canvas.paste(picture, (0, 0))
     draw = ImageDraw.Draw(canvas)

@@ -135,7 +135,7 @@ def test_predict_cli_table_json_explain_and_bad_file(
         "0001-scan1-gradcam.png",
     ]
     cam = np.asarray(Image.open(cams / "0000-scan0-gradcam.png").convert("RGB")).astype(int)
-    assert cam.shape == (64 + 40, 64, 3)  # the image, then a band: caption and colour scale
+    assert cam.shape == (64 + 40, 240, 3)  # the image, then a band: caption and colour scale
     band = cam[64:]
     assert (band.sum(axis=2) < 200).any()  # caption text
     bar = cam[64 + 22, 30:34], cam[64 + 22, -34:-30]  # the scale runs from blue to red
