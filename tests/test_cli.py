@@ -84,3 +84,20 @@ def test_unknown_group_option_names_the_key():
 def test_configured_missing_data_root_is_an_error(tmp_path: Path, capsys):
     assert main(["train", f"data_root={tmp_path / 'nowhere'}", f"runs_dir={tmp_path}"]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_a_config_typo_fails_before_torch_is_imported() -> None:
+    """The error comes in about a second, not after torch, Flower and Ray have loaded."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from simulations.cli import main; "
+        "rc = main(['{cmd}', 'trian.epochs=2']); print(rc, 'torch' in sys.modules)"
+    )
+    for cmd in ("train", "simulate"):
+        out = subprocess.run(
+            [sys.executable, "-c", code.format(cmd=cmd)], capture_output=True, text=True
+        )
+        assert out.stdout.split() == ["2", "False"], out.stdout + out.stderr
+        assert "did you mean train.epochs?" in out.stderr
