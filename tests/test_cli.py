@@ -101,3 +101,10 @@ def test_a_config_typo_fails_before_torch_is_imported() -> None:
         )
         assert out.stdout.split() == ["2", "False"], out.stdout + out.stderr
         assert "did you mean train.epochs?" in out.stderr
+
+
+def test_a_bad_command_line_option_is_called_an_option() -> None:
+    from common.core.errors import ConfigError
+
+    assert str(ConfigError("--out", "x")) == "option '--out': x"
+    assert str(ConfigError("train.epochs", "x")) == "config key 'train.epochs': x"

@@ -14,7 +14,8 @@ class ConfigError(FedscanError):
 
     def __init__(self, key: str, message: str) -> None:
         self.key = key
-        super().__init__(f"config key '{key}': {message}")
+        what = "option" if key.startswith("-") else "config key"  # a CLI flag is no config key
+        super().__init__(f"{what} '{key}': {message}")
 
 
 class DataError(FedscanError):
