@@ -18,6 +18,7 @@ from importlib.resources import files
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -40,6 +41,16 @@ def create_app(package: ModelPackage, *, max_upload_bytes: int = DEFAULT_MAX_UPL
         "runtime": package.runtime,
         "provenance": package.spec["provenance"],
     }
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """One sentence a person can act on instead of FastAPI's validation dump."""
+        fields = sorted({str(e.get("loc", ["", "?"])[-1]) for e in exc.errors()})
+        if "file" in fields:
+            detail = "no file uploaded: send it as multipart/form-data in the field 'file'"
+        else:
+            detail = f"bad request: check {', '.join(fields)} (see /docs)"
+        return JSONResponse({"detail": detail}, status_code=422)
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:

@@ -119,6 +119,9 @@ def test_bad_uploads_get_a_4xx_and_the_server_keeps_serving(
 def test_missing_file_field_is_a_422(server: str) -> None:
     r = httpx.post(f"{server}/predict", data={"other": "x"}, timeout=30)
     assert r.status_code == 422
+    assert r.json() == {
+        "detail": "no file uploaded: send it as multipart/form-data in the field 'file'"
+    }
 
 
 @pytest.mark.skipif(
