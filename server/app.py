@@ -217,12 +217,12 @@ def run_server(grid: Grid, cfg: DictConfig) -> Path:
         evaluate_fn=evaluate_fn,
     )
     record.finish()
-    log.info("results: %s", run_dir)
-    print(f"fedscan: results in {run_dir}", flush=True)
     return run_dir
 
 
-def make_server_app(overrides: tuple[str, ...] = ()) -> ServerApp:
+def make_server_app(overrides: tuple[str, ...] = (), *, announce: bool = True) -> ServerApp:
+    """The ServerApp; ``announce``: print where the results are (``flwr run`` users read
+    it in the stream; ``fedscan simulate`` prints its own ``results:`` line instead)."""
     app = ServerApp()
 
     @app.main()
@@ -232,7 +232,9 @@ def make_server_app(overrides: tuple[str, ...] = ()) -> ServerApp:
         logging.getLogger("flwr").propagate = False
         logging.getLogger("httpx").setLevel(logging.WARNING)
         cfg = load_config([*overrides_from_run_config(dict(context.run_config)), *overrides])
-        run_server(grid, cfg)
+        run_dir = run_server(grid, cfg)
+        if announce:
+            print(f"fedscan: results in {run_dir}", flush=True)
 
     return app
 

@@ -66,7 +66,7 @@ def run_federated(overrides: Sequence[str], *, client_mods: Sequence = ()) -> Pa
     # Absolute paths: Ray actors may start in another working directory.
     overrides = [*overrides, f"runs_dir={runs_dir}"]
     run_simulation(
-        server_app=make_server_app(tuple(overrides)),
+        server_app=make_server_app(tuple(overrides), announce=False),
         # torch threads = the CPUs Ray gives each site actor: no oversubscription
         client_app=make_client_app((*overrides, f"num_threads={per_site}"), client_mods),
         num_supernodes=fed.num_sites,
