@@ -75,3 +75,120 @@ def test_default_vs_plain_runs_side_by_side(tmp_path: Path) -> None:
     assert set(doc["plain"]) == {"test_official", "test_dedup", "seconds"}
     assert doc["ratio"] == doc["fedscan"]["seconds"] / doc["plain"]["seconds"]
     assert "wall-time ratio fedscan / plain" in out.stdout
+
+
+SMALL = ["dataset.image_size=32", "dataset.size=32", "dataset.per_class=24"]
+
+
+def _synthetic(args: list[str]) -> subprocess.CompletedProcess:
+    """A benchmark or driver on the embedded default (FEDSCAN_DATA unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "FEDSCAN_DATA"}
+    out = subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    return out
+
+
+def test_input_throughput_runs() -> None:
+    out = _synthetic(
+        ["benchmarks/input_throughput.py", "--images=40", "--size=32", "--batch-size=8"]
+    )
+    assert "x" in out.stdout  # the speed-up line
+
+
+def test_inference_latency_runs() -> None:
+    _synthetic(["benchmarks/inference_latency.py", "--size=32", "--repeats=2", "--batch=2"])
+
+
+def test_federated_overhead_runs() -> None:
+    _synthetic(
+        [
+            "benchmarks/federated_overhead.py",
+            "--dataset=synthetic",
+            "--sites=2",
+            "--rounds=2",
+            *SMALL,
+        ]
+    )
+
+
+def test_dp_accuracy_runs() -> None:
+    out = _synthetic(
+        [
+            "benchmarks/dp_accuracy.py",
+            "--dataset=synthetic",
+            "--sites=2",
+            "--rounds=1",
+            "--epsilons",
+            "8",
+            "--modes",
+            "features",
+            *SMALL,
+        ]
+    )
+    assert "| features | 8 |" in out.stdout
+
+
+def test_site_scale_runs(tmp_path: Path) -> None:
+    _synthetic(["benchmarks/site_scale.py", "--sites", "2", "3", "--rounds=1", f"--out={tmp_path}"])
+
+
+def test_the_study_runs_and_writes_its_page(tmp_path: Path) -> None:
+    docs = tmp_path / "results.md"
+    _synthetic(
+        [
+            "-m",
+            "simulations.study",
+            "--datasets",
+            "synthetic",
+            "--seeds",
+            "0",
+            "--alphas",
+            "0.1",
+            "--mus",
+            "1",
+            "--sites=2",
+            "--rounds=1",
+            "--local-epochs=1",
+            f"--out={tmp_path / 'runs'}",
+            f"--docs={docs}",
+            *SMALL,
+        ]
+    )
+    page = docs.read_text()
+    for row in (
+        "| pooled |",
+        "| pooled+fed3r |",
+        "| fed3r one-shot |",
+        "| fed3r+fedavg |",
+        "| scaffold |",
+        "| fedncm+fedavg |",
+        "| local |",
+    ):
+        assert row in page, row
+
+
+def test_the_horizon_driver_runs(tmp_path: Path) -> None:
+    docs = tmp_path / "horizon.md"
+    _synthetic(
+        [
+            "-m",
+            "simulations.horizon",
+            "--dataset=synthetic",
+            "--sites=2",
+            "--checkpoints",
+            "1",
+            "2",
+            "--every=1",
+            f"--out={tmp_path / 'runs'}",
+            f"--docs={docs}",
+            *SMALL,
+        ]
+    )
+    assert docs.exists()
