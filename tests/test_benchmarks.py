@@ -125,10 +125,8 @@ def test_dp_accuracy_runs() -> None:
             "--dataset=synthetic",
             "--sites=2",
             "--rounds=1",
-            "--epsilons",
-            "8",
-            "--modes",
-            "features",
+            "--epsilons=8",  # the = form: a bare list option would swallow the overrides
+            "--modes=features",
             *SMALL,
         ]
     )
