@@ -157,6 +157,11 @@ def _params(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any], int]:
     return str(cfg.get("name", "iid")), params, min_samples
 
 
+def min_training_samples(cfg: Mapping[str, Any]) -> int:
+    """``partition.min_samples``, checked: the training images every site is promised."""
+    return _params(cfg)[2]
+
+
 def check_partition_config(cfg: Mapping[str, Any], num_sites: int) -> None:
     """Fail on a bad ``partition`` setting before any data is read."""
     name, params, _ = _params(cfg)
@@ -184,14 +189,19 @@ def partition(
     *,
     cfg: Mapping[str, Any],
     seed: int,
+    holdout: float = 0.0,
 ) -> list[np.ndarray]:
     """Split ``indices`` into ``num_sites`` sorted index arrays by whole ``groups``.
 
     Every index lands in exactly one site; every site gets at least
-    ``partition.min_samples``, else a :class:`DataError` says which site and why.
+    ``partition.min_samples`` *training* samples, else a :class:`DataError` says
+    which site and why. ``holdout``: the fraction each site will hold out for its
+    own validation split, so a site needs ``min_samples / (1 - holdout)`` here
+    (the caller checks the count that remains after the holdout).
     """
     check_partition_config(cfg, num_sites)
-    name, params, min_samples = _params(cfg)
+    name, params, promised = _params(cfg)
+    min_samples = int(np.ceil(promised / (1.0 - holdout)))
     g = Groups.of(indices, groups, labels)
     if len(g) < num_sites:
         raise DataError(
@@ -212,8 +222,9 @@ def partition(
         worst = int(np.argmin(sizes))
         raise DataError(
             "partition",
-            f"site {worst} gets {int(sizes[worst])} samples (< partition.min_samples="
-            f"{min_samples}) in every one of {DRAWS} draws of '{name}' {params}; "
+            f"site {worst} gets {int(sizes[worst])} samples (< {min_samples}: "
+            f"partition.min_samples={promised} for training plus its validation share) in "
+            f"every one of {DRAWS} draws of '{name}' {params}; "
             "raise partition.alpha, lower num_sites or partition.min_samples",
         )
     sites = [[] for _ in range(num_sites)]

@@ -17,7 +17,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from common.core.errors import ConfigError, DataError
-from common.data.partition import partition
+from common.data.partition import min_training_samples, partition
 from common.data.pipeline import PreparedData
 from common.data.splits import group_holdout
 from common.federated.wire import COUNT_PREFIX, DATA_PATH, PARTITION_ID
@@ -106,16 +106,33 @@ def site_indices(
         if num_partitions is None or not 0 <= partition_id < num_partitions:
             raise ConfigError(PARTITION_ID, f"{partition_id} not in [0, {num_partitions})")
         pool_all = np.sort(np.concatenate([s.train, s.val]))
-        pool = partition(
-            pool_all, s.groups, labels, num_partitions, cfg=cfg.partition, seed=int(cfg.seed)
-        )[partition_id]
     fraction = float(cfg.federation.site_val_fraction)
+    if partition_id is not None:
+        pool = partition(
+            pool_all,
+            s.groups,
+            labels,
+            num_partitions,
+            cfg=cfg.partition,
+            seed=int(cfg.seed),
+            holdout=fraction,
+        )[partition_id]
     try:
-        return group_holdout(
+        train, val = group_holdout(
             pool, labels, s.groups, fraction, int(cfg.seed), "site val", few_groups_ok=True
         )
     except DataError as exc:
         raise DataError(prepared.collection.root, f"site has too little data: {exc}") from None
+    least = min_training_samples(cfg.partition)
+    if partition_id is not None and len(train) < least:
+        raise DataError(
+            "partition",
+            f"site {partition_id} keeps {len(train)} training images after holding out "
+            f"{len(val)} for its validation split, fewer than partition.min_samples={least}; "
+            "raise partition.alpha, lower num_sites, partition.min_samples or "
+            "federation.site_val_fraction",
+        )
+    return train, val
 
 
 @lru_cache(maxsize=2)
