@@ -90,12 +90,13 @@ def create_app(package: ModelPackage, *, max_upload_bytes: int = DEFAULT_MAX_UPL
         pred = package.predict(image[None])[0]
         body: dict[str, Any] = {**pred.as_dict(), "model": package.name}
         if explain:
-            from deploy.explain import caption_of, gradcam, overlay_png
+            from deploy.explain import gradcam, overlay_png
 
             with explain_lock:
                 heat = gradcam(package, image, package.classes.index(pred.label))
-            caption = caption_of(pred.label, pred.probabilities[pred.label])
-            png = base64.b64encode(overlay_png(image, heat, caption=caption)).decode()
+            # no caption band: this PNG travels in the same JSON as its label and
+            # probabilities, and the page draws them (a PNG file on disk gets the band)
+            png = base64.b64encode(overlay_png(image, heat)).decode()
             body["explanation"] = f"data:image/png;base64,{png}"
         return body
 
