@@ -189,19 +189,15 @@ def partition(
     *,
     cfg: Mapping[str, Any],
     seed: int,
-    holdout: float = 0.0,
 ) -> list[np.ndarray]:
     """Split ``indices`` into ``num_sites`` sorted index arrays by whole ``groups``.
 
     Every index lands in exactly one site; every site gets at least
-    ``partition.min_samples`` *training* samples, else a :class:`DataError` says
-    which site and why. ``holdout``: the fraction each site will hold out for its
-    own validation split, so a site needs ``min_samples / (1 - holdout)`` here
-    (the caller checks the count that remains after the holdout).
+    ``partition.min_samples`` (its training images and its own validation split
+    together), else a :class:`DataError` says which site and why.
     """
     check_partition_config(cfg, num_sites)
-    name, params, promised = _params(cfg)
-    min_samples = int(np.ceil(promised / (1.0 - holdout)))
+    name, params, min_samples = _params(cfg)
     g = Groups.of(indices, groups, labels)
     if len(g) < num_sites:
         raise DataError(
@@ -222,9 +218,8 @@ def partition(
         worst = int(np.argmin(sizes))
         raise DataError(
             "partition",
-            f"site {worst} gets {int(sizes[worst])} samples (< {min_samples}: "
-            f"partition.min_samples={promised} for training plus its validation share) in "
-            f"every one of {DRAWS} draws of '{name}' {params}; "
+            f"site {worst} gets {int(sizes[worst])} samples (< partition.min_samples="
+            f"{min_samples}) in every one of {DRAWS} draws of '{name}' {params}; "
             "raise partition.alpha, lower num_sites or partition.min_samples",
         )
     sites = [[] for _ in range(num_sites)]
