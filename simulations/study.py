@@ -33,8 +33,15 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from common.commands.report import aggregate, load_run, to_markdown, write_report
+from common.commands.report import (
+    aggregate,
+    compared_config,
+    load_run,
+    to_markdown,
+    write_report,
+)
 from common.learn.prepare import prepare_run
 from common.runs.record import read_run
 from simulations.harness import driver_args, merged, run_one, validate_overrides
@@ -61,6 +68,43 @@ FEDERATED = (
 HARDEST_ONLY = (["federation.head_init=fedncm"],)
 
 
+def _key(cfg: Any) -> tuple:
+    """(seed, config) of a run; a baseline's ``train.epochs`` is its epoch budget (rounds x
+    local epochs, written into its config.yaml), so it is left out of the comparison."""
+    cfg_items = compared_config(cfg)
+    if str(cfg.get("method", "federated")) in ("pooled", "local"):
+        cfg_items.pop("train.epochs", None)
+    return (int(cfg.seed), tuple(sorted(cfg_items.items())))
+
+
+def finished_runs(folder: Path) -> dict[tuple, Path]:
+    """The complete runs already in ``folder``, by (seed, config): a study stopped
+    part-way (hours on a 2-core CPU) continues where it stopped instead of starting over."""
+    done: dict[tuple, Path] = {}
+    for metrics in sorted(folder.glob("*/metrics.json")):
+        try:
+            rec = read_run(metrics.parent)
+            if rec.kind == "federated" and (
+                not rec.rounds or rec.rounds[-1]["round"] < int(rec.cfg.rounds)
+            ):
+                continue
+        except Exception:  # a half-written or foreign folder: not reused
+            continue
+        done[_key(rec.cfg)] = rec.dir
+    return done
+
+
+def run_or_reuse(overrides: Sequence[str], done: dict[tuple, Path]) -> Path:
+    """:func:`run_one`, unless ``done`` holds a finished run of the same config and seed."""
+    key = _key(validate_overrides(overrides))
+    if key in done:
+        log.info("study: reusing %s", done[key].name)
+        return done[key]
+    run = run_one(overrides)
+    done[key] = run
+    return run
+
+
 def build_caches(overrides: Sequence[str]) -> float:
     """Decode every image and run the frozen trunk once; returns the seconds it took.
 
@@ -85,8 +129,10 @@ def run_study(
     local_epochs: int,
     out: Path,
     extra: Sequence[str] = (),
-) -> None:
-    """Train every run of the study into ``out/<dataset>/`` (see :func:`summarize`)."""
+) -> int:
+    """Train every run of the study into ``out/<dataset>/`` (see :func:`summarize`);
+    returns how many finished runs of an earlier, stopped invocation were reused."""
+    reused = 0
     out.mkdir(parents=True, exist_ok=True)
     partitions = [["partition=iid"]] + [
         ["partition=dirichlet", f"partition.alpha={a}"] for a in alphas
@@ -110,14 +156,18 @@ def run_study(
             for part in partitions:
                 for method in (["method=local"], ["strategy=fedprox"], *FEDERATED, *HARDEST_ONLY):
                     validate_overrides(merged(base, [*part, *method, f"seed={s}"]))
+        done = finished_runs(out / ds)
+        reused += len(done)
+        if done:
+            log.info("%s: %d finished runs found, reused", ds, len(done))
         seconds = build_caches(base)
         (out / ds / "caches.json").write_text(json.dumps({"seconds": round(seconds, 1)}))
         log.info("%s: caches built in %.1f s", ds, seconds)
         # 1. FedProx's mu, on the sites' validation splits at the hardest skew, seed 0
         scores = {}
         for mu in mus:
-            run = run_one(
-                merged(base, [*skewed, "strategy=fedprox", f"strategy.mu={mu}", "seed=0"])
+            run = run_or_reuse(
+                merged(base, [*skewed, "strategy=fedprox", f"strategy.mu={mu}", "seed=0"]), done
             )
             scores[mu] = read_run(run).mean_site_val_accuracy()
             log.info("%s: FedProx mu=%g -> sites' val accuracy %.4f", ds, mu, scores[mu])
@@ -125,15 +175,15 @@ def run_study(
         # 2. the grid (the tuning run with the chosen mu is its seed-0, hardest-skew cell)
         for s in seeds:
             for extra_pooled in POOLED:
-                run_one(merged(base, ["method=pooled", *extra_pooled, f"seed={s}"]))
+                run_or_reuse(merged(base, ["method=pooled", *extra_pooled, f"seed={s}"]), done)
             for part in partitions:
-                run_one(merged(base, [*part, "method=local", f"seed={s}"]))
+                run_or_reuse(merged(base, [*part, "method=local", f"seed={s}"]), done)
                 if not (s == 0 and part == skewed):
-                    run_one(
-                        merged(base, [*part, "strategy=fedprox", f"strategy.mu={mu}", f"seed={s}"])
-                    )
+                    prox = [*part, "strategy=fedprox", f"strategy.mu={mu}", f"seed={s}"]
+                    run_or_reuse(merged(base, prox), done)
                 for method in FEDERATED + (HARDEST_ONLY if part == skewed else ()):
-                    run_one(merged(base, [*part, *method, f"seed={s}"]))
+                    run_or_reuse(merged(base, [*part, *method, f"seed={s}"]), done)
+    return reused
 
 
 def _started(run: Path) -> float:
@@ -190,6 +240,12 @@ def _wall_time(meta: dict) -> str:
     caches = meta.get("cache_seconds", {})
     if "wall" in meta:
         whole = f" The whole command took {meta['wall']['seconds'] / 60:.1f} min."
+        if meta["wall"].get("reused_runs"):
+            whole = (
+                f" The last command took {meta['wall']['seconds'] / 60:.1f} min and reused "
+                f"{meta['wall']['reused_runs']} runs finished by an earlier, stopped one: these "
+                "times are not one uninterrupted study's."
+            )
         return _wall_time({k: v for k, v in meta.items() if k != "wall"}) + whole
     text = (
         "Wall time on this machine (2 CPU cores, no GPU), from the first run's start to the "
@@ -298,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out).resolve()
     started = time.time()
     if not args.report_only:
-        run_study(
+        reused = run_study(
             datasets=args.datasets,
             seeds=args.seeds,
             alphas=args.alphas,
@@ -310,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra=args.overrides,
         )
         out.mkdir(parents=True, exist_ok=True)
-        wall = {"seconds": round(time.time() - started, 1)}
+        wall = {"seconds": round(time.time() - started, 1), "reused_runs": reused}
         (out / "wall.json").write_text(json.dumps(wall))
     runs, meta = summarize(out, args.datasets, min(args.alphas))
     (out / "study.json").write_text(json.dumps({"runs": [str(r) for r in runs], **meta}, indent=2))
