@@ -269,6 +269,29 @@ def _wall_time(meta: dict) -> str:
     )
 
 
+def expected_runs(args: argparse.Namespace) -> int:
+    """Runs per dataset: FedProx's tuning, then every seed's pooled references and
+    cells (the tuning run with the chosen mu doubles as one cell)."""
+    cells = 1 + len(args.alphas)  # IID and each alpha
+    per_seed = len(POOLED) + cells * (2 + len(FEDERATED)) + len(HARDEST_ONLY)
+    return len(args.mus) + len(args.seeds) * per_seed - 1
+
+
+def _missing(args: argparse.Namespace, meta: dict) -> list[str]:
+    """A line for every requested dataset the page has no runs for (a study stopped
+    before it reached them): the page says so rather than leaving it out silently."""
+    missing = [ds for ds in args.datasets if ds not in meta["mu"]]
+    if not missing:
+        return []
+    return [
+        f"**Not regenerated yet: {', '.join(missing)}.** The study stopped before these "
+        "datasets' runs finished; `python -m simulations.study` continues it (finished runs "
+        "are reused). Their previous tables (pooled, local, FedAvg and FedProx only) are in "
+        "this page's git history.",
+        "",
+    ]
+
+
 def write_results(runs: list[Path], meta: dict, args: argparse.Namespace, docs: Path) -> None:
     """``docs/results.md``: the command, wall times, tuned mu, the table, a few plots."""
     report_dir = Path(args.out) / "report"
@@ -329,6 +352,7 @@ def write_results(runs: list[Path], meta: dict, args: argparse.Namespace, docs: 
         "`worst site acc.`: federated, the lowest site validation accuracy of the final global "
         "model; local-only, the worst single site's model on the global test set.",
         "",
+        *_missing(args, meta),
         to_markdown(table),
         "",
         "Whether more rounds close the gap at the hardest skew (pooled trained for the same "
@@ -368,7 +392,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         wall = {"seconds": round(time.time() - started, 1), "reused_runs": reused}
         (out / "wall.json").write_text(json.dumps(wall))
-    runs, meta = summarize(out, args.datasets, min(args.alphas))
+    expected = expected_runs(args)
+    complete = [ds for ds in args.datasets if len(finished_runs(out / ds)) >= expected]
+    for ds in sorted(set(args.datasets) - set(complete)):
+        log.info(
+            "%s: %d of %d runs finished; left off the page",
+            ds,
+            len(finished_runs(out / ds)),
+            expected,
+        )
+    runs, meta = summarize(out, complete, min(args.alphas))
     (out / "study.json").write_text(json.dumps({"runs": [str(r) for r in runs], **meta}, indent=2))
     write_results(runs, meta, args, Path(args.docs))
     caches = sum(meta["cache_seconds"].values())
