@@ -29,14 +29,15 @@ def _brain_like(root: Path, per_class: int = 12) -> Path:
     return root
 
 
-def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def _run(args: list[str], *, drop_data: bool = False) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not (drop_data and k == "FEDSCAN_DATA")}
     out = subprocess.run(
         [sys.executable, *args],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        env={**env, "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     return out
@@ -82,17 +83,7 @@ SMALL = ["dataset.image_size=32", "dataset.size=32", "dataset.per_class=24"]
 
 def _synthetic(args: list[str]) -> subprocess.CompletedProcess:
     """A benchmark or driver on the embedded default (FEDSCAN_DATA unset)."""
-    env = {k: v for k, v in os.environ.items() if k != "FEDSCAN_DATA"}
-    out = subprocess.run(
-        [sys.executable, *args],
-        cwd=ROOT,
-        env={**env, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    return out
+    return _run(args, drop_data=True)
 
 
 def test_input_throughput_runs() -> None:

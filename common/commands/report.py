@@ -211,7 +211,7 @@ def _without_duplicates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in rows:
         k = key(r)
-        if (r.get("from_round_0") and k in real) or (r.get("from_round_0") and k in seen):
+        if r.get("from_round_0") and (k in real or k in seen):
             continue
         seen.add(k)
         out.append(r)
