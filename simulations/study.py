@@ -160,9 +160,13 @@ def run_study(
         reused += len(done)
         if done:
             log.info("%s: %d finished runs found, reused", ds, len(done))
-        seconds = build_caches(base)
-        (out / ds / "caches.json").write_text(json.dumps({"seconds": round(seconds, 1)}))
-        log.info("%s: caches built in %.1f s", ds, seconds)
+        timed = out / ds / "caches.json"
+        if done and timed.exists():  # a continuation: the first invocation timed the build
+            log.info("%s: cache build timed by the earlier invocation, not repeated", ds)
+        else:
+            seconds = build_caches(base)
+            timed.write_text(json.dumps({"seconds": round(seconds, 1)}))
+            log.info("%s: caches built in %.1f s", ds, seconds)
         # 1. FedProx's mu, on the sites' validation splits at the hardest skew, seed 0
         scores = {}
         for mu in mus:

@@ -42,6 +42,17 @@ def test_changed_file_size_or_preprocessing_invalidates(tmp_path: Path):
     assert not np.array_equal(before, after)
 
 
+def test_two_spellings_of_one_folder_share_a_key(tmp_path: Path, monkeypatch):
+    root = _site(tmp_path / "s")
+    absolute = cache_key(read_site_folder(root, "brain_mri"), PreprocessSpec(size=20))
+    monkeypatch.chdir(tmp_path / "s" / "glioma")
+    relative = read_site_folder(Path("../../s"), "brain_mri")
+    assert cache_key(relative, PreprocessSpec(size=20)) == absolute
+    moved = tmp_path / "t"
+    root.rename(moved)
+    assert cache_key(read_site_folder(moved, "brain_mri"), PreprocessSpec(size=20)) != absolute
+
+
 def test_unreadable_file_is_flagged_not_fatal(tmp_path: Path):
     root = _site(tmp_path / "s")
     (root / "glioma" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")

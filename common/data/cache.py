@@ -57,14 +57,22 @@ class ImageCache:
 
 
 def cache_key(collection: ImageCollection, spec: PreprocessSpec) -> str:
+    """Identity of a decoded-image cache: preprocessing, the folder, each file's size and mtime.
+
+    The folder enters resolved and the files relative to it, so two spellings of one
+    folder (``../shared/datasets`` from a clone, ``/work/shared/datasets``) share one
+    cache instead of decoding and running the trunk twice.
+    """
     h = hashlib.sha1(json.dumps(spec.as_dict(), sort_keys=True).encode())
-    h.update(str(collection.root).encode())
+    root = Path(collection.root)
+    h.update(str(root.resolve()).encode())
     for p in collection.paths:
+        name = p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p.resolve())
         try:
             st = p.stat()
-            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            h.update(f"{name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         except OSError:
-            h.update(f"{p}|missing\n".encode())
+            h.update(f"{name}|missing\n".encode())
     return h.hexdigest()[:20]
 
 
