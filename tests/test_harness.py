@@ -288,3 +288,17 @@ def test_the_finetune_driver_runs_and_writes_its_page(tmp_path: Path) -> None:
     assert "## synthetic" in page and "| pooled | - |" in page
     assert "**fed3r+fedavg, iid**, per round:" in page and "| 0 |" in page  # round 0: one-shot
     assert (tmp_path / "docs" / "finetune" / "curves_synthetic.png").exists()
+
+
+def test_a_run_from_before_an_added_key_compares_as_its_old_behaviour() -> None:
+    from omegaconf import OmegaConf
+
+    from common.commands.report import compared_config
+    from common.core.config import load_config
+
+    now = load_config(["dataset=synthetic"])
+    before = OmegaConf.to_container(now, resolve=True)
+    del before["train"]["loss"]  # a config.yaml written before train.loss existed
+    assert compared_config(OmegaConf.create(before)) == compared_config(now)
+    other = load_config(["dataset=synthetic", "train.loss=balanced_softmax"])
+    assert compared_config(other) != compared_config(now)

@@ -52,3 +52,35 @@ def test_proximal_term_zero_at_anchor_and_mu_zero():
 def test_bad_train_settings_name_the_key(key, value):
     with pytest.raises(ConfigError, match=f"train.{key}"):
         tree_train_settings(**{key: value})
+
+
+def test_balanced_softmax_is_cross_entropy_of_prior_adjusted_logits():
+    from common.learn.training import loss_function
+
+    labels = np.array([0, 0, 0, 1])  # class 2 absent from this training split
+    loss = loss_function(tree_train_settings(loss="balanced_softmax"), labels, 3)
+    logits = torch.tensor([[0.5, -1.0, 2.0], [0.0, 1.0, 3.0]], requires_grad=True)
+    y = torch.tensor([0, 1])
+    value = loss(logits, y)
+    prior = torch.tensor([0.75, 0.25])
+    expected = torch.nn.functional.cross_entropy(logits[:, :2].detach() + prior.log(), y)
+    assert value.item() == pytest.approx(expected.item(), abs=1e-6)
+    value.backward()
+    # the absent class gets no gradient: a site cannot un-learn what it never saw
+    assert torch.all(logits.grad[:, 2] == 0) and torch.all(logits.grad[:, :2] != 0)
+    plain = loss_function(tree_train_settings(), labels, 3)
+    assert isinstance(plain, torch.nn.CrossEntropyLoss)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("label_smoothing", 0.1), ("class_weighting", "balanced"), ("sampler", "balanced")],
+)
+def test_balanced_softmax_refuses_a_second_frequency_correction(key, value):
+    with pytest.raises(ConfigError, match=f"train.{key}.*balanced_softmax"):
+        tree_train_settings(loss="balanced_softmax", **{key: value})
+
+
+def test_unknown_loss_names_the_key():
+    with pytest.raises(ConfigError, match="train.loss"):
+        tree_train_settings(loss="focal")

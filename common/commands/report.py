@@ -45,6 +45,12 @@ NOT_COMPARED = (
 )
 
 
+# Keys added after run folders were recorded, with the value that reproduces the
+# behaviour before them: a run from before the key compares as if it had it (so a
+# study continues across the change instead of re-running everything).
+ADDED_LATER = {"train.loss": "cross_entropy"}
+
+
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, dict):
         out: dict[str, Any] = {}
@@ -59,6 +65,9 @@ def compared_config(cfg: Any) -> dict[str, str]:
     ``federation.*`` aliases of top-level keys (a difference is named once, at its key)."""
     tree = OmegaConf.to_container(cfg, resolve=True) if cfg is not None else {}
     flat = _flat(tree)
+    if flat:
+        for k, v in ADDED_LATER.items():
+            flat.setdefault(k, v)
     return {
         k: str(v)
         for k, v in flat.items()

@@ -24,6 +24,7 @@ class TrainSettings:
     lr: float
     weight_decay: float
     optimizer: str  # adamw | sgd
+    loss: str  # cross_entropy | balanced_softmax
     class_weighting: str  # none | balanced
     sampler: str  # random | balanced
     augment: str  # none | light | standard
@@ -44,6 +45,11 @@ class TrainSettings:
                 self.class_weighting in ("none", "balanced"),
                 "use none or balanced",
             ),
+            (
+                "train.loss",
+                self.loss in ("cross_entropy", "balanced_softmax"),
+                "use cross_entropy or balanced_softmax",
+            ),
             ("train.sampler", self.sampler in ("random", "balanced"), "use random or balanced"),
             ("train.augment", self.augment in PRESETS, f"use one of {PRESETS}"),
             ("train.label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
@@ -53,6 +59,27 @@ class TrainSettings:
                 "use val_macro_f1, val_accuracy or val_loss",
             ),
         ]
+        if self.loss == "balanced_softmax":
+            checks += [
+                (
+                    "train.label_smoothing",
+                    self.label_smoothing == 0,
+                    "must be 0 with train.loss=balanced_softmax (a smoothed target puts "
+                    "mass on classes the training split does not hold)",
+                ),
+                (
+                    "train.class_weighting",
+                    self.class_weighting == "none",
+                    "must be none with train.loss=balanced_softmax, which already corrects "
+                    "for the class frequencies",
+                ),
+                (
+                    "train.sampler",
+                    self.sampler == "random",
+                    "must be random with train.loss=balanced_softmax, which already corrects "
+                    "for the class frequencies",
+                ),
+            ]
         for key, ok, msg in checks:
             if not ok:
                 raise ConfigError(key, f"{msg} (got {getattr(self, key.split('.')[1])!r})")

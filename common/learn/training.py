@@ -21,6 +21,7 @@ from common.core.errors import ConfigError
 from common.core.parallel import available_cpus
 from common.core.progress import progress
 from common.data.transforms import Augment, to_float
+from common.learn.losses import BalancedSoftmaxLoss
 from common.learn.metrics import classification_metrics
 from common.learn.models.staged import StagedModel
 from common.learn.settings import TrainSettings
@@ -112,6 +113,9 @@ class Batches:
 
 
 def loss_function(settings: TrainSettings, train_labels: np.ndarray, num_classes: int) -> nn.Module:
+    """The training loss for these training labels (a site's own, or the pooled ones)."""
+    if settings.loss == "balanced_softmax":
+        return BalancedSoftmaxLoss(train_labels, num_classes)
     weight = None
     if settings.class_weighting == "balanced":
         present = np.unique(train_labels)
