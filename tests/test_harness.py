@@ -285,7 +285,8 @@ def test_the_finetune_driver_runs_and_writes_its_page(tmp_path: Path) -> None:
         == 0
     )
     page = docs.read_text()
-    assert "## synthetic" in page and "| pooled | - |" in page
+    assert "## synthetic" in page and "| centralised | - |" in page
+    assert "**fed3r+fedavg+bsm, iid**, per round:" in page
     assert "**fed3r+fedavg, iid**, per round:" in page and "| 0 |" in page  # round 0: one-shot
     assert (tmp_path / "docs" / "finetune" / "curves_synthetic.png").exists()
 
