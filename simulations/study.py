@@ -345,10 +345,10 @@ def write_results(runs: list[Path], meta: dict, args: argparse.Namespace, docs: 
         "variates) with the same AdamW local optimiser. Dirichlet alpha = 1.0 is no longer "
         "in the grid (in the previous study it sat between IID and 0.3 on every row).",
         "",
-        _wall_time(meta) + " The "
-        "fine-tune mode (last blocks trained from the images) is for sites with a GPU "
-        "(`model.mode=finetune`); on this CPU one brain fine-tune epoch takes minutes, and it "
-        "was not run for this table.",
+        _wall_time(meta) + " The recommended fine-tune model (`model.finetune_blocks=4`: "
+        "the last blocks train from the cached prefix) costs minutes per brain epoch on this "
+        "CPU, too much for 3 seeds of every cell; one seed of its key cells is on "
+        "[finetune.md](finetune.md) (`python -m simulations.finetune`).",
         "",
         "Every accuracy names its test split: brain `test_official` (the publisher's test "
         "set) beside `test_dedup` (test images pixel-identical to a training image removed); "
