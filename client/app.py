@@ -9,6 +9,7 @@ in the node's ``context.state``.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -38,7 +39,26 @@ LEDGER_STATE = "fedscan-privacy-ledger"  # the site's DP-SGD accountant history
 CONTROL_STATE = "fedscan-scaffold"  # the site's SCAFFOLD variate c_i
 
 
+def _site_logging() -> None:
+    """Show the site's progress lines where the ClientApp runs.
+
+    A simulated site runs in a Ray actor and a deployed one in a ``flwr-clientapp``
+    process; neither configures Python logging, so fedscan's INFO lines (training,
+    the frozen-trunk cache, data preparation) were dropped and a fine-tune round
+    looked like minutes of silence. Where the process already has handlers (the
+    driver, pytest), nothing changes.
+    """
+    fedscan = logging.getLogger("fedscan")
+    if logging.getLogger().handlers or fedscan.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    fedscan.addHandler(handler)
+    fedscan.setLevel(logging.INFO)
+
+
 def _config(context: Context, overrides: Sequence[str]) -> DictConfig:
+    _site_logging()
     return load_config([*overrides_from_run_config(dict(context.run_config)), *overrides])
 
 

@@ -14,6 +14,8 @@ node state in the ClientApp), so the trainer itself holds no per-round state.
 from __future__ import annotations
 
 import copy
+import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -44,6 +46,8 @@ from common.learn.training import (
 )
 
 Arrays = dict[str, torch.Tensor]
+
+log = logging.getLogger("fedscan.site")
 
 
 @dataclass
@@ -83,9 +87,11 @@ def local_fit(
     seed: int = 0,
     augment: Augment | None = None,
     correction: Mapping[str, torch.Tensor] | None = None,
+    desc: str = "train",
 ) -> tuple[float, float]:
     """A site's local epochs from the received global weights; FedProx when ``mu`` > 0,
-    SCAFFOLD when ``correction`` (parameter name -> ``c - c_i``) is given.
+    SCAFFOLD when ``correction`` (parameter name -> ``c - c_i``) is given. ``desc``
+    names the site and round in the progress lines of a long epoch.
 
     The optimizer is created fresh each round (Flower's examples do the same):
     momentum from a previous global model would point the wrong way.
@@ -111,7 +117,7 @@ def local_fit(
             correction[n].to(p) if n in correction else torch.zeros_like(p) for n, p in trainable
         ]
     loss, acc = float("nan"), float("nan")
-    for _ in range(epochs):
+    for e in range(epochs):
         loss, acc = train_one_epoch(
             model,
             batches,
@@ -122,6 +128,7 @@ def local_fit(
             proximal_mu=proximal_mu,
             anchor=anchor,
             correction=per_param,
+            desc=f"{desc}, epoch {e + 1}/{epochs}",
         )
     return loss, acc
 
@@ -181,6 +188,14 @@ class SiteTrainer:
             "seed": seed,
             "augment": augment,
         }
+        label = f"site {self.site_id}, round {rnd}"
+        started = time.perf_counter()
+        log.info(
+            "%s: training on %d images, %d local epoch(s) ...",
+            label,
+            len(site.train),
+            self.federation.local_epochs,
+        )
         metrics: dict[str, float | int] = {NUM_EXAMPLES: len(site.train), SITE_ID: self.site_id}
         # per-class counts (aggregate): the partition report is what sites really hold
         metrics.update(site.train_class_counts())
@@ -189,13 +204,21 @@ class SiteTrainer:
             metrics.update(self._dp_round(model, rnd, run_key, state, fit))
         elif server_control is not None:
             loss, acc, delta = self._scaffold_fit(
-                model, arrays, server_control, run_key, state, fit
+                model, arrays, server_control, run_key, state, {**fit, "desc": label}
             )
             metrics.update(train_loss=loss, train_accuracy=acc)
         else:
-            loss, acc = local_fit(model, site.x, site.labels, site.train, self.settings, **fit)
+            loss, acc = local_fit(
+                model, site.x, site.labels, site.train, self.settings, desc=label, **fit
+            )
             metrics.update(train_loss=loss, train_accuracy=acc)
         metrics.update(self._val_metrics(model))
+        log.info(
+            "%s: done in %.1f s (validation accuracy %.4f)",
+            label,
+            time.perf_counter() - started,
+            float(metrics.get("val_accuracy", float("nan"))),
+        )
         kept = local_keys(model, keys)
         if kept:
             state.local_arrays = get_exchanged(model.cpu(), kept)
