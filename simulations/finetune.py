@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATASETS = {"brain_mri": [], "lung_ct": ["dataset.split.fold=0"], "synthetic": []}
 METHODS = {
     "fedavg": ["strategy=fedavg"],
+    "fedavg+bsm": ["strategy=fedavg", "train.loss=balanced_softmax"],
     "fed3r+fedavg": ["strategy=fedavg", "federation.head_init=fed3r"],
     # + the balanced softmax at each site (train.loss): the fine-tuned blocks drift
     # under skew because each site's loss pushes down the classes it lacks
