@@ -79,3 +79,32 @@ def test_a_deployed_site_reports_no_partition(tmp_path) -> None:
     assert trainer.partition_id is None and trainer.site_id == NO_SITE
     metrics = trainer.train(_global(trainer), rnd=1, state=SiteState()).metrics
     assert metrics[SITE_ID] == NO_SITE
+
+
+def test_a_site_logs_its_round_where_it_runs(caplog) -> None:
+    """A fine-tune round takes minutes: the site says what it does, and when it is done."""
+    import logging
+
+    trainer = _trainer()
+    with caplog.at_level(logging.INFO, logger="fedscan.site"):
+        trainer.train(_global(trainer), rnd=3, state=SiteState())
+    lines = [r.getMessage() for r in caplog.records if r.name == "fedscan.site"]
+    n = len(trainer.site.train)
+    assert lines[0] == f"site 1, round 3: training on {n} images, 1 local epoch(s) ..."
+    assert lines[-1].startswith("site 1, round 3: done in ")
+
+
+def test_site_logging_shows_fedscan_lines_in_a_bare_process() -> None:
+    """A Ray actor or flwr-clientapp process has no logging set up; the ClientApp adds it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging; from client.app import _site_logging; _site_logging(); "
+        "logging.getLogger('fedscan.site').info('site 0, round 1: training'); "
+        "logging.getLogger('other').info('not shown')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert "site 0, round 1: training" in out.stderr and "not shown" not in out.stderr
