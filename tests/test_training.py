@@ -82,5 +82,5 @@ def test_balanced_softmax_refuses_a_second_frequency_correction(key, value):
 
 
 def test_unknown_loss_names_the_key():
-    with pytest.raises(ConfigError, match="train.loss"):
+    with pytest.raises(ConfigError, match=r"train\.loss"):
         tree_train_settings(loss="focal")
