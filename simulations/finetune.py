@@ -169,7 +169,10 @@ def write_page(runs: dict[str, list[Path]], args: argparse.Namespace, docs: Path
         for rec in recs:
             fin = rec.final()
             vals = " | ".join(_fmt(100 * float(fin[s]["accuracy"])) for s in splits)
-            lines.append(f"| {_method(rec.dir, ds)} | {rec.partition} | {vals} |")
+            name = _method(rec.dir, ds)
+            if rec.kind == "federated" and rec.rounds[-1]["round"] < int(rec.cfg.rounds):
+                name += f" (stopped after round {rec.rounds[-1]['round']} of {rec.cfg.rounds})"
+            lines.append(f"| {name} | {rec.partition} | {vals} |")
         lines.append("")
         fig, axes = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), 4), squeeze=False)
         for rec in recs:
