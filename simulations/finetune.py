@@ -136,7 +136,12 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
-def write_page(runs: dict[str, list[Path]], args: argparse.Namespace, docs: Path) -> None:
+def write_page(
+    runs: dict[str, list[Path]],
+    args: argparse.Namespace,
+    docs: Path,
+    missing: Sequence[str] = (),
+) -> None:
     figures = docs.parent / "finetune"
     figures.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -161,6 +166,13 @@ def write_page(runs: dict[str, list[Path]], args: argparse.Namespace, docs: Path
         "the scan-grouped split. Values in %.",
         "",
     ]
+    if missing:
+        lines += [
+            "Not run yet (the command above trains them; finished cells are reused): "
+            + ", ".join(f"`{m}`" for m in missing)
+            + ".",
+            "",
+        ]
     for ds, folders in runs.items():
         recs = [read_run(r) for r in folders]
         splits = list(recs[0].final())
@@ -242,10 +254,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     plan = cells(args.datasets, args.alphas, base, args.methods)
     runs: dict[str, list[Path]] = {ds: [] for ds in args.datasets}
+    missing: list[str] = []
     if args.report_only:
         for ds, name, _ in plan:
             if (out / ds / name / "metrics.json").exists():
                 runs[ds].append(out / ds / name)
+            else:
+                missing.append(name)
     else:
         for _, _, ov in plan:  # every run checked before the first one trains
             validate_overrides(merged(ov, [f"runs_dir={out}"]))
@@ -256,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "finetune.json").write_text(
         json.dumps({ds: [str(r) for r in rs] for ds, rs in runs.items()}, indent=2)
     )
-    write_page(runs, args, Path(args.docs))
+    write_page({ds: rs for ds, rs in runs.items() if rs}, args, Path(args.docs), missing)
     print(f"results: {args.docs}")
     return 0
 
