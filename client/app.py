@@ -55,6 +55,7 @@ def _site_logging() -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     fedscan.addHandler(handler)
     fedscan.setLevel(logging.INFO)
+    fedscan.propagate = False  # a library that later configures the root (Opacus) doubles lines
 
 
 def _config(context: Context, overrides: Sequence[str]) -> DictConfig:

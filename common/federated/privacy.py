@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -42,6 +43,13 @@ from common.federated.wire import NUM_EXAMPLES
 from common.learn.models.staged import StagedModel
 from common.learn.settings import TrainSettings
 from common.learn.training import loss_function, make_optimizer, place_model
+
+# Two warnings every site repeated in every round, both known and documented:
+# Opacus runs without secure_mode (README, "Differential privacy"), and torch's
+# full backward hook fires on module outputs because the cached-feature inputs
+# need no gradient (Opacus' per-sample hooks are unaffected).
+warnings.filterwarnings("ignore", message="Secure RNG turned off", module="opacus")
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients")
 
 log = logging.getLogger("fedscan.privacy")
 
