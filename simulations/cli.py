@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from common.core.errors import ConfigError, FedscanError
 
@@ -28,10 +29,23 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _check_values(cfg: Any, *, federated: bool = False) -> None:
+    """The ``train`` (and ``federation``) values, typed and range-checked without torch:
+    ``train.lr=abc`` is answered in well under a second, not after torch loads."""
+    from common.learn.settings import train_settings
+
+    train_settings(cfg)
+    if federated:
+        from common.federated.settings import federation_settings
+
+        federation_settings(cfg)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from common.core.config import load_config
 
     cfg = load_config(args.overrides)  # a bad key fails here, before torch is imported
+    _check_values(cfg)
     from simulations.centralised import run_centralised
 
     run_dir = run_centralised(cfg)
@@ -43,7 +57,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from common.core.config import expand_sweep, load_config
 
     for overrides in expand_sweep(args.overrides) if args.multirun else [args.overrides]:
-        load_config(overrides)  # names and spellings, before torch, Flower and Ray load
+        # names, spellings and the typed settings, before torch, Flower and Ray load
+        _check_values(load_config(overrides), federated=True)
     from simulations.harness import run_one, run_sweep
 
     if args.multirun:

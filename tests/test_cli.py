@@ -103,6 +103,26 @@ def test_a_config_typo_fails_before_torch_is_imported() -> None:
         assert "did you mean train.epochs?" in out.stderr
 
 
+def test_a_bad_value_fails_before_torch_is_imported() -> None:
+    """``train.lr=abc`` (a typed value, not a typo) is also answered before torch loads."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from simulations.cli import main; "
+        "rc = main(['{cmd}', '{bad}']); print(rc, 'torch' in sys.modules)"
+    )
+    for cmd, bad, key in (
+        ("train", "train.lr=abc", "train.lr"),
+        ("simulate", "federation.local_epochs=0", "federation.local_epochs"),
+    ):
+        out = subprocess.run(
+            [sys.executable, "-c", code.format(cmd=cmd, bad=bad)], capture_output=True, text=True
+        )
+        assert out.stdout.split() == ["2", "False"], out.stdout + out.stderr
+        assert f"config key '{key}'" in out.stderr
+
+
 def test_a_bad_command_line_option_is_called_an_option() -> None:
     from common.core.errors import ConfigError
 

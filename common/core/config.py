@@ -100,6 +100,11 @@ def suggest(overrides: Sequence[str]) -> tuple[str, str] | None:
         if key not in known:
             leaves = [k for k in known if not any(o.startswith(k + ".") for o in known)]
             close = difflib.get_close_matches(key, leaves, n=3, cutoff=0.6)
+            if close:  # only spellings about as close as the best one
+                best = difflib.SequenceMatcher(None, key, close[0]).ratio()
+                close = [
+                    c for c in close if difflib.SequenceMatcher(None, key, c).ratio() >= best - 0.1
+                ]
             hint = f"; did you mean {' or '.join(close)}?" if close else ""
             return key, f"no such config key{hint} (`fedscan config` prints the tree)"
     return None

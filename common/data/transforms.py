@@ -14,8 +14,9 @@ import kornia.augmentation as K
 import torch
 
 from common.core.errors import ConfigError
+from common.core.options import AUGMENT_PRESETS
 
-PRESETS = ("none", "light", "standard")
+PRESETS = AUGMENT_PRESETS
 
 
 def preset_transform(preset: str, size: int) -> K.AugmentationSequential | None:

@@ -31,11 +31,11 @@ import torch
 from torch import nn
 
 from common.core.errors import ConfigError, DataError
+from common.core.options import HEAD_INITS
 from common.data.transforms import to_float
 from common.learn.models.staged import StagedModel
 from common.learn.training import autocast
 
-HEAD_INITS = ("none", "fed3r", "fedncm")
 STAT_KEYS = {"fed3r": ("gram", "cross"), "fedncm": ("class_sums", "class_counts")}
 
 

@@ -16,8 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.core.config import config_dir
 from common.core.errors import ConfigError
+from common.core.options import HEAD_INITS
 from common.core.settings import from_section
-from common.federated.head_init import HEAD_INITS
 
 # Server-side test metrics that can pick best.pt
 BEST_METRICS = ("macro_f1", "accuracy", "balanced_accuracy", "loss")

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from omegaconf import DictConfig
 
 from common.core.errors import ConfigError
+from common.core.options import AUGMENT_PRESETS as PRESETS
 from common.core.settings import from_section
-from common.data.transforms import PRESETS
 
 
 @dataclass(frozen=True, kw_only=True)
