@@ -3,8 +3,9 @@
 tqdm draws a bar only on a terminal; redirected to a file it prints nothing, and
 a user watching a log for minutes assumes a hang. :func:`progress` wraps an
 iterable: a start line naming the phase and how much it holds, a bar on a
-terminal, otherwise a log line at least every ``every_s`` seconds, and an end
-line with the phase's time.
+terminal, otherwise a log line every ``every_s`` seconds (20: a batch can take
+seconds, and no phase may look silent for 30), and an end line with the
+phase's time.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def progress(
     total: int,
     desc: str,
     unit: str = "items",
-    every_s: float = 30.0,
+    every_s: float = 20.0,
     quiet_below: int = 0,
     announce: bool = True,
 ) -> Iterator[T]:
