@@ -47,6 +47,17 @@ METHODS = {
         "federation.head_init=fed3r",
         "train.loss=balanced_softmax",
     ],
+    # + frozen BatchNorm statistics (model.freeze_bn): a site's one-class batches no
+    # longer normalise away the class signal, nor do averaged site statistics
+    "fedavg+fbn": ["strategy=fedavg", "model.freeze_bn=true"],
+    # the Fed3R head kept fixed (federation.head_freeze) while the blocks fine-tune,
+    # with frozen BatchNorm statistics: only the blocks' weights can drift
+    "fed3r+fedavg+fhead+fbn": [
+        "strategy=fedavg",
+        "federation.head_init=fed3r",
+        "federation.head_freeze=true",
+        "model.freeze_bn=true",
+    ],
 }
 
 

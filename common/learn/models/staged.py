@@ -45,6 +45,7 @@ class StagedModel(nn.Module):
         self.stage_names = [n for n, _ in stages]
         self.stages = nn.ModuleList([m for _, m in stages])
         self.frozen_until = 0  # stages[:frozen_until] are frozen
+        self.bn_frozen = False  # True: every BatchNorm keeps its stored statistics (freeze_bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_from(x, 0)
@@ -60,10 +61,21 @@ class StagedModel(nn.Module):
         return x
 
     def train(self, mode: bool = True) -> StagedModel:
-        """Frozen stages stay in eval mode so their BatchNorm statistics do not drift."""
+        """Frozen stages stay in eval mode so their BatchNorm statistics do not drift.
+
+        With ``bn_frozen`` every BatchNorm layer stays in eval mode too: it normalises
+        with its stored statistics and does not update them (its scale and shift still
+        train). Under label skew a site's batch holds one or two classes; normalising
+        by that batch removes the very shift that tells the classes apart, and the
+        average of the sites' running statistics misses the variance between sites.
+        """
         super().train(mode)
         for stage in self.stages[: self.frozen_until]:
             stage.eval()
+        if self.bn_frozen:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         return self
 
     @property
