@@ -143,7 +143,15 @@ def run_server(grid: Grid, cfg: DictConfig) -> Path:
         set_exchanged(model, state, keys)
         place_model(model, device)
         return {
-            n: evaluate_model(model, b, classes, device=device, start=start)
+            n: evaluate_model(
+                model,
+                b,
+                classes,
+                device=device,
+                start=start,
+                groups=data.splits.groups,
+                intervals=settings.intervals,
+            )
             for n, b in tests.items()
         }
 

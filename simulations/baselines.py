@@ -102,7 +102,15 @@ def run_local(cfg: DictConfig) -> Path:
         if budget > 0:
             fit(model, train, val, settings, device=device, start=start)
         final = {
-            name: evaluate_model(model, b, c.classes, device=device, start=start)
+            name: evaluate_model(
+                model,
+                b,
+                c.classes,
+                device=device,
+                start=start,
+                groups=data.splits.groups,
+                intervals=checked.intervals,
+            )
             for name, b in tests.items()
         }
         first = next(iter(final))

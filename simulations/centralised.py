@@ -107,7 +107,15 @@ def run_centralised(cfg: DictConfig, *, kind: str = "centralised", train: bool =
 
     results = {}
     for name, batches in eval_sets.items():
-        results[name] = evaluate_model(model, batches, c.classes, device=device, start=start)
+        results[name] = evaluate_model(
+            model,
+            batches,
+            c.classes,
+            device=device,
+            start=start,
+            groups=None if name == "val" else s.groups,
+            intervals=checked.intervals,
+        )
     wall = time.perf_counter() - t0
 
     title = f"{data.label} | {model.name} ({cfg.model.mode}) | {cfg.dataset.image_size}px"
@@ -148,16 +156,27 @@ def run_centralised(cfg: DictConfig, *, kind: str = "centralised", train: bool =
     )
     for name, m in results.items():
         recalls = ", ".join(f"{k} {v['recall']:.3f}" for k, v in m["per_class"].items())
+        ci = m.get("ci")
         log.info(
-            "%-18s n=%-5d acc %.4f  bal-acc %.4f  macro-F1 %.4f | recall: %s",
+            "%-18s n=%-5d acc %.4f%s  bal-acc %.4f  macro-F1 %.4f%s | recall: %s",
             name,
             m["n"],
             m["accuracy"],
+            _ends(ci, "accuracy"),
             m["balanced_accuracy"],
             m["macro_f1"],
+            _ends(ci, "macro_f1"),
             recalls,
         )
     log.info(
         "wall time %.1f s (prepare %.1f s, fit %.1f s); results in %s", wall, t_prep, t_fit, run_dir
     )
     return run_dir
+
+
+def _ends(ci: dict | None, key: str) -> str:
+    """`` [low, high]`` of a metric's interval, or nothing (validation has none)."""
+    if not ci or not ci.get(key):
+        return ""
+    lo, hi = ci[key]
+    return f" [{lo:.4f}, {hi:.4f}]"

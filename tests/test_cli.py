@@ -37,7 +37,13 @@ def test_train_on_synthetic_default_writes_a_labelled_run(tmp_path: Path, monkey
     assert m["synthetic"] is True and "SYNTHETIC" in m["label"]
     assert len(m["history"]) == 2
     assert set(m["final"]) == {"val", "test_grouped"}
-    assert 0.0 <= m["final"]["test_grouped"]["accuracy"] <= 1.0
+    test = m["final"]["test_grouped"]
+    assert 0.0 <= test["accuracy"] <= 1.0
+    # the test figures carry a bootstrap interval over the split's groups; val none
+    ci = test["ci"]
+    assert ci["resamples"] == 1000 and 1 < ci["groups"] <= test["n"]
+    assert ci["accuracy"][0] <= test["accuracy"] <= ci["accuracy"][1]
+    assert "ci" not in m["final"]["val"]
 
 
 def test_feature_cache_path_trains(tmp_path: Path, monkeypatch):
@@ -66,6 +72,8 @@ def test_feature_cache_path_trains(tmp_path: Path, monkeypatch):
         ("train.lr=abc", "train.lr"),
         ("dataset.image_size=8", "dataset.image_size"),
         ("model.mode=bogus", "model.mode"),
+        ("bootstrap.resamples=10", "bootstrap.resamples"),
+        ("model.freeze_bn=maybe", "model.freeze_bn"),
     ],
 )
 def test_bad_config_values_exit_2_naming_the_key(

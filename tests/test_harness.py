@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.commands.report import write_report
+from common.commands.report import aggregate, load_run, to_markdown, write_report
 from common.core.errors import ConfigError, DataError
 from simulations.cli import main
 from simulations.harness import expand_sweep, run_one
@@ -85,7 +85,7 @@ def test_local_and_pooled_baselines_share_the_partition(tmp_path: Path):
 
 
 def _fake_run(
-    root: Path, name: str, *, seed: int, acc: float, method: str, sites=None, extra=()
+    root: Path, name: str, *, seed: int, acc: float, method: str, sites=None, extra=(), ci=None
 ) -> Path:
     """A federated or pooled run folder with chosen numbers (2 classes, 10 test images)."""
     d = root / name
@@ -115,6 +115,8 @@ def _fake_run(
         },
         "confusion_matrix": [[correct - 5, 10 - correct], [0, 5]],
     }
+    if ci is not None:  # an interval of (acc - ci, acc + ci) on accuracy, none on recall
+        m["ci"] = {"accuracy": [acc - ci, acc + ci], "recall": {"normal": None}}
     if method == "federated":
         rounds = [
             {"round": 1, "global": {"test_grouped": {**m, "accuracy": 0.5}}, "sites": {}},
@@ -188,6 +190,28 @@ def test_report_on_tiny_run_folders_gives_the_right_numbers(tmp_path: Path, caps
     assert (out / "curves_lung_ct.png").exists() and (out / "confusion_lung_ct_0.png").exists()
     with pytest.raises(DataError, match="not a fedscan run folder"):
         write_report([tmp_path / "report"], tmp_path / "r2")
+
+
+def test_report_prints_intervals_beside_the_figures(tmp_path: Path) -> None:
+    """A run's bootstrap interval is printed after its figure; over seeds, the seeds'
+    interval ends are averaged; a run without intervals prints none."""
+    runs = [
+        _fake_run(tmp_path, "a", seed=0, acc=0.8, method="federated", ci=0.1),
+        _fake_run(tmp_path, "b", seed=1, acc=0.6, method="federated", ci=0.2),
+        _fake_run(tmp_path, "c", seed=0, acc=0.9, method="pooled", ci=0.05),
+    ]
+    md = to_markdown(aggregate(row for d in runs for row in load_run(d)))
+    assert "bootstrap over the test split's leakage groups" in md
+    lines = [line for line in md.splitlines() if line.startswith("| ")]
+    pooled = next(line for line in lines if line.startswith("| pooled"))
+    fed = next(line for line in lines if "fedprox" in line)
+    assert pooled.startswith("| pooled | - | 1 | 90.0 [85.0, 95.0] | 90.0 |")
+    # ends (0.7, 0.9) and (0.4, 0.8) averaged: [55.0, 85.0]
+    assert "| 2 | 70.0 ± 10.0 [55.0, 85.0] | 70.0 ± 10.0 |" in fed
+    plain = to_markdown(
+        aggregate(load_run(_fake_run(tmp_path, "d", seed=0, acc=0.5, method="pooled")))
+    )
+    assert "[" not in plain and "bootstrap" not in plain
 
 
 def _horizon_run(root: Path, name: str, overrides: list[str], metrics: dict) -> Path:

@@ -26,6 +26,7 @@ from common.runs.plots import plot_confusion, plot_site_histogram
 from common.runs.record import read_run
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall", "macro_f1")
+CI_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")  # with a bootstrap interval
 # references first (pooled and its closed-form heads), then local, then federated
 ORDER = {"pooled": 0, "centralised": 0, "local": 1}
 # Config keys that do not change what a run measures (where it ran, what it is
@@ -38,6 +39,7 @@ NOT_COMPARED = (
     "cache_dir",
     "device",
     "num_threads",
+    "bootstrap",  # how the intervals are computed, not what was trained
     "federation.resume",
     "federation.cpus_per_site",
     "federation.round_timeout_s",
@@ -48,7 +50,7 @@ NOT_COMPARED = (
 # Keys added after run folders were recorded, with the value that reproduces the
 # behaviour before them: a run from before the key compares as if it had it (so a
 # study continues across the change instead of re-running everything).
-ADDED_LATER = {"train.loss": "cross_entropy"}
+ADDED_LATER = {"train.loss": "cross_entropy", "model.freeze_bn": False}
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -98,9 +100,18 @@ def distinguish(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _summary(m: dict) -> dict[str, float]:
-    row = {k: float(m[k]) for k in METRICS}
+def _summary(m: dict) -> dict[str, Any]:
+    """The table's figures of one split, with ``<figure>_ci`` ([low, high]) where the
+    run recorded intervals (``ci``: runs from before them have none)."""
+    row: dict[str, Any] = {k: float(m[k]) for k in METRICS}
     row.update({f"recall_{c}": float(v["recall"]) for c, v in m["per_class"].items()})
+    ci = m.get("ci") or {}
+    for k in CI_METRICS:
+        if ci.get(k):
+            row[f"{k}_ci"] = list(ci[k])
+    for c, ends in (ci.get("recall") or {}).items():
+        if ends:
+            row[f"recall_{c}_ci"] = list(ends)
     return row
 
 
@@ -251,6 +262,9 @@ def aggregate(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             vals = [r[k] for r in rs if r.get(k) is not None]
             row[f"{k}_mean"] = float(np.mean(vals)) if vals else None
             row[f"{k}_std"] = float(np.std(vals)) if vals else None
+            ends = [r.get(f"{k}_ci") for r in rs]
+            if all(ends):  # one seed: its interval; several: their ends averaged
+                row[f"{k}_ci_low"], row[f"{k}_ci_high"] = np.mean(ends, axis=0).tolist()
         out.append(row)
     out.sort(
         key=lambda r: (
@@ -279,7 +293,20 @@ def _pm(row: dict, key: str, pct: bool = True) -> str:
     if mean is None:
         return "-"
     scale = 100.0 if pct else 1.0
-    return f"{mean * scale:.1f} ± {std * scale:.1f}" if row["seeds"] > 1 else f"{mean * scale:.1f}"
+    text = f"{mean * scale:.1f} ± {std * scale:.1f}" if row["seeds"] > 1 else f"{mean * scale:.1f}"
+    lo, hi = row.get(f"{key}_ci_low"), row.get(f"{key}_ci_high")
+    if lo is not None and hi is not None:
+        text += f" [{lo * scale:.1f}, {hi * scale:.1f}]"
+    return text
+
+
+INTERVALS_NOTE = (
+    "`[low, high]`: the 95 % interval of the figure from a bootstrap over the test "
+    "split's leakage groups (duplicate groups, scan groups; `bootstrap.*`), so it says "
+    "how many independent cases the figure rests on. With several seeds, `mean ± std` is "
+    "over the seeds and the interval is the seeds' interval ends averaged (the interval "
+    "one run has). Local rows (each site alone) carry no interval."
+)
 
 
 def to_markdown(table: Sequence[dict[str, Any]]) -> str:
@@ -288,6 +315,8 @@ def to_markdown(table: Sequence[dict[str, Any]]) -> str:
     by: dict[tuple, list[dict]] = defaultdict(list)
     for r in table:
         by[(r["dataset"], r["split"])].append(r)
+    if any(k.endswith("_ci_low") for r in table for k in r):
+        out.append(INTERVALS_NOTE + "\n")
     for (dataset, split), rows in by.items():
         recalls = list(  # class order, as the runs recorded it
             dict.fromkeys(

@@ -21,6 +21,7 @@ from common.core.errors import ConfigError
 from common.core.parallel import available_cpus
 from common.core.progress import progress
 from common.data.transforms import Augment, to_float
+from common.learn.intervals import IntervalSettings, group_bootstrap
 from common.learn.losses import BalancedSoftmaxLoss
 from common.learn.metrics import classification_metrics
 from common.learn.models.staged import StagedModel
@@ -244,10 +245,22 @@ def evaluate_model(
     *,
     device: torch.device,
     start: int = 0,
+    groups: np.ndarray | None = None,
+    intervals: IntervalSettings | None = None,
 ) -> dict:
-    """:func:`predict` then :func:`classification_metrics` (with the loss)."""
+    """:func:`predict` then :func:`classification_metrics` (with the loss).
+
+    With ``groups`` (the leakage group of every sample of ``batches.x``, i.e.
+    ``Splits.groups``) and ``intervals``, the metrics gain ``ci``: intervals from a
+    bootstrap over the groups of this split (:mod:`common.learn.intervals`).
+    """
     probs, y, loss = predict(model, batches, device=device, start=start)
-    return classification_metrics(y, probs, classes, loss=loss)
+    out = classification_metrics(y, probs, classes, loss=loss)
+    if groups is not None and intervals is not None and len(y):
+        out["ci"] = group_bootstrap(
+            y, probs.argmax(1), np.asarray(groups)[batches.indices], classes, intervals
+        )
+    return out
 
 
 def fit(

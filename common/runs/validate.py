@@ -29,6 +29,7 @@ from common.federated.privacy import (
 )
 from common.federated.settings import FederationSettings, check_strategy, federation_settings
 from common.federated.site import site_indices
+from common.learn.intervals import IntervalSettings, interval_settings
 from common.learn.models import build_model, check_model_config
 from common.learn.settings import TrainSettings, train_settings
 
@@ -46,6 +47,7 @@ class Settings:
     federation: FederationSettings
     dp: DPSGDSettings | None
     central_dp: CentralDPSettings | None
+    intervals: IntervalSettings | None  # the test metrics' bootstrap (None: old config)
 
 
 def validate(cfg: DictConfig, kind: str) -> Settings:
@@ -59,6 +61,7 @@ def validate(cfg: DictConfig, kind: str) -> Settings:
         federation=federation_settings(cfg),
         dp=dp_settings(cfg.privacy),
         central_dp=central_dp_settings(cfg.privacy),
+        intervals=interval_settings(cfg),
     )
     privacy = str(cfg.privacy.name)
     if privacy not in PRIVACY_NAMES:
