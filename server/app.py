@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from common.core.config import load_config, overrides_from_run_config
 from common.core.errors import ConfigError
+from common.data.splits import groups_are_scans
 from common.federated.exchange import exchanged_keys, get_exchanged, set_exchanged
 from common.federated.head_init import linear_head, set_head, solve_head, sum_statistics
 from common.federated.settings import FederationSettings
@@ -151,6 +152,7 @@ def run_server(grid: Grid, cfg: DictConfig) -> Path:
                 start=start,
                 groups=data.splits.groups,
                 intervals=settings.intervals,
+                scans=groups_are_scans(cfg.dataset),
             )
             for n, b in tests.items()
         }

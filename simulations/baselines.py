@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from common.data.splits import groups_are_scans
 from common.federated.head_init import closed_form_head
 from common.federated.site import site_indices
 from common.federated.trainer import site_seed
@@ -110,6 +111,7 @@ def run_local(cfg: DictConfig) -> Path:
                 start=start,
                 groups=data.splits.groups,
                 intervals=checked.intervals,
+                scans=groups_are_scans(cfg.dataset),
             )
             for name, b in tests.items()
         }

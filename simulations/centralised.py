@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from common.data.splits import groups_are_scans
 from common.data.transforms import Augment
 from common.federated.head_init import closed_form_head, linear_head
 from common.learn.prepare import prepare_run
@@ -115,6 +116,7 @@ def run_centralised(cfg: DictConfig, *, kind: str = "centralised", train: bool =
             start=start,
             groups=None if name == "val" else s.groups,
             intervals=checked.intervals,
+            scans=groups_are_scans(cfg.dataset),
         )
     wall = time.perf_counter() - t0
 

@@ -173,8 +173,10 @@ def write_page(
         "after every round; `s` is the round's wall time (training, the sites' validation "
         "and the server's test evaluation) on this machine (2 CPU cores, no GPU). Round 0 "
         "of Fed3R + FedAvg is the one-shot head on the pretrained blocks; `+bsm`: each site "
-        "trains with the balanced softmax (`train.loss=balanced_softmax`). Lung: fold 0 of "
-        "the scan-grouped split. Values in %.",
+        "trains with the balanced softmax (`train.loss=balanced_softmax`); `+fbn`: BatchNorm "
+        "keeps its stored statistics while the blocks train (`model.freeze_bn=true`); "
+        "`+fhead`: the one-shot head stays fixed (`federation.head_freeze=true`). Lung: fold "
+        "0 of the scan-grouped split. Values in %.",
         "",
     ]
     if missing:

@@ -148,8 +148,22 @@ def _one_shot_rows(run: Any, base: dict[str, Any]) -> list[dict[str, Any]]:
             "confusion_matrix": m["confusion_matrix"],
             "curve": None,
         }
-        for split, m in zero["global"].items()
+        for split, m in with_scans(zero["global"]).items()
     ]
+
+
+PER_SCAN = ", per scan"
+
+
+def with_scans(final: dict[str, dict]) -> dict[str, dict]:
+    """The test splits' metrics, each followed by its per-scan metrics where the run
+    recorded them (lung: ``<split>, per scan``, see ``common/learn/scans.py``)."""
+    out: dict[str, dict] = {}
+    for split, m in final.items():
+        out[split] = m
+        if m.get("per_scan"):
+            out[split + PER_SCAN] = m["per_scan"]
+    return out
 
 
 def load_run(run_dir: Path) -> list[dict[str, Any]]:
@@ -173,7 +187,7 @@ def load_run(run_dir: Path) -> list[dict[str, Any]]:
     if run.kind == "federated":
         site_acc = [s["val_accuracy"] for s in run.site_rows("evaluate")]
         evaluated = run.evaluated_rounds
-        for split, m in run.final().items():
+        for split, m in with_scans(run.final()).items():
             rows.append(
                 {
                     **base,
@@ -181,18 +195,24 @@ def load_run(run_dir: Path) -> list[dict[str, Any]]:
                     **_summary(m),
                     "worst_site_accuracy": min(site_acc) if site_acc else None,
                     "confusion_matrix": m["confusion_matrix"],
-                    "curve": [
+                    "curve": None
+                    if split.endswith(PER_SCAN)
+                    else [
                         (r["round"], r["global"][split]["accuracy"], r["global"][split]["loss"])
                         for r in evaluated
                     ],
                 }
             )
     elif run.kind == "local":  # the average site, and the worst one
-        sites = run.sites
-        for split in sites[0]["final"]:
-            per_site = [_summary(s["final"][split]) for s in sites]
-            mean = {k: float(np.mean([p[k] for p in per_site])) for k in per_site[0]}
-            cms = np.sum([s["final"][split]["confusion_matrix"] for s in sites], axis=0)
+        finals = [with_scans(s["final"]) for s in run.sites]
+        for split in finals[0]:
+            per_site = [_summary(f[split]) for f in finals]
+            mean = {
+                k: float(np.mean([p[k] for p in per_site]))
+                for k in per_site[0]
+                if not k.endswith("_ci")  # a site's interval is not the mean site's
+            }
+            cms = np.sum([f[split]["confusion_matrix"] for f in finals], axis=0)
             rows.append(
                 {
                     **base,
@@ -204,7 +224,7 @@ def load_run(run_dir: Path) -> list[dict[str, Any]]:
                 }
             )
     else:  # pooled / centralised
-        for split, m in run.final().items():
+        for split, m in with_scans(run.final()).items():
             rows.append(
                 {
                     **base,

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import sklearn
@@ -175,3 +177,9 @@ def make_splits(
     groups = groups.astype(np.int64)
     groups[~fp.readable] = -1
     return Splits(train=train, val=val, tests=tests, groups=groups, excluded=excluded)
+
+
+def groups_are_scans(dataset_cfg: Mapping[str, Any]) -> bool:
+    """Whether a test split's leakage groups are CT scans (lung: ``scan_groups``), so
+    its metrics are also reported per scan (:mod:`common.learn.scans`)."""
+    return str(dataset_cfg.get("split", {}).get("policy", "")) == "scan_groups"
