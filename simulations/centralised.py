@@ -156,7 +156,12 @@ def run_centralised(cfg: DictConfig, *, kind: str = "centralised", train: bool =
         history=history,
         final=results,
     )
+    shown = {}
     for name, m in results.items():
+        shown[name] = m
+        if m.get("per_scan"):  # lung: the same split, each scan one case
+            shown[f"{name} per scan"] = m["per_scan"]
+    for name, m in shown.items():
         recalls = ", ".join(f"{k} {v['recall']:.3f}" for k, v in m["per_class"].items())
         ci = m.get("ci")
         log.info(
