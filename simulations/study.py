@@ -296,6 +296,16 @@ def _missing(args: argparse.Namespace, meta: dict) -> list[str]:
     ]
 
 
+# Beside every per-class brain figure: the Kaggle set's classes come from different sources.
+NOTUMOR_CAVEAT = (
+    "**Read `recall notumor` with care.** The Kaggle brain set is assembled from three "
+    "sources: its `notumor` images come from Br35H, the tumour classes from figshare and "
+    "SARTAJ. Part of notumor's near-perfect recall may be the model recognising the "
+    "source (scanner, contrast, framing), not the absence of a tumour; the figure says "
+    "little about telling a tumour-free scan from a tumour in one hospital's images."
+)
+
+
 def write_results(runs: list[Path], meta: dict, args: argparse.Namespace, docs: Path) -> None:
     """``docs/results.md``: the command, wall times, tuned mu, the table, a few plots."""
     report_dir = Path(args.out) / "report"
@@ -355,6 +365,8 @@ def write_results(runs: list[Path], meta: dict, args: argparse.Namespace, docs: 
         "lung `test_scan_grouped` (held-out scan groups). Values are mean ± std over seeds, in %. "
         "`worst site acc.`: federated, the lowest site validation accuracy of the final global "
         "model; local-only, the worst single site's model on the global test set.",
+        "",
+        NOTUMOR_CAVEAT,
         "",
         *_missing(args, meta),
         to_markdown(table),
