@@ -30,6 +30,7 @@ from common.federated.wire import SITE_ID
 from common.learn.models import build_model
 from common.learn.prepare import prepare_run
 from common.learn.training import Batches, evaluate_model, fit
+from common.runs import cross_site
 from common.runs.partition_report import write_partition_report
 from common.runs.record import new_run_dir, partition_label, write_config, write_local
 from common.runs.validate import validate
@@ -74,7 +75,7 @@ def run_local(cfg: DictConfig) -> Path:
         title=f"{data.label} | partition {partition_label(cfg)} | training samples per site",
     )
     tests = {n: Batches(x, c.labels, idx, batch_size=64) for n, idx in data.splits.tests.items()}
-    sites = []
+    sites, cross = [], []
     for pid, (train_idx, val_idx) in enumerate(parts):
         torch.manual_seed(site_seed(settings.seed, 0, pid))  # a site's round-0 seed
         model = build_model(cfg.model, len(c.classes))
@@ -115,6 +116,13 @@ def run_local(cfg: DictConfig) -> Path:
             )
             for name, b in tests.items()
         }
+        scores = [  # this site's model on every site's validation split, then the tests
+            evaluate_model(
+                model, Batches(x, c.labels, v, batch_size=64), c.classes, device=device, start=start
+            )["accuracy"]
+            for _, v in parts
+        ]
+        cross.append(scores + [m["accuracy"] for m in final.values()])
         first = next(iter(final))
         log.info(
             "site %d (sites 0-%d, as in partition.csv; %d train): %s acc %.4f macro-F1 %.4f",
@@ -135,6 +143,16 @@ def run_local(cfg: DictConfig) -> Path:
         epochs=budget,
         wall_time_s=round(time.perf_counter() - t0, 1),
         sites=sites,
+        cross_site=(
+            cm := cross_site.matrix(
+                [f"site {p}" for p in range(n_sites)],
+                [*map(cross_site.site_column, range(n_sites)), *tests],
+                cross,
+            )
+        ),
+    )
+    cross_site.plot(
+        cm, run_dir / cross_site.FILE, title=f"{data.label} | each site's own model | accuracy"
     )
     log.info("results: %s", run_dir)
     return run_dir

@@ -78,10 +78,20 @@ def test_local_and_pooled_baselines_share_the_partition(tmp_path: Path):
     assert m["kind"] == "local" and m["epochs"] == 2 and len(m["sites"]) == 2
     for s in m["sites"]:
         assert 0.0 <= s["final"]["test_grouped"]["accuracy"] <= 1.0
+    # cross-site: each site's model on both sites' validation splits, then the test
+    cross = m["cross_site"]
+    assert cross["models"] == ["site 0", "site 1"]
+    assert cross["data"] == ["site 0 val", "site 1 val", "test_grouped"]
+    for row, s in zip(cross["accuracy"], m["sites"], strict=True):
+        assert row[-1] == s["final"]["test_grouped"]["accuracy"]
+        assert all(0.0 <= v <= 1.0 for v in row)
+    assert (local / "cross_site.png").stat().st_size > 0
     assert json.loads((pooled / "metrics.json").read_text())["kind"] == "pooled"
     files = write_report([local, pooled], tmp_path / "report")
     text = files["markdown"].read_text()
     assert "| local | iid |" in text and "| pooled | - |" in text
+    (heatmap,) = [v for k, v in files.items() if k.startswith("cross_site_") and "_local_" in k]
+    assert heatmap.stat().st_size > 0
 
 
 def _fake_run(

@@ -30,6 +30,14 @@ def test_two_round_simulation_writes_per_site_metrics(tmp_path: Path):
     assert all(s["num-examples"] > 0 and "val_recall_glioma" in s for s in sites)
     for name in ("config.yaml", "curves.png", "confusion_matrix.png", "last.pt", "best.pt"):
         assert (run / name).exists(), name
+    assert g["ci"]["accuracy"][0] <= g["accuracy"] <= g["ci"]["accuracy"][1]
+    # cross-site: the global model on each site's validation split, then the test
+    cross = m["cross_site"]
+    assert cross["models"] == ["global model"]
+    assert cross["data"] == ["site 0 val", "site 1 val", "test_grouped"]
+    by_site = {e["partition-id"]: e["val_accuracy"] for e in last["sites"]["evaluate"]}
+    assert cross["accuracy"][0] == [by_site[0], by_site[1], g["accuracy"]]
+    assert (run / "cross_site.png").stat().st_size > 0
 
 
 def test_resume_matches_an_uninterrupted_run(tmp_path: Path):

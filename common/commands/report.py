@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 from common.core.config import ALIASES
 from common.core.errors import DataError
+from common.runs import cross_site
 from common.runs.plots import plot_confusion, plot_site_histogram
 from common.runs.record import read_run
 
@@ -458,4 +459,18 @@ def _plots(rows: list[dict], out: Path) -> dict[str, Path]:
                 sites=[row[0] for row in body],
             )
             files[f"partition_{ds}_{r['partition']}"] = path
+
+        done = set()  # one cross-site heatmap per method x partition: its first seed's
+        for r in sorted(mine, key=lambda r: r["seed"]):
+            key = (r["method"], r["partition"])
+            cm = read_run(Path(r["run"])).doc.get("cross_site")
+            if key in done or not cm:
+                continue
+            done.add(key)
+            name = f"cross_site_{_slug(ds)}_{_slug(r['method'])}_{_slug(r['partition'])}"
+            files[name] = cross_site.plot(
+                cm,
+                out / f"{name}.png",
+                title=f"{ds}: {r['method']}, {r['partition']}, seed {r['seed']} | accuracy",
+            )
     return files

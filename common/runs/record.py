@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from common.core.errors import DataError
 from common.federated.settings import federation_settings
 from common.federated.wire import COUNT_PREFIX, NUM_EXAMPLES
+from common.runs import cross_site
 from common.runs.partition_report import counts_from_sites, write_partition_report
 from common.runs.plots import plot_confusion, plot_round_curves
 
@@ -145,6 +146,7 @@ class FederatedRun:
         self.rounds: list[dict[str, Any]] = []
         self.best_score = float("-inf")
         self.best_metric = federation_settings(cfg).best_metric
+        self.cross_site: dict | None = None  # set when the run finishes
         self._t = time.perf_counter()
         write_config(run_dir, cfg)
 
@@ -219,7 +221,8 @@ class FederatedRun:
             synthetic=self.synthetic,
             dataset=str(self.cfg.dataset.name),
         )
-        write_json(self.dir / "metrics.json", {**doc, "rounds": self.rounds})
+        extra = {"cross_site": self.cross_site} if self.cross_site else {}
+        write_json(self.dir / "metrics.json", {**doc, "rounds": self.rounds, **extra})
 
     def finish(self) -> None:
         if not self.rounds:
@@ -227,7 +230,18 @@ class FederatedRun:
         title = f"{self.label} | {self.cfg.strategy.name} | {self.cfg.model.name}"
         plot_round_curves(self.rounds, self.dir / "curves.png", title=title)
         last = next((r["global"] for r in reversed(self.rounds) if r["global"]), None)
+        evaluated = next(
+            (r["sites"]["evaluate"] for r in reversed(self.rounds) if r["sites"].get("evaluate")),
+            [],
+        )
         if last:
+            self.cross_site = cross_site.federated_matrix(evaluated, last)
+            self._write()
+            cross_site.plot(
+                self.cross_site,
+                self.dir / cross_site.FILE,
+                title=f"{title} | global model | accuracy",
+            )
             plot_confusion(
                 {k: v["confusion_matrix"] for k, v in last.items()},
                 self.classes,
