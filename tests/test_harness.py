@@ -126,7 +126,10 @@ def _fake_run(
         "confusion_matrix": [[correct - 5, 10 - correct], [0, 5]],
     }
     if ci is not None:  # an interval of (acc - ci, acc + ci) on accuracy, none on recall
-        m["ci"] = {"accuracy": [acc - ci, acc + ci], "recall": {"normal": None}}
+        m["ci"] = {
+            "accuracy": [acc - ci, acc + ci],
+            "recall": {"normal": None, "malignant": [1.0 - ci, 1.0]},
+        }
     if method == "federated":
         rounds = [
             {"round": 1, "global": {"test_grouped": {**m, "accuracy": 0.5}}, "sites": {}},
@@ -218,6 +221,12 @@ def test_report_prints_intervals_beside_the_figures(tmp_path: Path) -> None:
     assert pooled.startswith("| pooled | - | 1 | 90.0 [85.0, 95.0] | 90.0 |")
     # ends (0.7, 0.9) and (0.4, 0.8) averaged: [55.0, 85.0]
     assert "| 2 | 70.0 ± 10.0 [55.0, 85.0] | 70.0 ± 10.0 |" in fed
+    # the recall columns are the classes, intervals beside them, no column of their own
+    head = next(line for line in md.splitlines() if line.startswith("| method"))
+    assert head.count("recall") == 2 and "_ci" not in head
+    assert "| 100.0 [95.0, 100.0] |" in pooled and "| 90.0 |" in pooled
+    files = write_report(runs, tmp_path / "report")  # the plots too
+    assert files["confusion_lung_ct_0"].stat().st_size > 0
     plain = to_markdown(
         aggregate(load_run(_fake_run(tmp_path, "d", seed=0, acc=0.5, method="pooled")))
     )

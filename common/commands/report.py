@@ -270,6 +270,7 @@ def aggregate(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             k
             for k in rs[0]
             if (k in METRICS or k.startswith("recall_") or k == "worst_site_accuracy")
+            and not k.endswith("_ci")  # intervals are averaged below, beside their figure
         ]
         row: dict[str, Any] = {
             "dataset": dataset,
@@ -433,7 +434,7 @@ def _plots(rows: list[dict], out: Path) -> dict[str, Path]:
         for r in mine:
             key = f"{r['method']} {r['partition']}".replace(" -", "")
             cms[key] = cms.get(key, 0) + np.asarray(r["confusion_matrix"])
-        classes = [k[7:] for k in mine[0] if k.startswith("recall_")]
+        classes = [k[7:] for k in mine[0] if k.startswith("recall_") and not k.endswith("_ci")]
         for start in range(0, len(cms), 4):
             chunk = dict(sorted(cms.items())[start : start + 4])
             path = out / f"confusion_{_slug(ds)}_{start // 4}.png"
