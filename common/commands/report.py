@@ -464,8 +464,10 @@ def _plots(rows: list[dict], out: Path) -> dict[str, Path]:
         done = set()  # one cross-site heatmap per method x partition: its first seed's
         for r in sorted(mine, key=lambda r: r["seed"]):
             key = (r["method"], r["partition"])
+            if key in done:  # read a run folder only while its cell still needs a map
+                continue
             cm = read_run(Path(r["run"])).doc.get("cross_site")
-            if key in done or not cm:
+            if not cm:
                 continue
             done.add(key)
             name = f"cross_site_{_slug(ds)}_{_slug(r['method'])}_{_slug(r['partition'])}"

@@ -268,14 +268,13 @@ def evaluate_model(
     """
     probs, y, loss = predict(model, batches, device=device, start=start)
     out = classification_metrics(y, probs, classes, loss=loss)
-    if groups is not None and intervals is not None and len(y):
-        out["ci"] = group_bootstrap(
-            y, probs.argmax(1), np.asarray(groups)[batches.indices], classes, intervals
-        )
-    if groups is not None and scans and len(y):
-        out["per_scan"] = scan_metrics(
-            y, probs, np.asarray(groups)[batches.indices], classes, intervals
-        )
+    if groups is None or not len(y):
+        return out
+    split_groups = np.asarray(groups)[batches.indices]
+    if intervals is not None:
+        out["ci"] = group_bootstrap(y, probs.argmax(1), split_groups, classes, intervals)
+    if scans:
+        out["per_scan"] = scan_metrics(y, probs, split_groups, classes, intervals)
     return out
 
 
