@@ -7,6 +7,7 @@ else, including the config tree, is shared with ``flwr run``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -59,22 +60,32 @@ def run_federated(overrides: Sequence[str], *, client_mods: Sequence = ()) -> Pa
 
     from client.app import make_client_app
     from server.app import make_server_app
+    from simulations.engine import choose_engine, inprocess_backend
+
+    engine = choose_engine(fed.engine, cpus_per_site=per_site, cpus=cpus)
+    log.info(
+        "simulation engine: %s (%d site(s), %d CPU(s) per site)",
+        engine,
+        fed.num_sites,
+        per_site,
+    )
 
     runs_dir = Path(str(cfg.runs_dir)).expanduser().resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
     before = set(runs_dir.iterdir())
     # Absolute paths: Ray actors may start in another working directory.
     overrides = [*overrides, f"runs_dir={runs_dir}"]
-    run_simulation(
-        server_app=make_server_app(tuple(overrides), announce=False),
-        # torch threads = the CPUs Ray gives each site actor: no oversubscription
-        client_app=make_client_app((*overrides, f"num_threads={per_site}"), client_mods),
-        num_supernodes=fed.num_sites,
-        backend_config={
-            "client_resources": {"num_cpus": per_site, "num_gpus": 0.0},
-            "init_args": {"num_cpus": cpus, "include_dashboard": False},
-        },
-    )
+    with inprocess_backend() if engine == "inprocess" else contextlib.nullcontext():
+        run_simulation(
+            server_app=make_server_app(tuple(overrides), announce=False),
+            # torch threads = the CPUs Ray gives each site actor: no oversubscription
+            client_app=make_client_app((*overrides, f"num_threads={per_site}"), client_mods),
+            num_supernodes=fed.num_sites,
+            backend_config={
+                "client_resources": {"num_cpus": per_site, "num_gpus": 0.0},
+                "init_args": {"num_cpus": cpus, "include_dashboard": False},
+            },
+        )
     if fed.resume:
         return Path(fed.resume).expanduser().resolve()
     new = sorted(set(runs_dir.iterdir()) - before)

@@ -43,6 +43,7 @@ NOT_COMPARED = (
     "bootstrap",  # how the intervals are computed, not what was trained
     "federation.resume",
     "federation.cpus_per_site",
+    "federation.engine",
     "federation.round_timeout_s",
     "federation.wait_for_nodes_s",
 )

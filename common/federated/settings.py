@@ -21,6 +21,8 @@ from common.core.settings import from_section
 
 # Server-side test metrics that can pick best.pt
 BEST_METRICS = ("macro_f1", "accuracy", "balanced_accuracy", "loss")
+# How ``fedscan simulate`` runs the sites (see simulations/engine.py)
+ENGINES = ("auto", "inprocess", "ray")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +41,7 @@ class FederationSettings:
     wait_for_nodes_s: float
     resume: str | None
     cpus_per_site: int | None
+    engine: str  # auto | inprocess | ray
     head_init: str  # none | fed3r | fedncm
     head_ridge: float
     head_scale: float
@@ -64,6 +67,7 @@ class FederationSettings:
             ("federation.best_metric", self.best_metric in BEST_METRICS, f"use {BEST_METRICS}"),
             ("federation.round_timeout_s", self.round_timeout_s > 0, "must be > 0"),
             ("federation.wait_for_nodes_s", self.wait_for_nodes_s >= 0, "must be >= 0"),
+            ("federation.engine", self.engine in ENGINES, f"use one of {ENGINES}"),
             ("federation.head_init", self.head_init in HEAD_INITS, f"use one of {HEAD_INITS}"),
             ("federation.head_ridge", self.head_ridge > 0, "must be > 0"),
             ("federation.head_scale", self.head_scale > 0, "must be > 0"),
