@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
@@ -31,6 +32,7 @@ from common.learn.models import StagedModel
 from common.learn.prepare import prepare_run
 from common.learn.training import Batches, evaluate_model, place_model
 from common.runs.record import FederatedRun, new_run_dir
+from common.runs.tracking import Tracker, start_tracking
 from common.runs.validate import validate
 from server.strategies import build_strategy, wrap_central_dp
 
@@ -120,13 +122,9 @@ def run_server(grid: Grid, cfg: DictConfig) -> Path:
         strategy = wrap_central_dp(recording, settings.central_dp, sampled)
         log.info("central DP: %s", strategy)
     run = prepare_run(cfg)
-    device, data, model, start = run.device, run.data, run.model, run.start
-    classes = run.classes
+    data, model = run.data, run.model
     keys = exchanged_keys(model, fedbn=fed.fedbn)
-    tests = {
-        n: Batches(run.x, run.labels, idx, batch_size=64) for n, idx in data.splits.tests.items()
-    }
-    folder = {"label": data.label, "synthetic": data.collection.synthetic, "classes": classes}
+    folder = {"label": data.label, "synthetic": data.collection.synthetic, "classes": run.classes}
     if fed.resume:
         run_dir = Path(fed.resume).expanduser().resolve()
         record, state = FederatedRun.resume(run_dir, cfg, **folder)
@@ -139,6 +137,38 @@ def run_server(grid: Grid, cfg: DictConfig) -> Path:
         record = FederatedRun(run_dir, cfg, **folder)
         done = 0
     log.info("run folder: %s", run_dir)
+    tracker = start_tracking(cfg, run_dir, kind="federated")  # resumed: the same MLflow run
+    try:
+        _federate(grid, cfg, settings, strategy, recording, run, record, done, tracker)
+    except BaseException:
+        tracker.finish(run_dir, failed=True)
+        raise
+    tracker.finish(run_dir)
+    return run_dir
+
+
+def _federate(
+    grid: Grid,
+    cfg: DictConfig,
+    settings: Any,
+    strategy: Any,
+    recording: Any,
+    run: Any,
+    record: FederatedRun,
+    done: int,
+    tracker: Tracker,
+) -> None:
+    """The statistics round (if any) and the strategy's rounds, recorded in ``record``
+    and mirrored to ``tracker`` round by round."""
+    fed = settings.federation
+    rounds = fed.rounds
+    device, data, model, start = run.device, run.data, run.model, run.start
+    classes = run.classes
+    keys = exchanged_keys(model, fedbn=fed.fedbn)
+    tests = {
+        n: Batches(run.x, run.labels, idx, batch_size=64) for n, idx in data.splits.tests.items()
+    }
+    run_dir = record.dir
 
     def test_metrics(state: dict) -> dict[str, dict]:
         set_exchanged(model, state, keys)
@@ -168,6 +198,7 @@ def run_server(grid: Grid, cfg: DictConfig) -> Path:
         state0 = get_exchanged(model.cpu(), keys)
         results = test_metrics(state0)
         record.record(0, results, {"statistics": sites})
+        tracker.log_round(0, results, {"statistics": sites})
         record.checkpoint(0, state0, recording.export_state(), best=record.is_best(results))
         first = next(iter(results))
         log.info(
@@ -180,7 +211,7 @@ def run_server(grid: Grid, cfg: DictConfig) -> Path:
     if done >= rounds:
         log.info("nothing to do: %d of %d rounds already done", done, rounds)
         record.finish()
-        return run_dir
+        return
 
     every = fed.evaluate_every
 
@@ -195,6 +226,7 @@ def run_server(grid: Grid, cfg: DictConfig) -> Path:
             results = test_metrics(state)
         sites = recording.site_metrics.get(server_round, {})
         row = record.record(rnd, results, sites)  # its seconds include this evaluation
+        tracker.log_round(rnd, results, sites)
         best = bool(results) and record.is_best(results)
         record.checkpoint(rnd, state, recording.export_state(), best=best)
         n_sites = len(sites.get("train", []))
@@ -227,7 +259,6 @@ def run_server(grid: Grid, cfg: DictConfig) -> Path:
         evaluate_fn=evaluate_fn,
     )
     record.finish()
-    return run_dir
 
 
 def make_server_app(overrides: tuple[str, ...] = (), *, announce: bool = True) -> ServerApp:

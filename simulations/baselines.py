@@ -33,6 +33,7 @@ from common.learn.training import Batches, evaluate_model, fit
 from common.runs import cross_site
 from common.runs.partition_report import write_partition_report
 from common.runs.record import new_run_dir, partition_label, write_config, write_local
+from common.runs.tracking import track_finished
 from common.runs.validate import validate
 
 log = logging.getLogger("fedscan.baseline")
@@ -155,4 +156,5 @@ def run_local(cfg: DictConfig) -> Path:
         cm, run_dir / cross_site.FILE, title=f"{data.label} | each site's own model | accuracy"
     )
     log.info("results: %s", run_dir)
+    track_finished(cfg, run_dir)
     return run_dir

@@ -16,6 +16,7 @@ from common.learn.prepare import prepare_run
 from common.learn.training import Batches, evaluate_model, fit
 from common.runs.plots import plot_confusion, plot_curves
 from common.runs.record import new_run_dir, write_centralised, write_config, write_model
+from common.runs.tracking import track_finished
 from common.runs.validate import validate
 
 log = logging.getLogger("fedscan.train")
@@ -178,6 +179,7 @@ def run_centralised(cfg: DictConfig, *, kind: str = "centralised", train: bool =
     log.info(
         "wall time %.1f s (prepare %.1f s, fit %.1f s); results in %s", wall, t_prep, t_fit, run_dir
     )
+    track_finished(cfg, run_dir)
     return run_dir
 
 

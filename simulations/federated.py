@@ -88,7 +88,8 @@ def run_federated(overrides: Sequence[str], *, client_mods: Sequence = ()) -> Pa
         )
     if fed.resume:
         return Path(fed.resume).expanduser().resolve()
-    new = sorted(set(runs_dir.iterdir()) - before)
+    # new run folders only (the runs dir also holds the MLflow store and its artifacts)
+    new = sorted(p for p in set(runs_dir.iterdir()) - before if (p / "config.yaml").exists())
     if not new:
         raise RuntimeError("the simulation finished without writing a run folder; see the log")
     return new[-1]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -57,8 +58,20 @@ def run_one(overrides: Sequence[str]) -> Path:
     return run_federated(overrides)
 
 
+def sweep_experiment(runs: list[list[str]]) -> list[list[str]]:
+    """Every run of a sweep into one MLflow experiment, ``sweep-<time>``, so ``mlflow ui``
+    compares them in one table; a ``tracking.experiment`` the user set is kept."""
+    if not runs or any(o.startswith("tracking.experiment=") for o in runs[0]):
+        return runs
+    if str(load_config(runs[0]).tracking.name) == "none":
+        return runs
+    name = f"tracking.experiment=sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    log.info("sweep: tracked as MLflow experiment %s", name.split("=", 1)[1])
+    return [[*r, name] for r in runs]
+
+
 def run_sweep(overrides: Sequence[str]) -> list[Path]:
-    runs = expand_sweep(overrides)
+    runs = sweep_experiment(expand_sweep(overrides))
     for r in runs:  # all of them before any training: keys, values, then the partitions
         validate_overrides(r)
     for r in runs:  # a partition that cannot fill its sites fails now, not after hours

@@ -41,6 +41,7 @@ NOT_COMPARED = (
     "device",
     "num_threads",
     "bootstrap",  # how the intervals are computed, not what was trained
+    "tracking",  # where the run is logged, not what was trained
     "federation.resume",
     "federation.cpus_per_site",
     "federation.engine",

@@ -32,6 +32,7 @@ from common.federated.site import site_indices
 from common.learn.intervals import IntervalSettings, interval_settings
 from common.learn.models import build_model, check_model_config
 from common.learn.settings import TrainSettings, train_settings
+from common.runs.tracking import tracking_name
 
 METHODS = ("federated", "local", "pooled")
 # What is being started: the centralised baseline, one `fedscan simulate` method,
@@ -63,6 +64,7 @@ def validate(cfg: DictConfig, kind: str) -> Settings:
         central_dp=central_dp_settings(cfg.privacy),
         intervals=interval_settings(cfg),
     )
+    tracking_name(cfg)  # an unknown tracking backend fails before any data is read
     privacy = str(cfg.privacy.name)
     if privacy not in PRIVACY_NAMES:
         raise ConfigError("privacy", f"unknown '{privacy}'; use one of {list(PRIVACY_NAMES)}")
