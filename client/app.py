@@ -18,6 +18,7 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from omegaconf import DictConfig
 
+from client.secure import secure_mod
 from common.core.config import load_config, overrides_from_run_config
 from common.federated.trainer import SiteState, SiteTrainer
 from common.federated.wire import (
@@ -99,7 +100,8 @@ def make_client_app(overrides: tuple[str, ...] = (), outer_mods: Sequence = ()) 
         mod = adaptiveclipping_mod if adaptive else fixedclipping_mod
         return mod(msg, context, call_next)
 
-    app = ClientApp(mods=[*outer_mods, central_dp_mod])
+    # secure_mod: SecAgg+ rounds (the server's secure_aggregation decides; sites need no key)
+    app = ClientApp(mods=[*outer_mods, secure_mod, central_dp_mod])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -215,24 +215,19 @@ def _federate(
 
     every = fed.evaluate_every
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+    def finish_round(rnd: int, state: dict, sites: dict, strategy_state: dict) -> dict:
         """Per round: test metrics when scheduled, site metrics and a checkpoint always."""
-        rnd = server_round + done
-        if server_round == 0:
-            return None
-        state = arrays.to_torch_state_dict()
         results = {}
         if rnd % every == 0 or rnd == rounds:
             results = test_metrics(state)
-        sites = recording.site_metrics.get(server_round, {})
         row = record.record(rnd, results, sites)  # its seconds include this evaluation
         tracker.log_round(rnd, results, sites)
         best = bool(results) and record.is_best(results)
-        record.checkpoint(rnd, state, recording.export_state(), best=best)
+        record.checkpoint(rnd, state, strategy_state, best=best)
         n_sites = len(sites.get("train", []))
         if not results:
             log.info("round %d/%d  (%d sites)  %.1f s", rnd, rounds, n_sites, row["seconds"])
-            return None
+            return results
         first = next(iter(results))
         log.info(
             "round %d/%d  %s acc %.4f  macro-F1 %.4f  (%d sites)  %.1f s",
@@ -244,6 +239,32 @@ def _federate(
             n_sites,
             row["seconds"],
         )
+        return results
+
+    if settings.secure is not None:  # SecAgg+: Flower's legacy workflow, same rounds
+        from server.secure import run_secure_rounds
+
+        run_secure_rounds(
+            grid,
+            settings.secure,
+            fed,
+            strategy_cfg=cfg.strategy,
+            initial=get_exchanged(model.cpu(), keys),
+            done=done,
+            run_key=run_dir.name,
+            finish_round=finish_round,
+        )
+        record.finish()
+        return
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            return None
+        sites = recording.site_metrics.get(server_round, {})
+        state = arrays.to_torch_state_dict()
+        results = finish_round(server_round + done, state, sites, recording.export_state())
+        if not results:
+            return None
         return MetricRecord({f"{n}_accuracy": m["accuracy"] for n, m in results.items()})
 
     initial = ArrayRecord(get_exchanged(model.cpu(), keys))

@@ -30,7 +30,7 @@ def test_train_on_synthetic_default_writes_a_labelled_run(tmp_path: Path, monkey
         ]
     )
     assert code == 0
-    (run,) = list(tmp_path.iterdir())
+    (run,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]  # not .mlflow
     for name in ("config.yaml", "metrics.json", "curves.png", "confusion_matrix.png", "model.pt"):
         assert (run / name).stat().st_size > 0, name
     m = json.loads((run / "metrics.json").read_text())
@@ -58,7 +58,7 @@ def test_feature_cache_path_trains(tmp_path: Path, monkeypatch):
         ]
     )
     assert code == 0
-    (run,) = list(tmp_path.iterdir())
+    (run,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]  # not .mlflow
     m = json.loads((run / "metrics.json").read_text())
     assert m["model"] == "efficientnet_lite0" and m["mode"] == "finetune"
     # a pretrained trunk separates the synthetic classes easily

@@ -117,7 +117,7 @@ def test_coordinator_killed_after_round_k_resumes_at_k_plus_1(tmp_path: Path) ->
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the coordinator and its Ray workers, no cleanup
     proc.wait(timeout=30)
-    (run_dir,) = runs.iterdir()
+    (run_dir,) = [p for p in runs.iterdir() if not p.name.startswith(".")]  # not .mlflow
     killed_at = int(torch.load(run_dir / "last.pt", weights_only=False)["round"])
     assert 2 <= killed_at < 4, "the kill must land after round 2 and before the last round"
     before = json.loads((run_dir / "metrics.json").read_text())["rounds"]

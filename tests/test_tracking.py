@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from common.core.config import load_config
 from common.core.errors import ConfigError
-from common.runs.tracking import LINK, site_scalars, start_tracking, split_scalars
+from common.runs.tracking import LINK, site_scalars, split_scalars, start_tracking
 from common.runs.validate import validate
 from simulations.federated import run_federated
 from simulations.harness import sweep_experiment
@@ -22,7 +22,7 @@ BASE = ["dataset=synthetic", *SIM_BASE]
 
 
 def _client(runs: Path) -> MlflowClient:
-    return MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
+    return MlflowClient(tracking_uri=f"sqlite:///{runs / '.mlflow' / 'mlflow.db'}")
 
 
 def test_a_two_round_simulation_is_read_back_from_the_local_mlflow_store(tmp_path: Path) -> None:
@@ -57,7 +57,7 @@ def test_a_two_round_simulation_is_read_back_from_the_local_mlflow_store(tmp_pat
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"metrics.json", "config.yaml", "curves.png"} <= artifacts
     assert not any(a.endswith(".pt") for a in artifacts)
-    assert (runs / "mlartifacts").is_dir()  # beside the store, not in the working directory
+    assert (runs / ".mlflow" / "artifacts").is_dir()  # beside the store, not in the cwd
 
 
 def test_an_unreachable_tracking_server_costs_a_warning_not_the_run(
@@ -70,7 +70,7 @@ def test_an_unreachable_tracking_server_costs_a_warning_not_the_run(
     assert (run_dir / "metrics.json").exists() and (run_dir / "last.pt").exists()
     warned = [r.getMessage() for r in caplog.records if r.name == "fedscan.tracking"]
     assert any(f"tracking.uri={uri}" in m and "not tracked" in m for m in warned), warned
-    assert not (runs / "mlflow.db").exists()
+    assert not (runs / ".mlflow").exists()
 
 
 def test_a_resumed_run_continues_its_mlflow_run(tmp_path: Path) -> None:
@@ -96,7 +96,7 @@ def test_tracking_none_writes_no_store(tmp_path: Path) -> None:
     assert not tracker.active
     tracker.log_metrics({"x": 1.0}, 1)
     tracker.finish(tmp_path)
-    assert not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / ".mlflow").exists()
 
 
 def test_an_unknown_tracking_backend_names_the_key() -> None:

@@ -53,7 +53,11 @@ NOT_COMPARED = (
 # Keys added after run folders were recorded, with the value that reproduces the
 # behaviour before them: a run from before the key compares as if it had it (so a
 # study continues across the change instead of re-running everything).
-ADDED_LATER = {"train.loss": "cross_entropy", "model.freeze_bn": False}
+ADDED_LATER = {
+    "train.loss": "cross_entropy",
+    "model.freeze_bn": False,
+    "secure_aggregation.name": "off",
+}
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

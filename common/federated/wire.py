@@ -23,6 +23,9 @@ PROXIMAL_MU = "proximal-mu"  # Flower's FedProx
 HEAD_INIT = "head-init"  # fedscan: the statistics round's kind (fed3r | fedncm), on a query
 SCAFFOLD_C = "scaffold-c"  # ArrayRecord beside ARRAYS on a train message: SCAFFOLD's c
 SCAFFOLD_DELTA = "scaffold-dc"  # ArrayRecord beside ARRAYS on a train reply: delta c_i
+# Secure aggregation (legacy messages carry parameters as an unnamed list): their names, as
+# JSON text in the fit / evaluate config, in the order of the list
+PARAMETER_NAMES = "fedscan-keys"
 
 # Reply metrics, site -> server
 NUM_EXAMPLES = "num-examples"  # Flower's weighting key; 0 = "do not average me"

@@ -20,8 +20,9 @@ Rules this module keeps:
 - **MlflowClient, not the fluent API.** No process-global "active run": the
   in-process simulation engine runs the ServerApp in a thread.
 - The local store is SQLite (MLflow 3's default backend; its file store is
-  legacy), with artifacts beside it in ``<runs_dir>/mlartifacts`` rather than in
-  whatever directory the command was started from.
+  legacy), ``<runs_dir>/.mlflow/mlflow.db``, with artifacts beside it in
+  ``<runs_dir>/.mlflow/artifacts`` rather than in whatever directory the command
+  was started from. Hidden, so that ``runs/*/`` still means the run folders.
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ log = logging.getLogger("fedscan.tracking")
 
 NAMES = ("mlflow", "none")
 DEFAULT_EXPERIMENT = "fedscan"
-STORE = "mlflow.db"  # in runs_dir
-ARTIFACTS = "mlartifacts"  # in runs_dir
+# In runs_dir, hidden: `fedscan report runs/*/` and scripts that list run folders skip it
+HOME = ".mlflow"
+STORE = f"{HOME}/mlflow.db"
+ARTIFACTS = f"{HOME}/artifacts"
 LINK = "mlflow.json"  # in the run folder: which MLflow run mirrors it (resume continues it)
 PROBE_TIMEOUT_S = 5.0
 # What a run folder holds that is worth mirroring (checkpoints are not: 10-100 MB each)

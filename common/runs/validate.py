@@ -27,6 +27,11 @@ from common.federated.privacy import (
     central_dp_settings,
     dp_settings,
 )
+from common.federated.secure import (
+    SecureAggregationSettings,
+    check_combination,
+    secure_settings,
+)
 from common.federated.settings import FederationSettings, check_strategy, federation_settings
 from common.federated.site import site_indices
 from common.learn.intervals import IntervalSettings, interval_settings
@@ -49,6 +54,7 @@ class Settings:
     dp: DPSGDSettings | None
     central_dp: CentralDPSettings | None
     intervals: IntervalSettings | None  # the test metrics' bootstrap (None: old config)
+    secure: SecureAggregationSettings | None = None  # SecAgg+ (None: off)
 
 
 def validate(cfg: DictConfig, kind: str) -> Settings:
@@ -63,6 +69,7 @@ def validate(cfg: DictConfig, kind: str) -> Settings:
         dp=dp_settings(cfg.privacy),
         central_dp=central_dp_settings(cfg.privacy),
         intervals=interval_settings(cfg),
+        secure=secure_settings(cfg.get("secure_aggregation")),
     )
     tracking_name(cfg)  # an unknown tracking backend fails before any data is read
     privacy = str(cfg.privacy.name)
@@ -104,6 +111,21 @@ def validate(cfg: DictConfig, kind: str) -> Settings:
         raise ConfigError(
             "strategy",
             f"scaffold's control variates leave the sites without DP; not with privacy={privacy}",
+        )
+    if kind in ("federated", "server") and settings.secure is not None:
+        check_combination(
+            settings.secure,
+            strategy=str(cfg.strategy.name),
+            num_sites=fed.num_sites,
+            min_nodes=fed.min_nodes,
+            head_init=fed.head_init,
+            privacy=privacy,
+            simulated=kind == "federated",
+        )
+    if kind in ("local", "pooled", "centralised") and settings.secure is not None:
+        raise ConfigError(
+            "secure_aggregation",
+            f"protects what sites send to the server; a {kind} run sends nothing (use off)",
         )
     if kind == "federated" and fed.min_nodes > fed.num_sites:
         raise ConfigError(

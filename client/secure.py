@@ -1,0 +1,116 @@
+"""The site's side of secure aggregation: Flower's ``secaggplus_mod``, and the thin
+adapter between the legacy messages it speaks and fedscan's train / evaluate.
+
+Flower's SecAgg+ runs on its legacy message format (``fitins.*`` / ``fitres.*``
+records, parameters as an ordered list of arrays). The adapter converts those to
+the Message-API content fedscan's handlers read (``arrays`` by name, ``config``)
+and back, so the site trains with exactly the code it uses without secure
+aggregation: one training loop, one model exchange, one metrics definition.
+
+Two things differ on the way out:
+
+- the site sends its **update** (new weights - the weights it received), which
+  ``secaggplus_mod`` clips, quantises and masks; the server adds the unmasked
+  mean of the updates to the global weights;
+- parameter names travel in the config (``fedscan-keys``), since the legacy
+  format has none.
+
+:func:`secure_mod` sits in every ClientApp and acts only on SecAgg+ messages, so
+a site needs no setting: the server's ``secure_aggregation`` decides.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.common import (
+    Code,
+    EvaluateRes,
+    FitRes,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
+
+from common.federated.wire import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARAMETER_NAMES
+
+FIT_INS = "fitins.parameters"
+EVALUATE_INS = "evaluateins.parameters"
+
+
+def _named(ins_parameters: list[np.ndarray], config: dict) -> tuple[list[str], dict]:
+    names = json.loads(str(config[PARAMETER_NAMES]))
+    if len(names) != len(ins_parameters):
+        raise ValueError(f"secure aggregation: {len(ins_parameters)} arrays but {len(names)} names")
+    return names, dict(zip(names, ins_parameters, strict=True))
+
+
+def _as_message_api(msg: Message, prefix: str) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Rewrite a legacy ``fitins`` / ``evaluateins`` message in place into the
+    ``arrays`` + ``config`` content fedscan's handlers read."""
+    if prefix == "fitins":
+        ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    else:
+        ins = compat.recorddict_to_evaluateins(msg.content, keep_input=True)
+    arrays = parameters_to_ndarrays(ins.parameters)
+    names, named = _named(arrays, ins.config)
+    config = {k: v for k, v in ins.config.items() if k != PARAMETER_NAMES}
+    msg.content = RecordDict(
+        {
+            ARRAYS: ArrayRecord(array_dict={k: Array(v) for k, v in named.items()}),
+            CONFIG: ConfigRecord(config),
+        }
+    )
+    return names, named
+
+
+def legacy_train(msg: Message, context: Context, call_next) -> Message:
+    """fitins -> fedscan train -> fitres carrying the update (new - received)."""
+    names, received = _as_message_api(msg, "fitins")
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    new = reply.content[ARRAYS]
+    update = [np.asarray(new[k].numpy(), dtype=np.float64) - received[k] for k in names]
+    update = [u.astype(np.float32) for u in update]
+    metrics = dict(reply.content[METRICS])
+    fitres = FitRes(
+        status=Status(Code.OK, ""),
+        parameters=ndarrays_to_parameters(update),
+        num_examples=int(metrics[NUM_EXAMPLES]),
+        metrics=metrics,
+    )
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
+
+
+def legacy_evaluate(msg: Message, context: Context, call_next) -> Message:
+    """evaluateins -> fedscan evaluate -> evaluateres."""
+    _as_message_api(msg, "evaluateins")
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    metrics = dict(reply.content[METRICS])
+    res = EvaluateRes(
+        status=Status(Code.OK, ""),
+        loss=float(metrics.get("val_loss", 0.0)),
+        num_examples=int(metrics[NUM_EXAMPLES]),
+        metrics=metrics,
+    )
+    return Message(compat.evaluateres_to_recorddict(res), reply_to=msg)
+
+
+def secure_mod(msg: Message, context: Context, call_next) -> Message:
+    """Route SecAgg+ train messages through Flower's ``secaggplus_mod`` (setup, key
+    sharing, masked update, unmasking) and legacy evaluate messages through the
+    adapter; every other message passes untouched."""
+    content = msg.content if msg.has_content() else RecordDict()
+    if RECORD_KEY_CONFIGS in content.config_records:
+        return secaggplus_mod(msg, context, lambda m, c: legacy_train(m, c, call_next))
+    if EVALUATE_INS in content.array_records:
+        return legacy_evaluate(msg, context, call_next)
+    return call_next(msg, context)

@@ -1,0 +1,144 @@
+"""``secure_aggregation``: the settings of Flower's SecAgg+ and what they exclude.
+
+Under SecAgg+ the server receives only the masked sum of the sampled sites'
+updates. Everything that needs one site's update (a robust aggregate, SCAFFOLD's
+per-site control deltas, a sum it must see to clip) cannot run on it; the checks
+here refuse those combinations before any site trains, naming both keys. The
+protocol itself is Flower's (``server/secure.py``, ``client/secure.py``): fedscan
+writes no cryptography.
+
+What a site sends is its *update*, new weights minus the global weights, not
+its weights: an update is small, so the clipping range (``clipping_range``)
+rarely bites and the quantisation step (2 x clipping_range / quantization_range)
+is small against it. :func:`quantization_bound` is the largest error the
+protocol can add to one value of the weighted mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from common.core.errors import ConfigError
+
+NAMES = ("off", "secaggplus")
+# Strategies whose aggregate is a weighted mean of the updates: the masked sum suffices
+SUM_STRATEGIES = ("fedavg", "fedprox")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecureAggregationSettings:
+    num_shares: int
+    reconstruction_threshold: int
+    clipping_range: float
+    quantization_range: int
+    modulus_range: int
+    max_weight: float
+    timeout_s: float | None
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("num_shares", self.num_shares >= 3, "must be an integer >= 3 (Flower: > 2)"),
+            (
+                "reconstruction_threshold",
+                2 <= self.reconstruction_threshold < self.num_shares,
+                f"must be >= 2 and < secure_aggregation.num_shares ({self.num_shares})",
+            ),
+            ("clipping_range", self.clipping_range > 0, "must be > 0"),
+            ("quantization_range", self.quantization_range > 0, "must be an integer > 0"),
+            (
+                "modulus_range",
+                self.modulus_range > self.quantization_range
+                and self.modulus_range & (self.modulus_range - 1) == 0,
+                "must be a power of 2 greater than secure_aggregation.quantization_range",
+            ),
+            ("max_weight", self.max_weight > 0, "must be > 0"),
+            ("timeout_s", self.timeout_s is None or self.timeout_s > 0, "must be > 0 or null"),
+        ]
+        for key, ok, msg in checks:
+            if not ok:
+                raise ConfigError(f"secure_aggregation.{key}", f"{msg}, got {getattr(self, key)!r}")
+
+
+def secure_settings(section: Mapping[str, Any] | None) -> SecureAggregationSettings | None:
+    """The ``secure_aggregation`` section, typed and checked; ``None`` when off (or a
+    config from before the section existed)."""
+    name = "off" if section is None else str(section.get("name"))
+    if name not in NAMES:
+        raise ConfigError("secure_aggregation", f"unknown '{name}'; use one of {list(NAMES)}")
+    if name == "off":
+        return None
+    values: dict[str, Any] = {}
+    for key in ("num_shares", "reconstruction_threshold", "quantization_range", "modulus_range"):
+        value = section.get(key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"secure_aggregation.{key}", f"must be an integer, got {value!r}")
+        values[key] = value
+    for key in ("clipping_range", "max_weight"):
+        try:
+            values[key] = float(section.get(key))
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"secure_aggregation.{key}", f"must be a number, got {section.get(key)!r}"
+            ) from None
+    timeout = section.get("timeout_s")
+    values["timeout_s"] = None if timeout is None else float(timeout)
+    return SecureAggregationSettings(**values)
+
+
+def check_combination(
+    settings: SecureAggregationSettings,
+    *,
+    strategy: str,
+    num_sites: int,
+    min_nodes: int,
+    head_init: str,
+    privacy: str,
+    simulated: bool,
+) -> None:
+    """Refuse what cannot run on a masked sum, before any training."""
+    if strategy not in SUM_STRATEGIES:
+        raise ConfigError(
+            "strategy",
+            f"strategy={strategy} needs every site's own update, and "
+            "secure_aggregation=secaggplus shows the server only their sum; use "
+            f"{' or '.join(SUM_STRATEGIES)}, or secure_aggregation=off",
+        )
+    sites = num_sites if simulated else min_nodes
+    if settings.num_shares > sites:
+        key = "num_sites" if simulated else "federation.min_nodes"
+        raise ConfigError(
+            "secure_aggregation.num_shares",
+            f"{settings.num_shares} shares need at least as many sites in every round; "
+            f"{key} is {sites}",
+        )
+    if head_init != "none":
+        raise ConfigError(
+            "federation.head_init",
+            f"head_init={head_init} with secure_aggregation=secaggplus is not supported yet "
+            "(the statistics round would need its sums scaled into the clipping range)",
+        )
+    if privacy == "central":
+        raise ConfigError(
+            "privacy",
+            "privacy=central with secure_aggregation=secaggplus is not supported yet "
+            "(Flower's central-DP wrappers are Message-API strategies); privacy=dp_sgd works",
+        )
+
+
+def quantization_bound(settings: SecureAggregationSettings, weights: list[float]) -> float:
+    """The largest error SecAgg+'s quantisation can add to one value of the weighted
+    mean of updates, for sites of these ``weights`` (num-examples).
+
+    Each site's update x its weight / max_weight is rounded to a grid of step
+    2 c / q (c = clipping range, q = quantisation range): at most c / q off; its
+    weight ratio is rounded to 1 / q. The mean divides by the summed ratios, so the
+    value errors add up to at most n (c / q) / sum(ratio), plus the ratio rounding
+    (at most n / q relative, times the largest value c).
+    """
+    c, q = settings.clipping_range, settings.quantization_range
+    ratios = [w / settings.max_weight for w in weights]
+    total = sum(ratios)
+    n = len(weights)
+    return n * (c / q) / total + c * n / (q * total)

@@ -1,0 +1,200 @@
+"""The coordinator's side of secure aggregation: Flower's ``SecAggPlusWorkflow``
+driving fedscan's rounds.
+
+Flower 1.42's SecAgg+ runs inside its legacy ``DefaultWorkflow`` with a legacy
+``Strategy``; the Message-API strategies do not plug into it. :class:`SecureMean`
+is that legacy strategy, kept as thin as the protocol allows: it samples sites
+and sends fedscan's train / evaluate configs (round, run key, FedProx's mu, the
+parameter names), and turns what the protocol hands it, the unmasked weighted
+mean of the sites' *updates*, into the next global weights. Everything else a
+round does (test metrics, the run folder, checkpoints, tracking) is the same
+``finish_round`` the Message-API path calls, so the two paths cannot drift.
+
+What the server sees per site: its metrics and its sample count (not masked),
+never its update (see ``tests/test_secure.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Context, RecordDict
+from flwr.common import (
+    EvaluateIns,
+    FitIns,
+    Parameters,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.serverapp import Grid
+
+from common.federated.secure import SecureAggregationSettings
+from common.federated.settings import FederationSettings
+from common.federated.wire import (
+    NODE_ID,
+    PARAMETER_NAMES,
+    PROXIMAL_MU,
+    ROUND_OFFSET,
+    RUN_KEY,
+    SERVER_ROUND,
+)
+
+log = logging.getLogger("fedscan.server")
+
+FinishRound = Callable[[int, dict, dict, dict], dict]
+
+
+class SecureMean(LegacyFedAvg):
+    """Legacy FedAvg whose aggregate is the protocol's unmasked mean update, added
+    to the global weights; per-site metrics recorded as the sites sent them."""
+
+    def __init__(
+        self,
+        *,
+        initial: Mapping[str, torch.Tensor],
+        fed: FederationSettings,
+        proximal_mu: float,
+        run_key: str,
+        done: int,
+        finish_round: FinishRound,
+    ) -> None:
+        self.names = list(initial)
+        self.current = [initial[k].detach().cpu().numpy() for k in self.names]
+        super().__init__(
+            fraction_fit=fed.fraction_train,
+            fraction_evaluate=fed.fraction_evaluate,
+            min_fit_clients=fed.min_nodes,
+            min_evaluate_clients=fed.min_nodes,
+            min_available_clients=fed.min_nodes,
+            initial_parameters=ndarrays_to_parameters(self.current),
+        )
+        self.proximal_mu, self.run_key, self.done = proximal_mu, run_key, done
+        self.finish_round = finish_round
+        self.sites: dict[int, dict[str, list[dict]]] = {}
+
+    def __repr__(self) -> str:
+        return f"SecureMean(SecAgg+, {len(self.names)} arrays)"
+
+    def _config(self, server_round: int) -> dict[str, Any]:
+        config = {
+            SERVER_ROUND: server_round,
+            ROUND_OFFSET: self.done,
+            RUN_KEY: self.run_key,
+            PARAMETER_NAMES: json.dumps(self.names),
+        }
+        if self.proximal_mu:
+            config[PROXIMAL_MU] = self.proximal_mu
+        return config
+
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager):
+        pairs = super().configure_fit(server_round, parameters, client_manager)
+        extra = self._config(server_round)
+        return [(p, FitIns(ins.parameters, {**ins.config, **extra})) for p, ins in pairs]
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager):
+        pairs = super().configure_evaluate(server_round, parameters, client_manager)
+        extra = self._config(server_round)
+        return [(p, EvaluateIns(ins.parameters, {**ins.config, **extra})) for p, ins in pairs]
+
+    def _rows(self, server_round: int, phase: str, results: list) -> None:
+        rows = self.sites.setdefault(server_round, {}).setdefault(phase, [])
+        for proxy, res in results:
+            rows.append({**dict(res.metrics), NODE_ID: int(proxy.node_id)})
+
+    def aggregate_fit(self, server_round: int, results: list, failures: list):
+        for failure in failures:
+            log.warning("round %d: a site failed under SecAgg+: %s", server_round, failure)
+        if not results:
+            log.warning(
+                "round %d: no update survived SecAgg+; global model unchanged", server_round
+            )
+            return ndarrays_to_parameters(self.current), {}
+        # After unmasking every result carries the same parameters: the weighted mean
+        mean = parameters_to_ndarrays(results[0][1].parameters)
+        if len(mean) != len(self.current) or not all(np.isfinite(u).all() for u in mean):
+            log.warning(
+                "round %d: the aggregate is not finite; global model unchanged", server_round
+            )
+            return ndarrays_to_parameters(self.current), {}
+        self.current = [
+            (g.astype(np.float64) + u).astype(g.dtype)
+            if np.issubdtype(g.dtype, np.floating)
+            else np.rint(g + u).astype(g.dtype)  # BatchNorm's batch counter
+            for g, u in zip(self.current, mean, strict=True)
+        ]
+        self._rows(server_round, "train", results)
+        return ndarrays_to_parameters(self.current), {}
+
+    def _finish(self, server_round: int) -> None:
+        state = {
+            k: torch.from_numpy(np.array(a)) for k, a in zip(self.names, self.current, strict=True)
+        }
+        self.finish_round(server_round + self.done, state, self.sites.pop(server_round, {}), {})
+
+    def evaluate(self, server_round: int, parameters: Parameters):
+        """Centralised evaluation; the round is finished here unless the sites evaluate
+        it too (then in :meth:`aggregate_evaluate`, with their metrics)."""
+        if server_round > 0 and self.fraction_evaluate == 0:
+            self._finish(server_round)
+        return None
+
+    def aggregate_evaluate(self, server_round: int, results: list, failures: list):
+        self._rows(server_round, "evaluate", results)
+        self._finish(server_round)
+        return None, {}
+
+
+def run_secure_rounds(
+    grid: Grid,
+    settings: SecureAggregationSettings,
+    fed: FederationSettings,
+    *,
+    strategy_cfg: Mapping[str, Any],
+    initial: Mapping[str, torch.Tensor],
+    done: int,
+    run_key: str,
+    finish_round: FinishRound,
+) -> None:
+    """``fed.rounds - done`` rounds of FedAvg (or FedProx) under SecAgg+."""
+    timeout = settings.timeout_s or fed.round_timeout_s
+    strategy = SecureMean(
+        initial=initial,
+        fed=fed,
+        proximal_mu=float(strategy_cfg.get("mu", 0.0) or 0.0),
+        run_key=run_key,
+        done=done,
+        finish_round=finish_round,
+    )
+    context = LegacyContext(
+        context=Context(
+            run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}
+        ),
+        config=ServerConfig(num_rounds=fed.rounds - done, round_timeout=timeout),
+        strategy=strategy,
+    )
+    log.info(
+        "secure aggregation: SecAgg+ with %d shares, threshold %d, clipping range %g",
+        settings.num_shares,
+        settings.reconstruction_threshold,
+        settings.clipping_range,
+    )
+    workflow = DefaultWorkflow(
+        fit_workflow=SecAggPlusWorkflow(
+            num_shares=settings.num_shares,
+            reconstruction_threshold=settings.reconstruction_threshold,
+            clipping_range=settings.clipping_range,
+            quantization_range=settings.quantization_range,
+            modulus_range=settings.modulus_range,
+            max_weight=settings.max_weight,
+            timeout=timeout,
+        )
+    )
+    workflow(grid, context)

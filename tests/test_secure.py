@@ -1,0 +1,125 @@
+"""Secure aggregation (Flower's SecAgg+): the server receives no single site's update,
+and the mean it unmasks is the plain weighted FedAvg mean within the quantisation bound."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, Message
+from flwr.common import bytes_to_ndarray, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.compat.common import recorddict_compat as compat
+
+import client.secure
+from common.core.config import load_config
+from common.core.errors import ConfigError
+from common.federated.secure import quantization_bound, secure_settings
+from common.runs.validate import validate
+from simulations.federated import run_federated
+from tests.conftest import SIM_BASE
+
+BASE = [
+    "dataset=synthetic",
+    *(o for o in SIM_BASE if not o.startswith(("federation.num_sites=", "federation.min_nodes="))),
+    "num_sites=3",
+    "federation.min_nodes=3",
+    "secure_aggregation=secaggplus",
+    "tracking=none",
+]
+
+
+def _server_view(received: list[np.ndarray]):
+    """An outermost site mod: every array that leaves the site, as the server gets it."""
+
+    def mod(msg: Message, context: Context, call_next) -> Message:
+        out = call_next(msg, context)
+        if out.has_content():
+            c = out.content
+            for rec in c.array_records.values():
+                received.extend(a.numpy().ravel() for a in rec.values())
+            sec = c.config_records.get(RECORD_KEY_CONFIGS)
+            if sec is not None and Key.MASKED_PARAMETERS in sec:
+                received.extend(bytes_to_ndarray(b).ravel() for b in sec[Key.MASKED_PARAMETERS])
+        return out
+
+    return mod
+
+
+def test_the_server_sees_only_the_masked_sum(tmp_path, monkeypatch) -> None:
+    truth: list[tuple[int, list[np.ndarray], dict[str, np.ndarray]]] = []
+    real = client.secure.legacy_train
+
+    def spy(msg: Message, context: Context, call_next) -> Message:
+        """Inside secaggplus_mod: the site's true update, before masking."""
+        reply = real(msg, context, call_next)
+        fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+        received = {k: v.numpy().copy() for k, v in msg.content["arrays"].items()}
+        truth.append((fitres.num_examples, parameters_to_ndarrays(fitres.parameters), received))
+        return reply
+
+    monkeypatch.setattr(client.secure, "legacy_train", spy)
+    received: list[np.ndarray] = []
+    overrides = [*BASE, "rounds=1", f"runs_dir={tmp_path}"]
+    run_dir = run_federated(overrides, client_mods=[_server_view(received)])
+
+    assert len(truth) == 3
+    # No message reaching the server holds any site's update: every array it receives
+    # (the masked vectors, one per parameter array) differs from the site's true one
+    for _, update, _ in truth:
+        assert max(np.abs(u).max() for u in update) > 0
+        for u in update:
+            same_size = [v for v in received if v.size == u.size]
+            assert len(same_size) >= 3, "one masked vector per site for every array"
+            for vec in same_size:
+                assert not np.allclose(vec.astype(np.float64), u.ravel(), atol=1e-3)
+    updates = [np.concatenate([u.ravel() for u in upd]) for _, upd, _ in truth]
+
+    # The unmasked aggregate is plain weighted FedAvg of the same updates
+    weights = [n for n, _, _ in truth]
+    expected = sum(n * u.astype(np.float64) for n, u in zip(weights, updates, strict=True))
+    expected /= sum(weights)
+    start = truth[0][2]
+    assert all(set(t[2]) == set(start) for t in truth)  # every site got the same weights
+    final = torch.load(run_dir / "last.pt", weights_only=False)["arrays"]
+    names = list(start)
+    got = np.concatenate(
+        [(final[k].double().numpy() - start[k].astype(np.float64)).ravel() for k in names]
+    )
+    bound = quantization_bound(secure_settings(load_config(overrides).secure_aggregation), weights)
+    error = np.abs(got - expected).max()
+    assert error <= bound, (error, bound)
+    # ~3.5e-4 here: 163 images in all against max_weight=2000 (the bound scales with
+    # max_weight / total images; brain with 5 sites: about 1e-5)
+    assert bound < 1e-3
+
+
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [
+        (
+            ["secure_aggregation.reconstruction_threshold=3"],
+            "secure_aggregation.reconstruction_threshold",
+        ),
+        (["secure_aggregation.num_shares=4"], "secure_aggregation.num_shares"),
+        (["strategy=krum"], "strategy"),
+        (["strategy=fedmedian"], "strategy"),
+        (["strategy=scaffold"], "strategy"),
+        (["federation.head_init=fed3r"], "federation.head_init"),
+        (["privacy=central"], "privacy"),
+        (["secure_aggregation.modulus_range=1000"], "secure_aggregation.modulus_range"),
+    ],
+)
+def test_bad_secure_settings_fail_before_training(extra, key) -> None:
+    cfg = load_config([*BASE, *extra])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, "federated")
+    assert err.value.key == key
+    if key == "strategy":
+        assert "secure_aggregation" in str(err.value)
+
+
+def test_a_baseline_refuses_secure_aggregation() -> None:
+    cfg = load_config([*BASE, "method=pooled"])
+    with pytest.raises(ConfigError, match="secure_aggregation"):
+        validate(cfg, "pooled")
