@@ -22,6 +22,7 @@ a site needs no setting: the server's ``secure_aggregation`` decides.
 from __future__ import annotations
 
 import json
+import zlib
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -37,7 +38,16 @@ from flwr.common import (
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-from common.federated.wire import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PARAMETER_NAMES
+from common.federated.wire import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    NO_SITE,
+    NUM_EXAMPLES,
+    PARAMETER_NAMES,
+    PARTITION_ID,
+    round_number,
+)
 
 FIT_INS = "fitins.parameters"
 EVALUATE_INS = "evaluateins.parameters"
@@ -79,6 +89,7 @@ def legacy_train(msg: Message, context: Context, call_next) -> Message:
     update = [np.asarray(new[k].numpy(), dtype=np.float64) - received[k] for k in names]
     update = [u.astype(np.float32) for u in update]
     metrics = dict(reply.content[METRICS])
+    _seed_rounding(msg, context)
     fitres = FitRes(
         status=Status(Code.OK, ""),
         parameters=ndarrays_to_parameters(update),
@@ -86,6 +97,21 @@ def legacy_train(msg: Message, context: Context, call_next) -> Message:
         metrics=metrics,
     )
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
+
+
+def _seed_rounding(msg: Message, context: Context) -> None:
+    """Make SecAgg+'s stochastic rounding reproducible.
+
+    ``secaggplus_mod`` quantises the update with stochastic rounding drawn from
+    numpy's *global* generator, right after this adapter returns; unseeded, two runs
+    of the same config (or a resumed run and an uninterrupted one) differ by up to a
+    quantisation step per value, which training then amplifies. Seeding it from the
+    round and the site makes them equal. The rounding is not a secret: the masks
+    come from the protocol's own seeds, untouched by this.
+    """
+    rnd = round_number(msg.content[CONFIG])
+    site = context.node_config.get(PARTITION_ID, NO_SITE)
+    np.random.seed(zlib.crc32(f"fedscan-secagg-rounding:{rnd}:{site}".encode()))
 
 
 def legacy_evaluate(msg: Message, context: Context, call_next) -> Message:

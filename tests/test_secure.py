@@ -123,3 +123,58 @@ def test_a_baseline_refuses_secure_aggregation() -> None:
     cfg = load_config([*BASE, "method=pooled"])
     with pytest.raises(ConfigError, match="secure_aggregation"):
         validate(cfg, "pooled")
+
+
+def test_a_site_lost_after_sharing_its_keys_leaves_a_correct_mean_of_the_rest(
+    tmp_path, monkeypatch
+) -> None:
+    """Simulation (in-process sites): site 1 answers the setup and key-sharing stages,
+    then fails at the masked-vector stage, as a site that dies mid-round. With
+    num_shares=3 and threshold 2, the two others' shares rebuild its pairwise masks."""
+    truth: dict[int, tuple[int, np.ndarray]] = {}
+    real = client.secure.legacy_train
+
+    def dies_at_site_1(msg: Message, context: Context, call_next) -> Message:
+        site = int(context.node_config["partition-id"])
+        if site == 1:
+            raise RuntimeError("site 1 lost after sharing its keys")
+        reply = real(msg, context, call_next)
+        fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+        flat = np.concatenate([u.ravel() for u in parameters_to_ndarrays(fitres.parameters)])
+        start = {k: v.numpy().copy() for k, v in msg.content["arrays"].items()}
+        truth[site] = (fitres.num_examples, flat, start)
+        return reply
+
+    monkeypatch.setattr(client.secure, "legacy_train", dies_at_site_1)
+    run_dir = run_federated([*BASE, "rounds=1", f"runs_dir={tmp_path}"])
+    assert sorted(truth) == [0, 2]
+    weights = [truth[s][0] for s in (0, 2)]
+    expected = sum(
+        n * u.astype(np.float64) for n, u in ((truth[s][0], truth[s][1]) for s in (0, 2))
+    )
+    expected /= sum(weights)
+    start = truth[0][2]
+    final = torch.load(run_dir / "last.pt", weights_only=False)["arrays"]
+    got = np.concatenate(
+        [(final[k].double().numpy() - start[k].astype(np.float64)).ravel() for k in start]
+    )
+    cfg = load_config([*BASE])
+    assert np.abs(got - expected).max() <= quantization_bound(
+        secure_settings(cfg.secure_aggregation), weights
+    )
+    rows = torch.load(run_dir / "last.pt", weights_only=False)["rounds"][-1]["sites"]["train"]
+    assert sorted(r["partition-id"] for r in rows) == [0, 2]  # the lost site is not counted
+
+
+def test_a_resumed_secure_run_equals_an_uninterrupted_one(tmp_path) -> None:
+    whole = run_federated([*BASE, "rounds=2", f"runs_dir={tmp_path / 'whole'}"])
+    first = run_federated([*BASE, "rounds=1", f"runs_dir={tmp_path / 'cut'}"])
+    resumed = run_federated(
+        [*BASE, "rounds=2", f"runs_dir={tmp_path / 'cut'}", f"federation.resume={first}"]
+    )
+    assert resumed == first
+    a = torch.load(whole / "last.pt", weights_only=False)
+    b = torch.load(resumed / "last.pt", weights_only=False)
+    assert a["round"] == b["round"] == 2
+    for k in a["arrays"]:
+        torch.testing.assert_close(a["arrays"][k], b["arrays"][k], rtol=0, atol=1e-6)
