@@ -31,7 +31,7 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.server import LegacyContext, ServerConfig
+from flwr.server import LegacyContext, ServerConfig, SimpleClientManager
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
@@ -50,6 +50,26 @@ from common.federated.wire import (
 log = logging.getLogger("fedscan.server")
 
 FinishRound = Callable[[int, dict, dict, dict], dict]
+
+
+class WaitingClientManager(SimpleClientManager):
+    """Flower's legacy client manager waits up to a day for ``min_nodes`` sites before
+    sampling; fedscan's rounds wait ``federation.wait_for_nodes_s`` and then stop with
+    an error naming it, as the Message-API path does (the run folder keeps its rounds
+    and resumes)."""
+
+    def __init__(self, wait_s: float) -> None:
+        super().__init__()
+        self.wait_s = wait_s
+
+    def wait_for(self, num_clients: int, timeout: int = 86400) -> bool:
+        if super().wait_for(num_clients, timeout=int(max(self.wait_s, 1))):
+            return True
+        raise RuntimeError(
+            f"only {self.num_available()} of the {num_clients} sites needed "
+            f"(federation.min_nodes) connected within federation.wait_for_nodes_s="
+            f"{self.wait_s:g} s; resume with federation.resume=<run folder> once they are back"
+        )
 
 
 class SecureMean(LegacyFedAvg):
@@ -179,6 +199,7 @@ def run_secure_rounds(
         ),
         config=ServerConfig(num_rounds=fed.rounds - done, round_timeout=timeout),
         strategy=strategy,
+        client_manager=WaitingClientManager(fed.wait_for_nodes_s),
     )
     log.info(
         "secure aggregation: SecAgg+ with %d shares, threshold %d, clipping range %g",

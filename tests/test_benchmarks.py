@@ -124,6 +124,20 @@ def test_dp_accuracy_runs() -> None:
     assert "| features | 8 |" in out.stdout
 
 
+def test_secure_aggregation_benchmark_runs() -> None:
+    out = _synthetic(
+        [
+            "benchmarks/secure_aggregation.py",
+            "--dataset=synthetic",
+            "--sites=3",
+            "--rounds=2",
+            "--modes=features",
+            *SMALL,
+        ]
+    )
+    assert "| features | off |" in out.stdout and "| features | secaggplus |" in out.stdout
+
+
 def test_site_scale_runs(tmp_path: Path) -> None:
     _synthetic(["benchmarks/site_scale.py", "--sites", "2", "3", "--rounds=1", f"--out={tmp_path}"])
 

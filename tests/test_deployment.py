@@ -108,7 +108,11 @@ def _processes_mentioning(path: Path) -> list[str]:
     return found
 
 
-def test_tls_federation_with_authenticated_sites_survives_a_killed_site(loopback) -> None:
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secaggplus"])
+def test_tls_federation_with_authenticated_sites_survives_a_killed_site(loopback, secure) -> None:
+    """``secure``: the same run under SecAgg+ (3 shares, threshold 2); site-c dies after
+    it has shared its keys (at its third train message of round 1: setup, key sharing,
+    masked update), so the two others' shares rebuild what its masks hid."""
     procs, tmp, env = loopback
     # Step 1 of the runbook: keys. Three hospitals, plus a machine nobody registered.
     pki = tmp / "pki"
@@ -199,12 +203,18 @@ def test_tls_federation_with_authenticated_sites_survives_a_killed_site(loopback
     run_config = (
         f"dataset='synthetic' num-rounds=2 runs-dir='{runs}' "
         "overrides='model.mode=features train.lr=0.01 federation.local_epochs=3 "
-        "federation.min_nodes=2 federation.round_timeout_s=240'"
+        "federation.min_nodes=2 federation.round_timeout_s=240"
+        + (" secure_aggregation=secaggplus'" if secure else "'")
     )
     run = procs.start(
         "flwr-run", "flwr", "run", str(ROOT), "fedscan", "--stream", "--run-config", run_config
     )
-    _wait_for(lambda: "Receiving: train message" in procs.log("site-c"), 240, "round 1 at site-c")
+    messages = 3 if secure else 1
+    _wait_for(
+        lambda: procs.log("site-c").count("Receiving: train message") >= messages,
+        240 * messages,
+        "round 1 at site-c",
+    )
     procs.kill("site-c")
     _wait_for(lambda: run.poll() is not None, 420, "the run to finish")
     text = procs.log("flwr-run")
@@ -219,5 +229,8 @@ def test_tls_federation_with_authenticated_sites_survives_a_killed_site(loopback
     assert examples[ids["site-a"]] > examples[ids["site-b"]] > 40
     # the two hospitals' model learned the (synthetic) task: chance is 0.25
     assert rounds[-1]["global"]["test_grouped"]["accuracy"] >= 0.8
+    if secure:  # both rounds ran the protocol; round 1 rebuilt the lost site's masks
+        assert text.count("Secure aggregation completed.") == 2, text[-4000:]
+        return
     assert f"no update from site(s) {ids['site-c']}" in text
     assert "Node Unavailable" in text

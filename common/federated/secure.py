@@ -92,7 +92,6 @@ def check_combination(
     *,
     strategy: str,
     num_sites: int,
-    min_nodes: int,
     head_init: str,
     privacy: str,
     simulated: bool,
@@ -105,13 +104,12 @@ def check_combination(
             "secure_aggregation=secaggplus shows the server only their sum; use "
             f"{' or '.join(SUM_STRATEGIES)}, or secure_aggregation=off",
         )
-    sites = num_sites if simulated else min_nodes
-    if settings.num_shares > sites:
-        key = "num_sites" if simulated else "federation.min_nodes"
+    # In deployment the number of sites is not known in advance (min_nodes is a floor);
+    # Flower then shares among all sampled sites when they are fewer than num_shares.
+    if simulated and settings.num_shares > num_sites:
         raise ConfigError(
             "secure_aggregation.num_shares",
-            f"{settings.num_shares} shares need at least as many sites in every round; "
-            f"{key} is {sites}",
+            f"{settings.num_shares} shares need at least as many sites; num_sites is {num_sites}",
         )
     if head_init != "none":
         raise ConfigError(
