@@ -105,8 +105,10 @@ def make_client_app(overrides: tuple[str, ...] = (), outer_mods: Sequence = ()) 
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        trainer = SiteTrainer.for_node(_config(context, overrides), context.node_config)
         config = msg.content[CONFIG]
+        if HEAD_INIT in config:  # the statistics round under SecAgg+ (train messages only)
+            return statistics(msg, context)
+        trainer = SiteTrainer.for_node(_config(context, overrides), context.node_config)
         state = _load_state(context)
         control = msg.content.get(SCAFFOLD_C)  # sent by strategy=scaffold only
         update = trainer.train(

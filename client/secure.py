@@ -40,12 +40,17 @@ from flwr.compat.common import recorddict_compat as compat
 
 from common.federated.wire import (
     ARRAYS,
+    CLIPPING_RANGE,
     CONFIG,
+    HEAD_INIT,
+    MAX_WEIGHT,
     METRICS,
     NO_SITE,
     NUM_EXAMPLES,
     PARAMETER_NAMES,
     PARTITION_ID,
+    STATISTICS_KEYS,
+    STATISTICS_SCALE,
     round_number,
 )
 
@@ -80,11 +85,14 @@ def _as_message_api(msg: Message, prefix: str) -> tuple[list[str], dict[str, np.
 
 
 def legacy_train(msg: Message, context: Context, call_next) -> Message:
-    """fitins -> fedscan train -> fitres carrying the update (new - received)."""
+    """fitins -> fedscan train -> fitres carrying the update (new - received); or, for
+    the statistics round, the site's sums scaled into the clipping range."""
     names, received = _as_message_api(msg, "fitins")
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
+    if HEAD_INIT in msg.content[CONFIG]:
+        return _statistics_fitres(msg, reply, context)
     new = reply.content[ARRAYS]
     update = [np.asarray(new[k].numpy(), dtype=np.float64) - received[k] for k in names]
     update = [u.astype(np.float32) for u in update]
@@ -94,6 +102,36 @@ def legacy_train(msg: Message, context: Context, call_next) -> Message:
         status=Status(Code.OK, ""),
         parameters=ndarrays_to_parameters(update),
         num_examples=int(metrics[NUM_EXAMPLES]),
+        metrics=metrics,
+    )
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
+
+
+def _statistics_fitres(msg: Message, reply: Message, context: Context) -> Message:
+    """The site's feature sums as a SecAgg+ "update": each divided by
+    ``statistics-scale`` and sent with weight 1 (num-examples = max_weight), so the
+    protocol's mean times (sites x scale) is the total. Values outside the clipping
+    range would be clipped silently by the protocol: refused instead, naming the key.
+    The site's real image count stays in its metrics (visible, as without SecAgg+)."""
+    config = msg.content[CONFIG]
+    scale = float(config[STATISTICS_SCALE])
+    bound = float(config[CLIPPING_RANGE])
+    metrics = dict(reply.content[METRICS])
+    stats = reply.content[ARRAYS]
+    names = sorted(stats)
+    scaled = [np.asarray(stats[k].numpy(), dtype=np.float64) / scale for k in names]
+    worst = max(float(np.abs(a).max()) for a in scaled)
+    if worst > bound:
+        raise ValueError(
+            f"secure_aggregation.statistics_scale={scale:g}: this site's statistics / scale "
+            f"reach {worst:.3g}, outside the clipping range {bound:g}; raise the scale"
+        )
+    metrics[STATISTICS_KEYS] = json.dumps(names)
+    _seed_rounding(msg, context)
+    fitres = FitRes(
+        status=Status(Code.OK, ""),
+        parameters=ndarrays_to_parameters(scaled),
+        num_examples=int(config[MAX_WEIGHT]),  # weight 1: the mean of the sites' sums
         metrics=metrics,
     )
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)

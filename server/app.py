@@ -194,7 +194,17 @@ def _federate(
     )
     if fed.head_init != "none" and not fed.resume:  # a resumed run has its head already
         linear_head(model)  # a model without a linear classifier fails before any site works
-        sites = statistics_round(grid, model, keys, fed)
+        if settings.secure is not None:  # the sums under SecAgg+: only their total is seen
+            from server.secure import secure_statistics
+
+            total, sites = secure_statistics(
+                grid, settings.secure, fed, get_exchanged(model.cpu(), keys)
+            )
+            weight, bias = solve_head(fed.head_init, total, ridge=fed.head_ridge)
+            set_head(model, weight, bias, scale=fed.head_scale)
+            log.info("statistics round (%s) under SecAgg+: head solved", fed.head_init)
+        else:
+            sites = statistics_round(grid, model, keys, fed)
         state0 = get_exchanged(model.cpu(), keys)
         results = test_metrics(state0)
         record.record(0, results, {"statistics": sites})

@@ -16,6 +16,7 @@ never its update (see ``tests/test_secure.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -36,15 +37,24 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from common.federated.secure import SecureAggregationSettings
+from common.federated.secure import (
+    STATISTICS_MODULUS,
+    STATISTICS_QUANTIZATION,
+    SecureAggregationSettings,
+)
 from common.federated.settings import FederationSettings
 from common.federated.wire import (
+    CLIPPING_RANGE,
+    HEAD_INIT,
+    MAX_WEIGHT,
     NODE_ID,
     PARAMETER_NAMES,
     PROXIMAL_MU,
     ROUND_OFFSET,
     RUN_KEY,
     SERVER_ROUND,
+    STATISTICS_KEYS,
+    STATISTICS_SCALE,
 )
 
 log = logging.getLogger("fedscan.server")
@@ -172,6 +182,130 @@ class SecureMean(LegacyFedAvg):
         return None, {}
 
 
+class SecureSums(LegacyFedAvg):
+    """The statistics round as one SecAgg+ round: every connected site sends its
+    feature sums / ``statistics_scale``, all with the same weight; the unmasked mean
+    times (sites x scale) is the total. Run with a finer quantisation than training
+    rounds (:data:`STATISTICS_QUANTIZATION`): a Gram matrix's rounding noise must
+    stay well below the ridge ``lambda`` or it stops being positive definite."""
+
+    def __init__(
+        self,
+        *,
+        arrays: Mapping[str, torch.Tensor],
+        kind: str,
+        scale: float,
+        clipping_range: float,
+        max_weight: float,
+        min_nodes: int,
+    ) -> None:
+        self.names = list(arrays)
+        super().__init__(
+            fraction_fit=1.0,
+            fraction_evaluate=0.0,
+            min_fit_clients=min_nodes,
+            min_available_clients=min_nodes,
+            initial_parameters=ndarrays_to_parameters(
+                [arrays[k].detach().cpu().numpy() for k in self.names]
+            ),
+        )
+        self.kind, self.scale, self.clipping_range = kind, scale, clipping_range
+        self.max_weight = max_weight
+        self.total: dict[str, np.ndarray] | None = None
+        self.rows: list[dict] = []
+
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager):
+        pairs = super().configure_fit(server_round, parameters, client_manager)
+        extra = {
+            HEAD_INIT: self.kind,
+            PARAMETER_NAMES: json.dumps(self.names),
+            STATISTICS_SCALE: self.scale,
+            CLIPPING_RANGE: self.clipping_range,
+            MAX_WEIGHT: self.max_weight,
+        }
+        return [(p, FitIns(ins.parameters, {**ins.config, **extra})) for p, ins in pairs]
+
+    def aggregate_fit(self, server_round: int, results: list, failures: list):
+        for failure in failures:
+            log.warning("statistics round: a site failed under SecAgg+: %s", failure)
+        if not results:
+            return None, {}
+        mean = parameters_to_ndarrays(results[0][1].parameters)
+        names = json.loads(str(results[0][1].metrics[STATISTICS_KEYS]))
+        self.total = {
+            k: np.asarray(v, dtype=np.float64) * len(results) * self.scale
+            for k, v in zip(names, mean, strict=True)
+        }
+        for proxy, res in results:
+            row = {k: v for k, v in res.metrics.items() if k != STATISTICS_KEYS}
+            self.rows.append({**row, NODE_ID: int(proxy.node_id)})
+        return None, {}
+
+    def evaluate(self, server_round: int, parameters: Parameters):
+        return None
+
+
+def secure_statistics(
+    grid: Grid,
+    settings: SecureAggregationSettings,
+    fed: FederationSettings,
+    arrays: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """The summed statistics of ``fed.head_init`` from one SecAgg+ round, and the
+    sites' reply metrics; the server never holds one site's sums."""
+    strategy = SecureSums(
+        arrays=arrays,
+        kind=fed.head_init,
+        scale=settings.statistics_scale,
+        clipping_range=settings.clipping_range,
+        max_weight=settings.max_weight,
+        min_nodes=fed.min_nodes,
+    )
+    fine = dataclasses.replace(
+        settings,
+        quantization_range=STATISTICS_QUANTIZATION,
+        modulus_range=STATISTICS_MODULUS,
+    )
+    _workflow(grid, fine, fed, strategy, rounds=1)
+    if strategy.total is None:
+        raise RuntimeError(
+            "statistics round under SecAgg+: no aggregate (too few sites answered or kept "
+            "their shares; see the log above)"
+        )
+    return strategy.total, strategy.rows
+
+
+def _workflow(
+    grid: Grid,
+    settings: SecureAggregationSettings,
+    fed: FederationSettings,
+    strategy: LegacyFedAvg,
+    *,
+    rounds: int,
+) -> None:
+    """``rounds`` rounds of Flower's DefaultWorkflow with SecAgg+ as its fit workflow."""
+    timeout = settings.timeout_s or fed.round_timeout_s
+    context = LegacyContext(
+        context=Context(
+            run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}
+        ),
+        config=ServerConfig(num_rounds=rounds, round_timeout=timeout),
+        strategy=strategy,
+        client_manager=WaitingClientManager(fed.wait_for_nodes_s),
+    )
+    DefaultWorkflow(
+        fit_workflow=SecAggPlusWorkflow(
+            num_shares=settings.num_shares,
+            reconstruction_threshold=settings.reconstruction_threshold,
+            clipping_range=settings.clipping_range,
+            quantization_range=settings.quantization_range,
+            modulus_range=settings.modulus_range,
+            max_weight=settings.max_weight,
+            timeout=timeout,
+        )
+    )(grid, context)
+
+
 def run_secure_rounds(
     grid: Grid,
     settings: SecureAggregationSettings,
@@ -184,7 +318,6 @@ def run_secure_rounds(
     finish_round: FinishRound,
 ) -> None:
     """``fed.rounds - done`` rounds of FedAvg (or FedProx) under SecAgg+."""
-    timeout = settings.timeout_s or fed.round_timeout_s
     strategy = SecureMean(
         initial=initial,
         fed=fed,
@@ -193,29 +326,10 @@ def run_secure_rounds(
         done=done,
         finish_round=finish_round,
     )
-    context = LegacyContext(
-        context=Context(
-            run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}
-        ),
-        config=ServerConfig(num_rounds=fed.rounds - done, round_timeout=timeout),
-        strategy=strategy,
-        client_manager=WaitingClientManager(fed.wait_for_nodes_s),
-    )
     log.info(
         "secure aggregation: SecAgg+ with %d shares, threshold %d, clipping range %g",
         settings.num_shares,
         settings.reconstruction_threshold,
         settings.clipping_range,
     )
-    workflow = DefaultWorkflow(
-        fit_workflow=SecAggPlusWorkflow(
-            num_shares=settings.num_shares,
-            reconstruction_threshold=settings.reconstruction_threshold,
-            clipping_range=settings.clipping_range,
-            quantization_range=settings.quantization_range,
-            modulus_range=settings.modulus_range,
-            max_weight=settings.max_weight,
-            timeout=timeout,
-        )
-    )
-    workflow(grid, context)
+    _workflow(grid, settings, fed, strategy, rounds=fed.rounds - done)

@@ -3,6 +3,8 @@ and the mean it unmasks is the plain weighted FedAvg mean within the quantisatio
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,7 @@ from flwr.compat.common import recorddict_compat as compat
 import client.secure
 from common.core.config import load_config
 from common.core.errors import ConfigError
-from common.federated.secure import quantization_bound, secure_settings
+from common.federated.secure import quantization_bound, secure_settings, statistics_bound
 from common.runs.validate import validate
 from simulations.federated import run_federated
 from tests.conftest import SIM_BASE
@@ -105,7 +107,6 @@ def test_the_server_sees_only_the_masked_sum(tmp_path, monkeypatch) -> None:
         (["strategy=krum"], "strategy"),
         (["strategy=fedmedian"], "strategy"),
         (["strategy=scaffold"], "strategy"),
-        (["federation.head_init=fed3r"], "federation.head_init"),
         (["privacy=central"], "privacy"),
         (["secure_aggregation.modulus_range=1000"], "secure_aggregation.modulus_range"),
     ],
@@ -178,3 +179,42 @@ def test_a_resumed_secure_run_equals_an_uninterrupted_one(tmp_path) -> None:
     assert a["round"] == b["round"] == 2
     for k in a["arrays"]:
         torch.testing.assert_close(a["arrays"][k], b["arrays"][k], rtol=0, atol=1e-6)
+
+
+def test_the_statistics_round_under_secaggplus_sums_within_its_bound(tmp_path, monkeypatch):
+    """Fed3R's Gram and cross-term sums through SecAgg+ equal the plain sums within
+    :func:`statistics_bound`, and the one-shot head predicts as the plain one does."""
+    import server.app
+
+    totals: dict[str, dict] = {}
+    real_sum, real_solve = server.app.sum_statistics, server.app.solve_head
+
+    def plain_sum(stats):
+        totals["plain"] = real_sum(stats)
+        return totals["plain"]
+
+    def solve(kind, total, *, ridge):
+        totals.setdefault("secure", total)  # the plain run sums first, the secure one not
+        return real_solve(kind, total, ridge=ridge)
+
+    monkeypatch.setattr(server.app, "sum_statistics", plain_sum)
+    monkeypatch.setattr(server.app, "solve_head", solve)
+    one_shot = [
+        *BASE,
+        "rounds=0",
+        "model=efficientnet_lite0",
+        "model.mode=features",
+        "federation.head_init=fed3r",
+    ]
+    plain = run_federated([*one_shot, "secure_aggregation=off", f"runs_dir={tmp_path / 'p'}"])
+    totals.pop("secure")  # the plain run's own solve
+    secure = run_federated([*one_shot, f"runs_dir={tmp_path / 's'}"])
+    settings = secure_settings(load_config(one_shot).secure_aggregation)
+    bound = statistics_bound(settings, sites=3)
+    for key in ("gram", "cross"):
+        error = np.abs(totals["secure"][key] - totals["plain"][key]).max()
+        assert 0 < error <= bound, (key, error, bound)
+    first = json.loads((plain / "metrics.json").read_text())["rounds"][0]["global"]
+    again = json.loads((secure / "metrics.json").read_text())["rounds"][0]["global"]
+    for split in first:
+        assert again[split]["confusion_matrix"] == first[split]["confusion_matrix"]

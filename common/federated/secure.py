@@ -23,6 +23,10 @@ from typing import Any
 from common.core.errors import ConfigError
 
 NAMES = ("off", "secaggplus")
+# The statistics round under SecAgg+ quantises finer than training rounds: 2**30 levels
+# (the most Flower's int32 rounding holds) in a 2**40 modulus (room for 1,024 sites)
+STATISTICS_QUANTIZATION = 2**30
+STATISTICS_MODULUS = 2**40
 # Strategies whose aggregate is a weighted mean of the updates: the masked sum suffices
 SUM_STRATEGIES = ("fedavg", "fedprox")
 
@@ -35,6 +39,7 @@ class SecureAggregationSettings:
     quantization_range: int
     modulus_range: int
     max_weight: float
+    statistics_scale: float
     timeout_s: float | None
 
     def __post_init__(self) -> None:
@@ -54,6 +59,7 @@ class SecureAggregationSettings:
                 "must be a power of 2 greater than secure_aggregation.quantization_range",
             ),
             ("max_weight", self.max_weight > 0, "must be > 0"),
+            ("statistics_scale", self.statistics_scale > 0, "must be > 0"),
             ("timeout_s", self.timeout_s is None or self.timeout_s > 0, "must be > 0 or null"),
         ]
         for key, ok, msg in checks:
@@ -75,7 +81,7 @@ def secure_settings(section: Mapping[str, Any] | None) -> SecureAggregationSetti
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"secure_aggregation.{key}", f"must be an integer, got {value!r}")
         values[key] = value
-    for key in ("clipping_range", "max_weight"):
+    for key in ("clipping_range", "max_weight", "statistics_scale"):
         try:
             values[key] = float(section.get(key))
         except (TypeError, ValueError):
@@ -92,7 +98,6 @@ def check_combination(
     *,
     strategy: str,
     num_sites: int,
-    head_init: str,
     privacy: str,
     simulated: bool,
 ) -> None:
@@ -110,12 +115,6 @@ def check_combination(
         raise ConfigError(
             "secure_aggregation.num_shares",
             f"{settings.num_shares} shares need at least as many sites; num_sites is {num_sites}",
-        )
-    if head_init != "none":
-        raise ConfigError(
-            "federation.head_init",
-            f"head_init={head_init} with secure_aggregation=secaggplus is not supported yet "
-            "(the statistics round would need its sums scaled into the clipping range)",
         )
     if privacy == "central":
         raise ConfigError(
@@ -140,3 +139,12 @@ def quantization_bound(settings: SecureAggregationSettings, weights: list[float]
     total = sum(ratios)
     n = len(weights)
     return n * (c / q) / total + c * n / (q * total)
+
+
+def statistics_bound(settings: SecureAggregationSettings, sites: int) -> float:
+    """The largest error SecAgg+ can add to one entry of the summed statistics: each
+    site's sums / ``statistics_scale`` are rounded to a step of 2 c / q
+    (:data:`STATISTICS_QUANTIZATION`), their mean is off by at most one step, and
+    the total is that mean times sites x scale."""
+    step = 2 * settings.clipping_range / STATISTICS_QUANTIZATION
+    return sites * settings.statistics_scale * step

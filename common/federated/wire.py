@@ -26,6 +26,10 @@ SCAFFOLD_DELTA = "scaffold-dc"  # ArrayRecord beside ARRAYS on a train reply: de
 # Secure aggregation (legacy messages carry parameters as an unnamed list): their names, as
 # JSON text in the fit / evaluate config, in the order of the list
 PARAMETER_NAMES = "fedscan-keys"
+STATISTICS_SCALE = "statistics-scale"  # the statistics round under SecAgg+: sums / this
+MAX_WEIGHT = "max-weight"  # ... sent with this num-examples: every site weighs the same
+CLIPPING_RANGE = "clipping-range"  # ... must stay within SecAgg+'s clipping range
+STATISTICS_KEYS = "statistics-keys"  # reply metric: the statistics' names, in order (JSON)
 
 # Reply metrics, site -> server
 NUM_EXAMPLES = "num-examples"  # Flower's weighting key; 0 = "do not average me"

@@ -117,7 +117,6 @@ def validate(cfg: DictConfig, kind: str) -> Settings:
             settings.secure,
             strategy=str(cfg.strategy.name),
             num_sites=fed.num_sites,
-            head_init=fed.head_init,
             privacy=privacy,
             simulated=kind == "federated",
         )
