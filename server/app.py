@@ -263,6 +263,7 @@ def _federate(
             done=done,
             run_key=run_dir.name,
             finish_round=finish_round,
+            central_dp=settings.central_dp,
         )
         record.finish()
         return

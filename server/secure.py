@@ -33,10 +33,13 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 from flwr.server import LegacyContext, ServerConfig, SimpleClientManager
+from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping
 from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
+from common.federated.privacy import CentralDPSettings
 from common.federated.secure import (
     STATISTICS_MODULUS,
     STATISTICS_QUANTIZATION,
@@ -125,6 +128,9 @@ class SecureMean(LegacyFedAvg):
         return config
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager):
+        # The workflow's global weights: with central DP they carry the noise its
+        # wrapper added to the last aggregate, so the update is added to those
+        self.current = parameters_to_ndarrays(parameters)
         pairs = super().configure_fit(server_round, parameters, client_manager)
         extra = self._config(server_round)
         return [(p, FitIns(ins.parameters, {**ins.config, **extra})) for p, ins in pairs]
@@ -172,8 +178,10 @@ class SecureMean(LegacyFedAvg):
     def evaluate(self, server_round: int, parameters: Parameters):
         """Centralised evaluation; the round is finished here unless the sites evaluate
         it too (then in :meth:`aggregate_evaluate`, with their metrics)."""
-        if server_round > 0 and self.fraction_evaluate == 0:
-            self._finish(server_round)
+        if server_round > 0:
+            self.current = parameters_to_ndarrays(parameters)  # noised, under central DP
+            if self.fraction_evaluate == 0:
+                self._finish(server_round)
         return None
 
     def aggregate_evaluate(self, server_round: int, results: list, failures: list):
@@ -279,7 +287,7 @@ def _workflow(
     grid: Grid,
     settings: SecureAggregationSettings,
     fed: FederationSettings,
-    strategy: LegacyFedAvg,
+    strategy: LegacyStrategy,
     *,
     rounds: int,
 ) -> None:
@@ -316,8 +324,11 @@ def run_secure_rounds(
     done: int,
     run_key: str,
     finish_round: FinishRound,
+    central_dp: CentralDPSettings | None = None,
 ) -> None:
-    """``fed.rounds - done`` rounds of FedAvg (or FedProx) under SecAgg+."""
+    """``fed.rounds - done`` rounds of FedAvg (or FedProx) under SecAgg+; with
+    ``central_dp`` (client-side fixed clipping), Flower's legacy DP wrapper adds the
+    noise to the unmasked aggregate, as Flower's ``fl-dp-sa`` example composes them."""
     strategy = SecureMean(
         initial=initial,
         fed=fed,
@@ -326,10 +337,20 @@ def run_secure_rounds(
         done=done,
         finish_round=finish_round,
     )
+    outer: LegacyStrategy = strategy
+    if central_dp is not None:
+        sampled = max(1, round(len(list(grid.get_node_ids())) * fed.fraction_train))
+        outer = DifferentialPrivacyClientSideFixedClipping(
+            strategy,
+            noise_multiplier=central_dp.noise_multiplier,
+            clipping_norm=central_dp.clipping_norm,
+            num_sampled_clients=sampled,
+        )
+        log.info("central DP under SecAgg+: %s", outer)
     log.info(
         "secure aggregation: SecAgg+ with %d shares, threshold %d, clipping range %g",
         settings.num_shares,
         settings.reconstruction_threshold,
         settings.clipping_range,
     )
-    _workflow(grid, settings, fed, strategy, rounds=fed.rounds - done)
+    _workflow(grid, settings, fed, outer, rounds=fed.rounds - done)

@@ -107,7 +107,8 @@ def test_the_server_sees_only_the_masked_sum(tmp_path, monkeypatch) -> None:
         (["strategy=krum"], "strategy"),
         (["strategy=fedmedian"], "strategy"),
         (["strategy=scaffold"], "strategy"),
-        (["privacy=central"], "privacy"),
+        (["privacy=central", "privacy.side=server"], "privacy.side"),
+        (["privacy=central", "privacy.clipping=adaptive"], "privacy.clipping"),
         (["secure_aggregation.modulus_range=1000"], "secure_aggregation.modulus_range"),
     ],
 )
@@ -218,3 +219,48 @@ def test_the_statistics_round_under_secaggplus_sums_within_its_bound(tmp_path, m
     again = json.loads((secure / "metrics.json").read_text())["rounds"][0]["global"]
     for split in first:
         assert again[split]["confusion_matrix"] == first[split]["confusion_matrix"]
+
+
+def test_central_dp_under_secaggplus_clips_at_the_sites_and_noises_the_sum(
+    tmp_path, monkeypatch
+) -> None:
+    """privacy=central (client-side fixed clipping) composed with SecAgg+ as Flower's
+    fl-dp-sa example does: every update that enters the masked sum has norm <= the
+    clipping norm, and the new global model is their mean plus Gaussian noise of
+    std noise_multiplier x clipping_norm / sampled sites."""
+    truth: list[tuple[int, np.ndarray, dict[str, np.ndarray]]] = []
+    real = client.secure.legacy_train
+
+    def spy(msg: Message, context: Context, call_next) -> Message:
+        reply = real(msg, context, call_next)
+        fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+        flat = np.concatenate([u.ravel() for u in parameters_to_ndarrays(fitres.parameters)])
+        start = {k: v.numpy().copy() for k, v in msg.content["arrays"].items()}
+        truth.append((fitres.num_examples, flat.astype(np.float64), start))
+        return reply
+
+    monkeypatch.setattr(client.secure, "legacy_train", spy)
+    clip, multiplier = 0.5, 0.2
+    run_dir = run_federated(
+        [
+            *BASE,
+            "rounds=1",
+            "privacy=central",
+            f"privacy.clipping_norm={clip}",
+            f"privacy.noise_multiplier={multiplier}",
+            f"runs_dir={tmp_path}",
+        ]
+    )
+    assert len(truth) == 3
+    for _, update, _ in truth:
+        assert np.linalg.norm(update) <= clip * (1 + 1e-4)
+    weights = [n for n, _, _ in truth]
+    mean = sum(n * u for n, u, _ in truth) / sum(weights)
+    start = truth[0][2]
+    final = torch.load(run_dir / "last.pt", weights_only=False)["arrays"]
+    got = np.concatenate(
+        [(final[k].double().numpy() - start[k].astype(np.float64)).ravel() for k in start]
+    )
+    noise = got - mean
+    expected_std = multiplier * clip / 3
+    assert 0.8 * expected_std < noise.std() < 1.2 * expected_std  # thousands of values

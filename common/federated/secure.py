@@ -99,6 +99,8 @@ def check_combination(
     strategy: str,
     num_sites: int,
     privacy: str,
+    central_side: str = "client",
+    central_clipping: str = "fixed",
     simulated: bool,
 ) -> None:
     """Refuse what cannot run on a masked sum, before any training."""
@@ -116,11 +118,12 @@ def check_combination(
             "secure_aggregation.num_shares",
             f"{settings.num_shares} shares need at least as many sites; num_sites is {num_sites}",
         )
-    if privacy == "central":
+    if privacy == "central" and (central_side, central_clipping) != ("client", "fixed"):
         raise ConfigError(
-            "privacy",
-            "privacy=central with secure_aggregation=secaggplus is not supported yet "
-            "(Flower's central-DP wrappers are Message-API strategies); privacy=dp_sgd works",
+            "privacy.side" if central_side != "client" else "privacy.clipping",
+            "secure_aggregation=secaggplus works with central DP whose updates are clipped "
+            "at the sites with a fixed norm (privacy.side=client, privacy.clipping=fixed): "
+            "the server cannot clip or count what it cannot see",
         )
 
 

@@ -118,6 +118,8 @@ def validate(cfg: DictConfig, kind: str) -> Settings:
             strategy=str(cfg.strategy.name),
             num_sites=fed.num_sites,
             privacy=privacy,
+            central_side=str(cfg.privacy.get("side", "client")),
+            central_clipping=str(cfg.privacy.get("clipping", "fixed")),
             simulated=kind == "federated",
         )
     if kind in ("local", "pooled", "centralised") and settings.secure is not None:
