@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -299,6 +300,9 @@ def track_finished(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def _quiet_store_logs() -> None:
-    """The SQLite store's first open runs Alembic migrations, a line per step at INFO."""
+    """The SQLite store's first open runs Alembic migrations, a line per step at INFO,
+    and MLflow 3.17's store trips a SQLAlchemy 2.1 deprecation warning the user cannot
+    act on."""
     for name in ("alembic", "mlflow.store.db.utils", "mlflow.store.tracking.sqlalchemy_store"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message="The ``noload`` loader strategy is deprecated")
