@@ -147,3 +147,41 @@ def test_metric_keys_follow_the_metrics_json() -> None:
     }
     sites = {"train": [{"partition-id": 3, "node_id": 99, "train_loss": 0.5, "note": "x"}]}
     assert site_scalars(sites) == {"site3/train/train_loss": 0.5}
+
+
+def test_a_centralised_run_is_mirrored_epoch_by_epoch(tmp_path: Path, monkeypatch) -> None:
+    from simulations.cli import main
+
+    monkeypatch.delenv("FEDSCAN_DATA", raising=False)
+    runs = tmp_path / "runs"
+    code = main(
+        [
+            "train",
+            f"runs_dir={runs}",
+            "model=paper_cnn",
+            "dataset.image_size=32",
+            "dataset.size=32",
+            "dataset.per_class=16",
+            "train.epochs=2",
+        ]
+    )
+    assert code == 0
+    client = _client(runs)
+    (run,) = client.search_runs([client.get_experiment_by_name("fedscan").experiment_id])
+    assert run.data.tags["fedscan.kind"] == "centralised"
+    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert [m.step for m in history] == [1, 2]
+    assert "test_grouped/accuracy/ci_high" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "metrics.json" in artifacts and "model.pt" not in artifacts
+
+
+def test_a_local_baseline_is_mirrored_site_by_site(tmp_path: Path) -> None:
+    from simulations.harness import run_one
+
+    runs = tmp_path / "runs"
+    run_one([*BASE, "method=local", "rounds=1", f"runs_dir={runs}"])
+    client = _client(runs)
+    (run,) = client.search_runs([client.get_experiment_by_name("fedscan").experiment_id])
+    assert run.data.tags["fedscan.kind"] == "local"
+    assert {"site0/test_grouped/accuracy", "site1/test_grouped/accuracy"} <= set(run.data.metrics)
