@@ -22,6 +22,7 @@ a site needs no setting: the server's ``secure_aggregation`` decides.
 from __future__ import annotations
 
 import json
+import logging
 import zlib
 
 import numpy as np
@@ -53,6 +54,8 @@ from common.federated.wire import (
     STATISTICS_SCALE,
     round_number,
 )
+
+log = logging.getLogger("fedscan.site")
 
 FIT_INS = "fitins.parameters"
 EVALUATE_INS = "evaluateins.parameters"
@@ -95,8 +98,10 @@ def legacy_train(msg: Message, context: Context, call_next) -> Message:
         return _statistics_fitres(msg, reply, context)
     new = reply.content[ARRAYS]
     update = [np.asarray(new[k].numpy(), dtype=np.float64) - received[k] for k in names]
-    update = [u.astype(np.float32) for u in update]
+    # float64: SecAgg+ shifts values by the clipping range before rounding, and at 256 a
+    # float32 keeps only ~3e-5 (this array never leaves the site: the mod masks it)
     metrics = dict(reply.content[METRICS])
+    _warn_if_clipped(update, int(metrics[NUM_EXAMPLES]), msg.content[CONFIG])
     _seed_rounding(msg, context)
     fitres = FitRes(
         status=Status(Code.OK, ""),
@@ -135,6 +140,31 @@ def _statistics_fitres(msg: Message, reply: Message, context: Context) -> Messag
         metrics=metrics,
     )
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
+
+
+def _warn_if_clipped(update: list[np.ndarray], n: int, config) -> None:
+    """SecAgg+ clips the weighted update (update x n / max_weight) to the clipping
+    range without a word; a clipped site pulls the mean towards zero. Say so here,
+    where the values are known, naming the key that fixes it."""
+    if CLIPPING_RANGE not in config or MAX_WEIGHT not in config:
+        return
+    bound, weight = float(config[CLIPPING_RANGE]), n / float(config[MAX_WEIGHT])
+    worst = max((float(np.abs(u).max()) for u in update if u.size), default=0.0) * weight
+    if worst > bound:
+        log.warning(
+            "secure_aggregation.clipping_range=%g: this site's weighted update reaches %.3g "
+            "and is clipped by SecAgg+ (the mean is pulled towards zero); raise it",
+            bound,
+            worst,
+        )
+    if weight > 1:
+        log.warning(
+            "secure_aggregation.max_weight=%g is below this site's %d training images; "
+            "raise it to at least %d",
+            float(config[MAX_WEIGHT]),
+            n,
+            n,
+        )
 
 
 def _seed_rounding(msg: Message, context: Context) -> None:

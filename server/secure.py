@@ -98,8 +98,11 @@ class SecureMean(LegacyFedAvg):
         run_key: str,
         done: int,
         finish_round: FinishRound,
+        clipping_range: float,
+        max_weight: float,
     ) -> None:
         self.names = list(initial)
+        self.clipping_range, self.max_weight = clipping_range, max_weight
         self.current = [initial[k].detach().cpu().numpy() for k in self.names]
         super().__init__(
             fraction_fit=fed.fraction_train,
@@ -122,6 +125,8 @@ class SecureMean(LegacyFedAvg):
             ROUND_OFFSET: self.done,
             RUN_KEY: self.run_key,
             PARAMETER_NAMES: json.dumps(self.names),
+            CLIPPING_RANGE: self.clipping_range,  # the site warns when its update is clipped
+            MAX_WEIGHT: self.max_weight,
         }
         if self.proximal_mu:
             config[PROXIMAL_MU] = self.proximal_mu
@@ -336,6 +341,8 @@ def run_secure_rounds(
         run_key=run_key,
         done=done,
         finish_round=finish_round,
+        clipping_range=settings.clipping_range,
+        max_weight=settings.max_weight,
     )
     outer: LegacyStrategy = strategy
     if central_dp is not None:
