@@ -39,6 +39,7 @@ from flwr.common import (
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
+from common.federated.secure import scaled_statistics, weighted_peak
 from common.federated.wire import (
     ARRAYS,
     CLIPPING_RANGE,
@@ -115,22 +116,16 @@ def legacy_train(msg: Message, context: Context, call_next) -> Message:
 def _statistics_fitres(msg: Message, reply: Message, context: Context) -> Message:
     """The site's feature sums as a SecAgg+ "update": each divided by
     ``statistics-scale`` and sent with weight 1 (num-examples = max_weight), so the
-    protocol's mean times (sites x scale) is the total. Values outside the clipping
-    range would be clipped silently by the protocol: refused instead, naming the key.
-    The site's real image count stays in its metrics (visible, as without SecAgg+)."""
+    protocol's mean times (sites x scale) is the total (values outside the clipping
+    range are refused: :func:`scaled_statistics`). The site's real image count stays
+    in its metrics (visible, as without SecAgg+)."""
     config = msg.content[CONFIG]
-    scale = float(config[STATISTICS_SCALE])
-    bound = float(config[CLIPPING_RANGE])
     metrics = dict(reply.content[METRICS])
-    stats = reply.content[ARRAYS]
-    names = sorted(stats)
-    scaled = [np.asarray(stats[k].numpy(), dtype=np.float64) / scale for k in names]
-    worst = max(float(np.abs(a).max()) for a in scaled)
-    if worst > bound:
-        raise ValueError(
-            f"secure_aggregation.statistics_scale={scale:g}: this site's statistics / scale "
-            f"reach {worst:.3g}, outside the clipping range {bound:g}; raise the scale"
-        )
+    names, scaled = scaled_statistics(
+        {k: a.numpy() for k, a in reply.content[ARRAYS].items()},
+        scale=float(config[STATISTICS_SCALE]),
+        clipping_range=float(config[CLIPPING_RANGE]),
+    )
     metrics[STATISTICS_KEYS] = json.dumps(names)
     _seed_rounding(msg, context)
     fitres = FitRes(
@@ -148,8 +143,8 @@ def _warn_if_clipped(update: list[np.ndarray], n: int, config) -> None:
     where the values are known, naming the key that fixes it."""
     if CLIPPING_RANGE not in config or MAX_WEIGHT not in config:
         return
-    bound, weight = float(config[CLIPPING_RANGE]), n / float(config[MAX_WEIGHT])
-    worst = max((float(np.abs(u).max()) for u in update if u.size), default=0.0) * weight
+    bound, max_weight = float(config[CLIPPING_RANGE]), float(config[MAX_WEIGHT])
+    worst = weighted_peak(update, n, max_weight=max_weight)
     if worst > bound:
         log.warning(
             "secure_aggregation.clipping_range=%g: this site's weighted update reaches %.3g "
@@ -157,11 +152,11 @@ def _warn_if_clipped(update: list[np.ndarray], n: int, config) -> None:
             bound,
             worst,
         )
-    if weight > 1:
+    if n > max_weight:
         log.warning(
             "secure_aggregation.max_weight=%g is below this site's %d training images; "
             "raise it to at least %d",
-            float(config[MAX_WEIGHT]),
+            max_weight,
             n,
             n,
         )

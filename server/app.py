@@ -27,11 +27,12 @@ from common.federated.wire import (
     NODE_ID,
     ROUND_OFFSET,
     RUN_KEY,
+    SERVER_ROUND,
 )
 from common.learn.models import StagedModel
 from common.learn.prepare import prepare_run
 from common.learn.training import Batches, evaluate_model, place_model
-from common.runs.record import FederatedRun, new_run_dir
+from common.runs.record import REFITTED, FederatedRun, new_run_dir
 from common.runs.tracking import Tracker, start_tracking
 from common.runs.validate import validate
 from server.strategies import build_strategy, wrap_central_dp
@@ -55,13 +56,20 @@ def wait_for_nodes(grid: Grid, min_nodes: int, timeout_s: float) -> int:
         time.sleep(1.0)
 
 
+def install_head(model: StagedModel, total: dict, fed: FederationSettings, kind: str) -> None:
+    """Solve the ``kind`` head from the sites' summed statistics and write it, times
+    ``fed.head_scale``, into ``model`` (plain and SecAgg+ rounds alike)."""
+    weight, bias = solve_head(kind, total, ridge=fed.head_ridge)
+    set_head(model, weight, bias, scale=fed.head_scale)
+
+
 def statistics_round(
-    grid: Grid, model: StagedModel, keys: list[str], fed: FederationSettings
+    grid: Grid, model: StagedModel, keys: list[str], fed: FederationSettings, kind: str
 ) -> list[dict]:
-    """The one-shot statistics round (``federation.head_init``): every site sends the
-    sums of its classifier-input features; their total solves the head, written into
-    ``model``. Returns the sites' reply metrics (sizes, bytes sent)."""
-    kind = fed.head_init
+    """A statistics round (``federation.head_init`` before round 1, ``head_refit`` after
+    the last): every site sends the ``kind`` sums of its classifier-input features
+    under ``model``'s weights; their total solves the head, written into ``model``.
+    Returns the sites' reply metrics (sizes, bytes sent)."""
     nodes = list(grid.get_node_ids())
     messages = [
         Message(
@@ -96,8 +104,7 @@ def statistics_round(
             f"statistics round: {len(stats)} of {len(nodes)} sites answered, "
             f"fewer than {fed.min_nodes}",
         )
-    weight, bias = solve_head(kind, sum_statistics(stats), ridge=fed.head_ridge)
-    set_head(model, weight, bias, scale=fed.head_scale)
+    install_head(model, sum_statistics(stats), fed, kind)
     log.info(
         "statistics round (%s): head solved from %d sites, %.1f s, %.1f KiB per site",
         kind,
@@ -105,6 +112,34 @@ def statistics_round(
         time.perf_counter() - start,
         sum(r["bytes"] for r in rows) / len(rows) / 1024,
     )
+    return rows
+
+
+def evaluate_sites(grid: Grid, arrays: dict, fed: FederationSettings, rnd: int) -> list[dict]:
+    """Every site scores ``arrays`` on its own validation split (a Flower ``evaluate``
+    message, as the strategy sends): the sites' validation metrics of a model the
+    strategy did not make, e.g. the head refit after the last round."""
+    messages = [
+        Message(
+            content=RecordDict(
+                {
+                    ARRAYS: ArrayRecord(arrays),
+                    CONFIG: ConfigRecord({SERVER_ROUND: rnd, ROUND_OFFSET: 0}),
+                }
+            ),
+            dst_node_id=node,
+            message_type=MessageType.EVALUATE,
+        )
+        for node in grid.get_node_ids()
+    ]
+    rows = []
+    for reply in grid.send_and_receive(messages, timeout=fed.round_timeout_s):
+        if reply.has_error():
+            log.warning("site %s failed to evaluate: %s", reply.metadata.src_node_id, reply.error)
+            continue
+        row = dict(reply.content[METRICS])
+        row[NODE_ID] = int(reply.metadata.src_node_id)
+        rows.append(row)
     return rows
 
 
@@ -117,7 +152,8 @@ def run_server(grid: Grid, cfg: DictConfig) -> Path:
     n_nodes = wait_for_nodes(grid, fed.min_nodes, fed.wait_for_nodes_s)
     log.info("%d sites connected", n_nodes)
     recording = strategy  # keeps per-site metrics and the resumable state
-    if settings.central_dp is not None:
+    # under SecAgg+ server/secure.py wraps Flower's legacy workflow in its own DP wrapper
+    if settings.central_dp is not None and settings.secure is None:
         sampled = max(1, round(n_nodes * fed.fraction_train))
         strategy = wrap_central_dp(recording, settings.central_dp, sampled)
         log.info("central DP: %s", strategy)
@@ -129,17 +165,20 @@ def run_server(grid: Grid, cfg: DictConfig) -> Path:
         run_dir = Path(fed.resume).expanduser().resolve()
         record, state = FederatedRun.resume(run_dir, cfg, **folder)
         done = int(state["round"])
+        refitted = bool(state.get(REFITTED, False))
         set_exchanged(model, state["arrays"], keys)
         recording.import_state(state["strategy_state"])
         log.info("resuming %s after round %d of %d", run_dir, done, rounds)
     else:
         run_dir = new_run_dir(cfg, "federated")
         record = FederatedRun(run_dir, cfg, **folder)
-        done = 0
+        done, refitted = 0, False
     log.info("run folder: %s", run_dir)
     tracker = start_tracking(cfg, run_dir, kind="federated")  # resumed: the same MLflow run
     try:
-        _federate(grid, cfg, settings, strategy, recording, run, record, done, tracker)
+        _federate(
+            grid, cfg, settings, strategy, recording, run, keys, record, done, refitted, tracker
+        )
     except BaseException:
         tracker.finish(run_dir, failed=True)
         raise
@@ -154,17 +193,18 @@ def _federate(
     strategy: Any,
     recording: Any,
     run: Any,
+    keys: list[str],
     record: FederatedRun,
     done: int,
+    refitted: bool,
     tracker: Tracker,
 ) -> None:
-    """The statistics round (if any) and the strategy's rounds, recorded in ``record``
-    and mirrored to ``tracker`` round by round."""
+    """The statistics round (if any), the strategy's rounds and the head refit (if
+    any), recorded in ``record`` and mirrored to ``tracker`` round by round."""
     fed = settings.federation
     rounds = fed.rounds
     device, data, model, start = run.device, run.data, run.model, run.start
     classes = run.classes
-    keys = exchanged_keys(model, fedbn=fed.fedbn)
     tests = {
         n: Batches(run.x, run.labels, idx, batch_size=64) for n, idx in data.splits.tests.items()
     }
@@ -192,19 +232,63 @@ def _federate(
         "frozen-trunk features); round %d is slower than the rest",
         0 if fed.head_init != "none" and not fed.resume else done + 1,
     )
+
+    def statistics(kind: str) -> list[dict]:
+        """One statistics round on ``model``'s current weights; the head it solves is
+        written into ``model``. Returns the sites' reply metrics."""
+        if settings.secure is None:
+            return statistics_round(grid, model, keys, fed, kind)
+        from server.secure import secure_statistics  # only the sums' total is seen
+
+        total, sites = secure_statistics(
+            grid, settings.secure, fed, get_exchanged(model.cpu(), keys), kind=kind
+        )
+        install_head(model, total, fed, kind)
+        log.info("statistics round (%s) under SecAgg+: head solved", kind)
+        return sites
+
+    def refit_head() -> None:
+        """``federation.head_refit``: the final global model's head re-solved from the
+        sites' statistics of its own features; round ``rounds`` is recorded again with
+        the refitted model, which the sites score on their validation splits too (the
+        metrics before the refit kept beside: ``before_refit``, and the sites' as
+        ``sites_before_refit``)."""
+        before = next((r for r in record.rounds if r["round"] == rounds), {})
+        sites = {**before.get("sites", {}), "statistics": statistics(fed.head_refit)}
+        state = get_exchanged(model.cpu(), keys)
+        if fed.fraction_evaluate > 0:
+            sites["evaluate"] = evaluate_sites(grid, state, fed, rounds)
+        results = test_metrics(state)
+        record.record(
+            rounds,
+            results,
+            sites,
+            before_refit=before.get("global", {}),
+            sites_before_refit=before.get("sites", {}).get("evaluate", []),
+        )
+        tracker.log_round(rounds, results, {k: sites[k] for k in ("statistics", "evaluate")})
+        record.checkpoint(
+            rounds,
+            state,
+            recording.export_state(),
+            best=record.is_best(results),
+            **{REFITTED: True},
+        )
+        first = next(iter(results))
+        log.info(
+            "round %d with the refitted %s head  %s acc %.4f  macro-F1 %.4f",
+            rounds,
+            fed.head_refit,
+            first,
+            results[first]["accuracy"],
+            results[first]["macro_f1"],
+        )
+
+    if fed.head_refit != "none":
+        linear_head(model, key="federation.head_refit")  # before any site works
     if fed.head_init != "none" and not fed.resume:  # a resumed run has its head already
         linear_head(model)  # a model without a linear classifier fails before any site works
-        if settings.secure is not None:  # the sums under SecAgg+: only their total is seen
-            from server.secure import secure_statistics
-
-            total, sites = secure_statistics(
-                grid, settings.secure, fed, get_exchanged(model.cpu(), keys)
-            )
-            weight, bias = solve_head(fed.head_init, total, ridge=fed.head_ridge)
-            set_head(model, weight, bias, scale=fed.head_scale)
-            log.info("statistics round (%s) under SecAgg+: head solved", fed.head_init)
-        else:
-            sites = statistics_round(grid, model, keys, fed)
+        sites = statistics(fed.head_init)
         state0 = get_exchanged(model.cpu(), keys)
         results = test_metrics(state0)
         record.record(0, results, {"statistics": sites})
@@ -219,14 +303,19 @@ def _federate(
             results[first]["macro_f1"],
         )
     if done >= rounds:
-        log.info("nothing to do: %d of %d rounds already done", done, rounds)
+        if fed.head_refit != "none" and not refitted:  # stopped between last round and refit
+            refit_head()
+        else:
+            log.info("nothing to do: %d of %d rounds already done", done, rounds)
         record.finish()
         return
 
     every = fed.evaluate_every
+    final: list[dict] = [{}]
 
     def finish_round(rnd: int, state: dict, sites: dict, strategy_state: dict) -> dict:
         """Per round: test metrics when scheduled, site metrics and a checkpoint always."""
+        final[0] = state  # the last round's global weights, for the head refit
         results = {}
         if rnd % every == 0 or rnd == rounds:
             results = test_metrics(state)
@@ -265,6 +354,9 @@ def _federate(
             finish_round=finish_round,
             central_dp=settings.central_dp,
         )
+        if fed.head_refit != "none":
+            set_exchanged(model, final[0], keys)
+            refit_head()
         record.finish()
         return
 
@@ -290,6 +382,9 @@ def _federate(
         evaluate_config=ConfigRecord({ROUND_OFFSET: done}),
         evaluate_fn=evaluate_fn,
     )
+    if fed.head_refit != "none":
+        set_exchanged(model, final[0], keys)
+        refit_head()
     record.finish()
 
 

@@ -263,12 +263,14 @@ def secure_statistics(
     settings: SecureAggregationSettings,
     fed: FederationSettings,
     arrays: Mapping[str, torch.Tensor],
+    *,
+    kind: str,
 ) -> tuple[dict[str, np.ndarray], list[dict]]:
-    """The summed statistics of ``fed.head_init`` from one SecAgg+ round, and the
+    """The summed ``kind`` statistics (fed3r | fedncm) from one SecAgg+ round, and the
     sites' reply metrics; the server never holds one site's sums."""
     strategy = SecureSums(
         arrays=arrays,
-        kind=fed.head_init,
+        kind=kind,
         scale=settings.statistics_scale,
         clipping_range=settings.clipping_range,
         max_weight=settings.max_weight,

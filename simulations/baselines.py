@@ -104,6 +104,18 @@ def run_local(cfg: DictConfig) -> Path:
         val = Batches(x, c.labels, val_idx, batch_size=64)
         if budget > 0:
             fit(model, train, val, settings, device=device, start=start)
+            if fed.head_refit != "none":  # the site's own refit, from its data alone
+                closed_form_head(
+                    model,
+                    fed.head_refit,
+                    x,
+                    c.labels,
+                    train_idx,
+                    start=start,
+                    device=device,
+                    ridge=ridge,
+                    scale=fed.head_scale,
+                )
         final = {
             name: evaluate_model(
                 model,

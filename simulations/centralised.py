@@ -105,6 +105,20 @@ def run_centralised(cfg: DictConfig, *, kind: str = "centralised", train: bool =
         if train
         else []
     )
+    refit = checked.federation.head_refit
+    if refit != "none" and train:  # the pooled reference of a federated head refit
+        closed_form_head(
+            model,
+            refit,
+            x,
+            c.labels,
+            s.train,
+            start=start,
+            device=device,
+            ridge=checked.federation.head_ridge,
+            scale=checked.federation.head_scale,
+        )
+        log.info("classifier: re-solved (%s) on the trained model's features", refit)
     t_fit = time.perf_counter() - t_fit
 
     results = {}

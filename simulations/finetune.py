@@ -39,6 +39,8 @@ DATASETS = {"brain_mri": [], "lung_ct": ["dataset.split.fold=0"], "synthetic": [
 METHODS = {
     "fedavg": ["strategy=fedavg"],
     "fedavg+bsm": ["strategy=fedavg", "train.loss=balanced_softmax"],
+    # FedAvg, then the head re-solved from the sites' Fed3R sums of the final features
+    "fedavg+refit": ["strategy=fedavg", "federation.head_refit=fed3r"],
     "fed3r+fedavg": ["strategy=fedavg", "federation.head_init=fed3r"],
     # + the balanced softmax at each site (train.loss): the fine-tuned blocks drift
     # under skew because each site's loss pushes down the classes it lacks
@@ -101,7 +103,10 @@ def run_cell(folder: Path, overrides: list[str]) -> Path:
         try:
             rec = read_run(folder)
             if rec.kind != "federated" or (
-                rec.rounds and rec.rounds[-1]["round"] >= int(rec.cfg.rounds)
+                rec.rounds
+                and rec.rounds[-1]["round"] >= int(rec.cfg.rounds)
+                # a head refit still due after the last round: resumed, it runs
+                and (rec.head_refit == "none" or "before_refit" in rec.rounds[-1])
             ):
                 log.info("finetune: %s is done, reused", folder.name)
                 return folder
@@ -130,6 +135,10 @@ def curves(run: Path) -> dict[str, Any]:
                 "round": r["round"],
                 "seconds": r.get("seconds"),
                 **{s: 100 * float(m["accuracy"]) for s, m in r["global"].items()},
+                # federation.head_refit: the same round's model before its head was re-solved
+                "before_refit": {
+                    s: 100 * float(m["accuracy"]) for s, m in r.get("before_refit", {}).items()
+                },
             }
             for r in rec.evaluated_rounds
         ],
@@ -175,7 +184,10 @@ def write_page(
         "of Fed3R + FedAvg is the one-shot head on the pretrained blocks; `+bsm`: each site "
         "trains with the balanced softmax (`train.loss=balanced_softmax`); `+fbn`: BatchNorm "
         "keeps its stored statistics while the blocks train (`model.freeze_bn=true`); "
-        "`+fhead`: the one-shot head stays fixed (`federation.head_freeze=true`). Lung: fold "
+        "`+fhead`: the one-shot head stays fixed (`federation.head_freeze=true`); `+refit`: "
+        "after the last round the head is re-solved from the sites' Fed3R sums of the final "
+        "model's features (`federation.head_refit=fed3r`; the last round's row is the "
+        "refitted model, the row before it the same model before the refit). Lung: fold "
         "0 of the scan-grouped split. Values in %.",
         "",
     ]
@@ -214,6 +226,9 @@ def write_page(
                 "|---|" + "---|" * (len(splits) + 1),
             ]
             for r in c["rounds"]:
+                if r["before_refit"]:
+                    vals = " | ".join(_fmt(r["before_refit"].get(s)) for s in splits)
+                    lines.append(f"| {r['round']}, before the refit | {vals} | |")
                 vals = " | ".join(_fmt(r.get(s)) for s in splits)
                 lines.append(f"| {r['round']} | {vals} | {_fmt(r['seconds'])} |")
             lines.append("")

@@ -273,3 +273,97 @@ def test_exact_on_real_cached_features_of_a_small_brain_subset(brain_subset: Pat
     for c in range(C):
         mean = phi[labels == c].mean(0)
         assert np.abs(w[c] - mean / np.linalg.norm(mean)).max() < 1e-6
+
+
+# ------------------------------------------------------------------ the head refit
+def _refit_reference(run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The refitted head in ``last.pt`` and the pooled ridge head of the final model's
+    features over both sites' training splits, computed here in one place."""
+    from omegaconf import OmegaConf
+
+    from common.federated.exchange import set_exchanged
+    from common.federated.site import site_indices
+    from common.learn.prepare import prepare_run
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    run = prepare_run(cfg)
+    state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
+    set_exchanged(run.model, state["arrays"], list(state["arrays"]))
+    train = np.concatenate(
+        [site_indices(cfg, run.data, partition_id=p, num_partitions=2)[0] for p in range(2)]
+    )
+    phi = classifier_features(run.model, run.x, train, start=run.start, device=torch.device("cpu"))
+    labels = run.data.collection.labels[train]
+    w, b = solve_head("fed3r", site_statistics("fed3r", phi, labels, 4), ridge=1.0)
+    head = linear_head(run.model)
+    scale = float(cfg.federation.head_scale)
+    got_w = head.weight.detach().double().numpy() / scale
+    got_b = head.bias.detach().double().numpy() / scale
+    return got_w, got_b, w, b
+
+
+@pytest.mark.usefixtures("_no_real_data")
+def test_the_head_refit_after_the_last_round_is_the_pooled_ridge_head(tmp_path: Path) -> None:
+    """``federation.head_refit=fed3r``: after round 1 a statistics round re-solves the
+    head on the final model's features; round 1 is recorded with the refitted model,
+    the metrics before it kept beside; the sites score the refitted model on their
+    validation splits; the method says so."""
+    from common.commands.report import load_run
+
+    base = [*SIM_BASE, "federation.fraction_evaluate=1", f"runs_dir={tmp_path}"]
+    run_dir = run_federated([*base, "rounds=1", "federation.head_refit=fed3r"])
+    rows = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rows] == [1]
+    row = rows[0]
+    assert set(row["before_refit"]) == set(row["global"]) and row["before_refit"]
+    assert len(row["sites"]["statistics"]) == 2 and len(row["sites"]["train"]) == 2
+    assert len(row["sites"]["evaluate"]) == 2 and len(row["sites_before_refit"]) == 2
+    assert row["sites"]["evaluate"] != row["sites_before_refit"]  # the refitted model's
+    got_w, got_b, w, b = _refit_reference(run_dir)
+    # float32 weights in the model: the solved head is float64, written as float32
+    assert np.abs(got_w - w).max() < 1e-5 * max(1.0, np.abs(w).max())
+    assert np.abs(got_b - b).max() < 1e-5 * max(1.0, np.abs(b).max())
+    assert {r["method"] for r in load_run(run_dir)} == {"fedavg+refit(fed3r)"}
+
+
+@pytest.mark.usefixtures("_no_real_data")
+def test_a_run_stopped_before_its_refit_refits_on_resume_and_only_once(tmp_path: Path) -> None:
+    base = [*SIM_BASE, "federation.fraction_evaluate=0", "rounds=1", f"runs_dir={tmp_path}"]
+    run_dir = run_federated(base)  # its last.pt: round 1 done, no refit
+    before = json.loads((run_dir / "metrics.json").read_text())["rounds"][0]["global"]
+    refit = [*base, "federation.head_refit=fed3r", f"federation.resume={run_dir}"]
+    run_federated(refit)
+    rows = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rows] == [1] and "statistics" in rows[0]["sites"]
+    assert rows[0]["before_refit"] == before
+    state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
+    run_federated(refit)  # refitted already: nothing to do, nothing rewritten
+    again = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
+    assert all(torch.equal(state["arrays"][k], again["arrays"][k]) for k in state["arrays"])
+    assert json.loads((run_dir / "metrics.json").read_text())["rounds"] == rows
+
+
+@pytest.mark.usefixtures("_no_real_data")
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["federation.head_refit=ridge"],
+        ["federation.head_refit=fed3r", "federation.head_init=fed3r", "rounds=0"],
+        ["federation.head_refit=fed3r", "privacy=dp_sgd"],
+    ],
+)
+def test_bad_head_refit_settings_are_refused_naming_the_key(overrides) -> None:
+    from common.core.config import load_config
+    from common.runs.validate import validate
+
+    with pytest.raises(ConfigError) as err:
+        validate(load_config([*SIM_BASE, *overrides]), "federated")
+    assert err.value.key == "federation.head_refit"
+
+
+def test_a_head_refit_needs_a_linear_head_and_says_which_key() -> None:
+    model = build_model({"name": "efficientnet_lite0", "mode": "features"}, 3)
+    model.stages[-1] = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    with pytest.raises(ConfigError) as err:
+        linear_head(model, key="federation.head_refit")
+    assert err.value.key == "federation.head_refit"

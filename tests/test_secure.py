@@ -16,7 +16,13 @@ from flwr.compat.common import recorddict_compat as compat
 import client.secure
 from common.core.config import load_config
 from common.core.errors import ConfigError
-from common.federated.secure import quantization_bound, secure_settings, statistics_bound
+from common.federated.secure import (
+    quantization_bound,
+    scaled_statistics,
+    secure_settings,
+    statistics_bound,
+    weighted_peak,
+)
 from common.runs.validate import validate
 from simulations.federated import run_federated
 from tests.conftest import SIM_BASE
@@ -119,6 +125,23 @@ def test_bad_secure_settings_fail_before_training(extra, key) -> None:
     assert err.value.key == key
     if key == "strategy":
         assert "secure_aggregation" in str(err.value)
+
+
+def test_statistics_are_scaled_in_name_order_and_refused_outside_the_range() -> None:
+    stats = {"gram": np.array([[512.0, -1024.0]]), "cross": np.array([256.0])}
+    names, scaled = scaled_statistics(stats, scale=512, clipping_range=2.0)
+    assert names == ["cross", "gram"]
+    np.testing.assert_array_equal(scaled[1], [[1.0, -2.0]])
+    assert scaled[0].dtype == np.float64
+    with pytest.raises(ConfigError) as err:
+        scaled_statistics(stats, scale=256, clipping_range=2.0)  # |-1024 / 256| = 4 > 2
+    assert err.value.key == "secure_aggregation.statistics_scale"
+
+
+def test_the_weighted_peak_is_what_secaggplus_clips() -> None:
+    update = [np.array([0.5, -3.0]), np.zeros(0), np.array([[1.0]])]
+    assert weighted_peak(update, 500, max_weight=2000) == pytest.approx(0.75)
+    assert weighted_peak([np.zeros(0)], 10, max_weight=2000) == 0.0
 
 
 def test_a_baseline_refuses_secure_aggregation() -> None:
@@ -264,3 +287,16 @@ def test_central_dp_under_secaggplus_clips_at_the_sites_and_noises_the_sum(
     noise = got - mean
     expected_std = multiplier * clip / 3
     assert 0.8 * expected_std < noise.std() < 1.2 * expected_std  # thousands of values
+
+
+def test_the_head_refit_runs_under_secaggplus_after_the_last_round(tmp_path) -> None:
+    """``federation.head_refit`` under SecAgg+: one more masked round of sums after the
+    last training round; round 1 is recorded again with the refitted head."""
+    run_dir = run_federated(
+        [*BASE, "rounds=1", "federation.head_refit=fed3r", f"runs_dir={tmp_path}"]
+    )
+    rows = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rows] == [1]
+    assert len(rows[0]["sites"]["statistics"]) == 3 and rows[0]["before_refit"]
+    state = torch.load(run_dir / "last.pt", weights_only=False)
+    assert state["head_refit_done"] is True

@@ -39,8 +39,9 @@ from common.learn.training import autocast
 STAT_KEYS = {"fed3r": ("gram", "cross"), "fedncm": ("class_sums", "class_counts")}
 
 
-def linear_head(model: StagedModel) -> nn.Linear:
-    """The model's final ``nn.Linear`` (the classifier stage, after dropout / identity)."""
+def linear_head(model: StagedModel, *, key: str = "federation.head_init") -> nn.Linear:
+    """The model's final ``nn.Linear`` (the classifier stage, after dropout / identity);
+    a model without one is refused naming ``key``, the setting that needs it."""
     stage = model.stages[-1]
     modules = list(stage) if isinstance(stage, nn.Sequential) else [stage]
     head, rest = modules[-1], modules[:-1]
@@ -48,9 +49,9 @@ def linear_head(model: StagedModel) -> nn.Linear:
         isinstance(m, nn.Dropout | nn.Identity) for m in rest
     ):
         raise ConfigError(
-            "federation.head_init",
+            key,
             f"{model.name}'s classifier stage is not a linear layer "
-            f"({type(stage).__name__}); use federation.head_init=none",
+            f"({type(stage).__name__}); use {key}=none",
         )
     return head
 

@@ -16,9 +16,11 @@ protocol can add to one value of the weighted mean.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from common.core.errors import ConfigError
 
@@ -151,3 +153,29 @@ def statistics_bound(settings: SecureAggregationSettings, sites: int) -> float:
     the total is that mean times sites x scale."""
     step = 2 * settings.clipping_range / STATISTICS_QUANTIZATION
     return sites * settings.statistics_scale * step
+
+
+def scaled_statistics(
+    stats: Mapping[str, np.ndarray], *, scale: float, clipping_range: float
+) -> tuple[list[str], list[np.ndarray]]:
+    """A site's feature sums as a SecAgg+ "update": sorted names and each array
+    divided by ``statistics_scale`` (float64). Values outside the clipping range
+    would be clipped silently by the protocol, so they are refused here, naming the
+    key that fixes it."""
+    names = sorted(stats)
+    scaled = [np.asarray(stats[k], dtype=np.float64) / scale for k in names]
+    worst = max((float(np.abs(a).max()) for a in scaled if a.size), default=0.0)
+    if worst > clipping_range:
+        raise ConfigError(
+            "secure_aggregation.statistics_scale",
+            f"{scale:g}: this site's statistics / scale reach {worst:.3g}, outside the "
+            f"clipping range {clipping_range:g}; raise the scale",
+        )
+    return names, scaled
+
+
+def weighted_peak(update: Sequence[np.ndarray], n: int, *, max_weight: float) -> float:
+    """The largest value SecAgg+ clips of this site's update: ``|update| x n /
+    max_weight`` (the protocol weights each update before clipping it to the range)."""
+    peak = max((float(np.abs(u).max()) for u in update if u.size), default=0.0)
+    return peak * n / max_weight

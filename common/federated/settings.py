@@ -46,6 +46,9 @@ class FederationSettings:
     head_ridge: float
     head_scale: float
     head_freeze: bool
+    # none | fed3r | fedncm; the default only reads run folders written before the key
+    # existed (configs/config.yaml sets it for every new run)
+    head_refit: str = "none"
 
     def __post_init__(self) -> None:
         checks = [
@@ -69,6 +72,12 @@ class FederationSettings:
             ("federation.wait_for_nodes_s", self.wait_for_nodes_s >= 0, "must be >= 0"),
             ("federation.engine", self.engine in ENGINES, f"use one of {ENGINES}"),
             ("federation.head_init", self.head_init in HEAD_INITS, f"use one of {HEAD_INITS}"),
+            ("federation.head_refit", self.head_refit in HEAD_INITS, f"use one of {HEAD_INITS}"),
+            (
+                "federation.head_refit",
+                self.head_refit == "none" or self.rounds >= 1,
+                "refits the head after the last round: needs rounds >= 1",
+            ),
             ("federation.head_ridge", self.head_ridge > 0, "must be > 0"),
             ("federation.head_scale", self.head_scale > 0, "must be > 0"),
             (

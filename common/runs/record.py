@@ -127,6 +127,11 @@ def write_local(
     return write_json(run_dir / "metrics.json", doc)
 
 
+# In a federated checkpoint: the head refit after the last round (federation.head_refit)
+# is done, so a resumed run does not repeat it
+REFITTED = "head_refit_done"
+
+
 class FederatedRun:
     """The federated folder, written round by round: an interrupted run leaves a
     readable record up to its last round, and ``last.pt`` holds everything needed to
@@ -169,10 +174,20 @@ class FederatedRun:
         run.best_score = state["best_score"]
         return run, state
 
-    def record(self, rnd: int, tests: dict[str, dict], sites: dict[str, list[dict]]) -> dict:
-        """One round's global test metrics (may be empty) and the sites' reply metrics."""
+    def record(
+        self, rnd: int, tests: dict[str, dict], sites: dict[str, list[dict]], **extra: Any
+    ) -> dict:
+        """One round's global test metrics (may be empty) and the sites' reply metrics;
+        ``extra`` (e.g. ``before_refit``) is kept in the round's row. Recording a round
+        again replaces its row."""
         now = time.perf_counter()
-        row = {"round": rnd, "seconds": round(now - self._t, 2), "global": tests, "sites": sites}
+        row = {
+            "round": rnd,
+            "seconds": round(now - self._t, 2),
+            "global": tests,
+            "sites": sites,
+            **extra,
+        }
         self._t = now
         self.rounds = [r for r in self.rounds if r["round"] != rnd] + [row]
         self._write()
@@ -197,9 +212,18 @@ class FederatedRun:
         return False
 
     def checkpoint(
-        self, rnd: int, arrays: dict[str, torch.Tensor], strategy_state: dict, *, best: bool
+        self,
+        rnd: int,
+        arrays: dict[str, torch.Tensor],
+        strategy_state: dict,
+        *,
+        best: bool,
+        **meta: Any,
     ) -> None:
+        """``last.pt`` (and ``best.pt`` when ``best``); ``meta`` is stored beside the
+        weights (``REFITTED``: the head refit after the last round is done)."""
         state = {
+            **meta,
             "round": rnd,
             "arrays": arrays,
             "strategy_state": strategy_state,
@@ -302,10 +326,21 @@ class RunRecord:
         return str(self.cfg.federation.get("head_init", "none"))
 
     @property
+    def head_refit(self) -> str:
+        """The head re-solved after the last round (``none``, ``fed3r``, ``fedncm``)."""
+        return str(self.cfg.federation.get("head_refit", "none"))
+
+    @property
     def method(self) -> str:
         """``pooled``, ``local``, ``centralised``, or the strategy with its parameters;
         a one-shot head comes first: ``fed3r one-shot``, ``fed3r+fedavg``,
-        ``fed3r(frozen)+fedavg``, ``pooled+fed3r`` (closed form), ``pooled+fed3r+ft``."""
+        ``fed3r(frozen)+fedavg``, ``pooled+fed3r`` (closed form), ``pooled+fed3r+ft``; a
+        head re-solved after training comes last: ``fedavg+refit(fed3r)``."""
+        refit = self.head_refit
+        suffix = "" if refit == "none" else f"+refit({refit})"
+        return self._method() + suffix
+
+    def _method(self) -> str:
         head = self.head_init
         fed = self.cfg.federation
         if head != "none" and bool(fed.get("head_freeze", False)):

@@ -94,12 +94,13 @@ def validate(cfg: DictConfig, kind: str) -> Settings:
             last = Path(fed.resume).expanduser() / "last.pt"
             if not last.exists():
                 raise ConfigError("federation.resume", f"no checkpoint to resume from: {last}")
-    if kind in ("federated", "server") and fed.head_init != "none" and privacy != "off":
-        raise ConfigError(
-            "federation.head_init",
-            f"the statistics round sends feature sums without noise; it cannot run with "
-            f"privacy={privacy}",
-        )
+    for key, value in (("head_init", fed.head_init), ("head_refit", fed.head_refit)):
+        if kind in ("federated", "server") and value != "none" and privacy != "off":
+            raise ConfigError(
+                f"federation.{key}",
+                f"the statistics round sends feature sums without noise; it cannot run with "
+                f"privacy={privacy}",
+            )
     if fed.head_freeze and str(cfg.model.get("mode", "scratch")) == "features":
         raise ConfigError(
             "federation.head_freeze",
@@ -140,8 +141,10 @@ def check_sites(cfg: DictConfig) -> None:
     fails here with the site named. The decode cache this builds is the one the
     sites then read."""
     data = prepare_data(cfg)
-    if str(cfg.federation.head_init) != "none":  # the statistics round needs a linear head
-        linear_head(build_model(cfg.model, len(data.collection.classes)))
+    for key in ("head_init", "head_refit"):  # a statistics round needs a linear head
+        if str(cfg.federation.get(key, "none")) != "none":
+            model = build_model(cfg.model, len(data.collection.classes))
+            linear_head(model, key=f"federation.{key}")
     n = int(cfg.federation.num_sites)
     for pid in range(n):
         site_indices(cfg, data, partition_id=pid, num_partitions=n)
