@@ -44,22 +44,28 @@ def flwr_env(tmp_path: Path):
         os.kill(pid, 9)
 
 
-def test_flwr_run_out_of_the_box(tmp_path: Path, flwr_env):
-    runs = tmp_path / "runs"
+def _flwr_run(runs: Path, env: dict, *extra: str) -> tuple[Path, str]:
+    """`flwr run .` of 2 rounds of the small paper_cnn on the embedded default, with
+    ``extra`` overrides; the run folder it announced, and its output."""
+    small = " ".join(["dataset.image_size=32 dataset.size=32 dataset.per_class=24", *extra])
     cmd = [
         "flwr",
         "run",
         ".",
         "--stream",
         "--run-config",
-        f"runs-dir='{runs}' num-rounds=2 model='paper_cnn' "
-        "overrides='dataset.image_size=32 dataset.size=32 dataset.per_class=24'",
+        f"runs-dir='{runs}' num-rounds=2 model='paper_cnn' overrides='{small}'",
     ]
-    out = subprocess.run(cmd, cwd=ROOT, env=flwr_env, capture_output=True, text=True, timeout=400)
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     text = out.stdout + out.stderr
     match = re.search(r"fedscan: results in (\S+)", text)
     assert match, text[-3000:]
-    run = Path(match.group(1))
+    return Path(match.group(1)), text
+
+
+def test_flwr_run_out_of_the_box(tmp_path: Path, flwr_env):
+    runs = tmp_path / "runs"
+    run, _ = _flwr_run(runs, flwr_env)
     assert run.parent == runs
     rounds = json.loads((run / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
@@ -88,22 +94,8 @@ def test_a_failed_run_gives_a_failing_exit_status_through_fedscan(tmp_path: Path
 def test_flwr_run_with_secure_aggregation(tmp_path: Path, flwr_env):
     """`flwr run .` (the local SuperLink, 2 SuperNodes) with SecAgg+ from the run config:
     every round ran the protocol; with 2 sites each site's secrets go to both."""
-    runs = tmp_path / "runs"
-    cmd = [
-        "flwr",
-        "run",
-        ".",
-        "--stream",
-        "--run-config",
-        f"runs-dir='{runs}' num-rounds=2 model='paper_cnn' "
-        "overrides='dataset.image_size=32 dataset.size=32 dataset.per_class=24 "
-        "secure_aggregation=secaggplus'",
-    ]
-    out = subprocess.run(cmd, cwd=ROOT, env=flwr_env, capture_output=True, text=True, timeout=400)
-    text = out.stdout + out.stderr
-    match = re.search(r"fedscan: results in (\S+)", text)
-    assert match, text[-3000:]
+    run, text = _flwr_run(tmp_path / "runs", flwr_env, "secure_aggregation=secaggplus")
     assert text.count("Secure aggregation completed.") == 2, text[-3000:]
-    rounds = json.loads((Path(match.group(1)) / "metrics.json").read_text())["rounds"]
+    rounds = json.loads((run / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
     assert len(rounds[-1]["sites"]["train"]) == 2
