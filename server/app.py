@@ -311,11 +311,11 @@ def _federate(
         return
 
     every = fed.evaluate_every
-    final: list[dict] = [{}]
+    final = [get_exchanged(model.cpu(), keys)]  # the latest global weights, for the refit
 
     def finish_round(rnd: int, state: dict, sites: dict, strategy_state: dict) -> dict:
         """Per round: test metrics when scheduled, site metrics and a checkpoint always."""
-        final[0] = state  # the last round's global weights, for the head refit
+        final[0] = state
         results = {}
         if rnd % every == 0 or rnd == rounds:
             results = test_metrics(state)
