@@ -348,3 +348,21 @@ def test_a_run_from_before_an_added_key_compares_as_its_old_behaviour() -> None:
     assert compared_config(OmegaConf.create(before)) == compared_config(now)
     other = load_config(["dataset=synthetic", "train.loss=balanced_softmax"])
     assert compared_config(other) != compared_config(now)
+    del before["federation"]["head_refit"]  # ... and before federation.head_refit
+    assert compared_config(OmegaConf.create(before)) == compared_config(now)
+
+
+def test_a_run_folder_from_before_an_added_key_reads_with_its_old_value(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from common.core.config import load_config
+    from common.runs.record import _header, read_run, write_json
+
+    old = OmegaConf.to_container(load_config(["dataset=synthetic", "rounds=3"]), resolve=True)
+    del old["federation"]["head_refit"]
+    OmegaConf.save(OmegaConf.create(old), tmp_path / "config.yaml")
+    header = _header("federated", label="old", synthetic=True, dataset="synthetic")
+    write_json(tmp_path / "metrics.json", {**header, "rounds": []})
+    rec = read_run(tmp_path)
+    assert rec.head_refit == "none" and rec.cfg.federation.head_refit == "none"
+    assert rec.epoch_budget == 3 * int(old["federation"]["local_epochs"])

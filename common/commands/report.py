@@ -24,7 +24,7 @@ from common.core.config import ALIASES
 from common.core.errors import DataError
 from common.runs import cross_site
 from common.runs.plots import plot_confusion, plot_site_histogram
-from common.runs.record import read_run
+from common.runs.record import ADDED_LATER, read_run
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall", "macro_f1")
 CI_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")  # with a bootstrap interval
@@ -48,16 +48,6 @@ NOT_COMPARED = (
     "federation.round_timeout_s",
     "federation.wait_for_nodes_s",
 )
-
-
-# Keys added after run folders were recorded, with the value that reproduces the
-# behaviour before them: a run from before the key compares as if it had it (so a
-# study continues across the change instead of re-running everything).
-ADDED_LATER = {
-    "train.loss": "cross_entropy",
-    "model.freeze_bn": False,
-    "secure_aggregation.name": "off",
-}
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

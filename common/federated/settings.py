@@ -46,9 +46,7 @@ class FederationSettings:
     head_ridge: float
     head_scale: float
     head_freeze: bool
-    # none | fed3r | fedncm; the default only reads run folders written before the key
-    # existed (configs/config.yaml sets it for every new run)
-    head_refit: str = "none"
+    head_refit: str  # none | fed3r | fedncm
 
     def __post_init__(self) -> None:
         checks = [

@@ -127,6 +127,16 @@ def write_local(
     return write_json(run_dir / "metrics.json", doc)
 
 
+# Keys added after run folders were recorded, with the value that reproduces the
+# behaviour before them: a run from before the key reads (and compares, in reports) as
+# if it had it, so a study continues across the change instead of re-running everything.
+ADDED_LATER = {
+    "train.loss": "cross_entropy",
+    "model.freeze_bn": False,
+    "secure_aggregation.name": "off",
+    "federation.head_refit": "none",
+}
+
 # In a federated checkpoint: the head refit after the last round (federation.head_refit)
 # is done, so a resumed run does not repeat it
 REFITTED = "head_refit_done"
@@ -454,4 +464,8 @@ def read_run(run_dir: Path | str) -> RunRecord:
         raise DataError(mpath, f"format version {version}; this fedscan reads {VERSION}")
     if doc.get("kind") not in KINDS:
         raise DataError(mpath, f"unknown run kind {doc.get('kind')!r}; known: {list(KINDS)}")
-    return RunRecord(dir=run_dir, kind=doc["kind"], cfg=OmegaConf.load(cpath), doc=doc)
+    cfg = OmegaConf.load(cpath)
+    for key, value in ADDED_LATER.items():
+        if OmegaConf.select(cfg, key, default=None) is None and key.split(".")[0] in cfg:
+            OmegaConf.update(cfg, key, value, force_add=True)
+    return RunRecord(dir=run_dir, kind=doc["kind"], cfg=cfg, doc=doc)
