@@ -80,10 +80,12 @@ def run_local(cfg: DictConfig) -> Path:
     for pid, (train_idx, val_idx) in enumerate(parts):
         torch.manual_seed(site_seed(settings.seed, 0, pid))  # a site's round-0 seed
         model = build_model(cfg.model, len(c.classes))
-        if head != "none":  # the site's own closed-form head, from its data alone
+
+        def own_head(kind: str, model=model, train_idx=train_idx) -> None:
+            """The site's own closed-form ``kind`` head, from its data alone."""
             closed_form_head(
                 model,
-                head,
+                kind,
                 x,
                 c.labels,
                 train_idx,
@@ -92,6 +94,9 @@ def run_local(cfg: DictConfig) -> Path:
                 ridge=ridge,
                 scale=fed.head_scale,
             )
+
+        if head != "none":
+            own_head(head)
         train = Batches(
             x,
             c.labels,
@@ -104,18 +109,8 @@ def run_local(cfg: DictConfig) -> Path:
         val = Batches(x, c.labels, val_idx, batch_size=64)
         if budget > 0:
             fit(model, train, val, settings, device=device, start=start)
-            if fed.head_refit != "none":  # the site's own refit, from its data alone
-                closed_form_head(
-                    model,
-                    fed.head_refit,
-                    x,
-                    c.labels,
-                    train_idx,
-                    start=start,
-                    device=device,
-                    ridge=ridge,
-                    scale=fed.head_scale,
-                )
+            if fed.head_refit != "none":
+                own_head(fed.head_refit)
         final = {
             name: evaluate_model(
                 model,

@@ -367,3 +367,37 @@ def test_a_head_refit_needs_a_linear_head_and_says_which_key() -> None:
     with pytest.raises(ConfigError) as err:
         linear_head(model, key="federation.head_refit")
     assert err.value.key == "federation.head_refit"
+
+
+@pytest.mark.usefixtures("_no_real_data")
+def test_pooled_and_local_runs_refit_their_trained_head(tmp_path: Path) -> None:
+    """``method=pooled`` / ``local`` with ``federation.head_refit``: the trained model's
+    head is re-solved from the pooled / each site's own features; the pooled model's
+    head is the ridge head of its training split's features under its final weights."""
+    from omegaconf import OmegaConf
+
+    from common.commands.report import load_run
+    from common.learn.prepare import prepare_run
+    from simulations.harness import run_one
+
+    base = [*SIM_BASE, "rounds=1", "federation.head_refit=fed3r", f"runs_dir={tmp_path}"]
+    pooled = run_one([*base, "method=pooled"])
+    local = run_one([*base, "method=local"])
+    methods = {r["method"] for run in (pooled, local) for r in load_run(run)}
+    assert methods == {"pooled+refit(fed3r)", "local+refit(fed3r)"}
+    cfg = OmegaConf.load(pooled / "config.yaml")
+    run = prepare_run(cfg)
+    saved = torch.load(pooled / "model.pt", map_location="cpu", weights_only=False)
+    run.model.load_state_dict(saved["state_dict"])
+    train = run.data.splits.train
+    phi = classifier_features(run.model, run.x, train, start=run.start, device=torch.device("cpu"))
+    w, b = solve_head(
+        "fed3r", site_statistics("fed3r", phi, run.data.collection.labels[train], 4), ridge=1.0
+    )
+    head, scale = linear_head(run.model), float(cfg.federation.head_scale)
+    assert np.abs(head.weight.detach().double().numpy() / scale - w).max() < 1e-5 * max(
+        1.0, np.abs(w).max()
+    )
+    assert np.abs(head.bias.detach().double().numpy() / scale - b).max() < 1e-5 * max(
+        1.0, np.abs(b).max()
+    )
