@@ -36,12 +36,14 @@ def run_centralised(cfg: DictConfig, *, kind: str = "centralised", train: bool =
     run = prepare_run(cfg)
     device, data, model, x, start = run.device, run.data, run.model, run.x, run.start
     c, s = data.collection, data.splits
-    head = checked.federation.head_init
-    if head != "none":
-        fed = checked.federation
+    fed = checked.federation
+    head = fed.head_init
+
+    def pooled_head(kind: str) -> None:
+        """The closed-form ``kind`` head of the pooled training features, in ``model``."""
         closed_form_head(
             model,
-            head,
+            kind,
             x,
             c.labels,
             s.train,
@@ -50,8 +52,11 @@ def run_centralised(cfg: DictConfig, *, kind: str = "centralised", train: bool =
             ridge=fed.head_ridge,
             scale=fed.head_scale,
         )
+
+    if head != "none":
+        pooled_head(head)
         log.info("classifier: the closed-form %s head of %d training images", head, len(s.train))
-        if checked.federation.head_freeze:
+        if fed.head_freeze:
             linear_head(model).requires_grad_(False)
     t_prep = time.perf_counter() - t0
     augment = Augment(settings.augment, seed=settings.seed) if start == 0 else None
@@ -105,19 +110,9 @@ def run_centralised(cfg: DictConfig, *, kind: str = "centralised", train: bool =
         if train
         else []
     )
-    refit = checked.federation.head_refit
+    refit = fed.head_refit
     if refit != "none" and train:  # the pooled reference of a federated head refit
-        closed_form_head(
-            model,
-            refit,
-            x,
-            c.labels,
-            s.train,
-            start=start,
-            device=device,
-            ridge=checked.federation.head_ridge,
-            scale=checked.federation.head_scale,
-        )
+        pooled_head(refit)
         log.info("classifier: re-solved (%s) on the trained model's features", refit)
     t_fit = time.perf_counter() - t_fit
 

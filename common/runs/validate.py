@@ -141,9 +141,10 @@ def check_sites(cfg: DictConfig) -> None:
     fails here with the site named. The decode cache this builds is the one the
     sites then read."""
     data = prepare_data(cfg)
-    for key in ("head_init", "head_refit"):  # a statistics round needs a linear head
-        if str(cfg.federation.get(key, "none")) != "none":
-            model = build_model(cfg.model, len(data.collection.classes))
+    keys = [k for k in ("head_init", "head_refit") if str(cfg.federation.get(k, "none")) != "none"]
+    if keys:  # a statistics round needs a linear head
+        model = build_model(cfg.model, len(data.collection.classes))
+        for key in keys:
             linear_head(model, key=f"federation.{key}")
     n = int(cfg.federation.num_sites)
     for pid in range(n):
