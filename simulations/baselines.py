@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from common.data.splits import groups_are_scans
-from common.federated.head_init import closed_form_head
+from common.federated.head_init import closed_form_head, linear_head
 from common.federated.site import site_indices
 from common.federated.trainer import site_seed
 from common.federated.wire import SITE_ID
@@ -97,6 +97,8 @@ def run_local(cfg: DictConfig) -> Path:
 
         if head != "none":
             own_head(head)
+        if fed.head_freeze:  # as at a federated site: the head stays as it starts
+            linear_head(model).requires_grad_(False)
         train = Batches(
             x,
             c.labels,

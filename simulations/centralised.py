@@ -56,8 +56,8 @@ def run_centralised(cfg: DictConfig, *, kind: str = "centralised", train: bool =
     if head != "none":
         pooled_head(head)
         log.info("classifier: the closed-form %s head of %d training images", head, len(s.train))
-        if fed.head_freeze:
-            linear_head(model).requires_grad_(False)
+    if fed.head_freeze:  # the solved head, or with head_init=none the initial one (FedBABU)
+        linear_head(model).requires_grad_(False)
     t_prep = time.perf_counter() - t0
     augment = Augment(settings.augment, seed=settings.seed) if start == 0 else None
     if augment is None and settings.augment != "none":

@@ -196,12 +196,16 @@ def test_pooled_and_local_references_of_the_closed_form_head(tmp_path: Path) -> 
 
 
 @pytest.mark.usefixtures("_no_real_data")
-def test_a_frozen_head_stays_while_the_blocks_train() -> None:
+@pytest.mark.parametrize("head_init", ["fedncm", "none"])
+def test_a_frozen_head_stays_while_the_blocks_train(head_init: str) -> None:
+    """A solved head, or with ``head_init=none`` the initial one (FedBABU), is held."""
     from common.core.config import load_config
     from common.federated.exchange import exchanged_keys, get_exchanged
     from common.federated.trainer import SiteState, SiteTrainer
 
-    cfg = load_config([*SIM_BASE, "federation.head_init=fedncm", "federation.head_freeze=true"])
+    cfg = load_config(
+        [*SIM_BASE, f"federation.head_init={head_init}", "federation.head_freeze=true"]
+    )
     trainer = SiteTrainer.for_node(cfg, {"partition-id": 0, "num-partitions": 2})
     model = trainer.site.run.model
     sent = get_exchanged(model, exchanged_keys(model))
@@ -212,27 +216,13 @@ def test_a_frozen_head_stays_while_the_blocks_train() -> None:
 
 
 @pytest.mark.usefixtures("_no_real_data")
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        (["federation.head_freeze=true"], r"head_freeze.*needs a solved head"),
-        (
-            [
-                "model=efficientnet_lite0",
-                "model.mode=features",
-                "federation.head_init=fed3r",
-                "federation.head_freeze=true",
-            ],
-            r"head_freeze.*feature mode",
-        ),
-    ],
-)
-def test_a_frozen_head_needs_a_head_and_something_else_to_train(overrides, message) -> None:
+def test_a_frozen_head_needs_something_else_to_train() -> None:
     from common.core.config import load_config
     from common.runs.validate import validate
 
-    with pytest.raises(ConfigError, match=message):
-        validate(load_config([*SIM_BASE, *overrides]), "federated")
+    features = ["model=efficientnet_lite0", "model.mode=features", "federation.head_freeze=true"]
+    with pytest.raises(ConfigError, match=r"head_freeze.*feature mode"):
+        validate(load_config([*SIM_BASE, *features, "federation.head_init=fed3r"]), "federated")
 
 
 @pytest.mark.realdata
@@ -361,12 +351,15 @@ def test_bad_head_refit_settings_are_refused_naming_the_key(overrides) -> None:
     assert err.value.key == "federation.head_refit"
 
 
-def test_a_head_refit_needs_a_linear_head_and_says_which_key() -> None:
+@pytest.mark.parametrize(
+    ("key", "fix"), [("federation.head_refit", "=none"), ("federation.head_freeze", "=false")]
+)
+def test_a_head_setting_needs_a_linear_head_and_says_which_key(key: str, fix: str) -> None:
     model = build_model({"name": "efficientnet_lite0", "mode": "features"}, 3)
     model.stages[-1] = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
     with pytest.raises(ConfigError) as err:
-        linear_head(model, key="federation.head_refit")
-    assert err.value.key == "federation.head_refit"
+        linear_head(model, key=key)
+    assert err.value.key == key and f"use {key}{fix}" in str(err.value)
 
 
 @pytest.mark.usefixtures("_no_real_data")

@@ -127,6 +127,7 @@ def test_a_folder_without_metrics_is_named(tmp_path: Path) -> None:
             ["federation.head_init=fed3r", "federation.head_freeze=true"],
             "fed3r(frozen)+fedavg",
         ),
+        ("federated", ["federation.head_freeze=true"], "init(frozen)+fedavg"),
         ("pooled", ["federation.head_init=fed3r", "rounds=0"], "pooled+fed3r"),
         ("pooled", ["federation.head_init=fed3r"], "pooled+fed3r+ft"),
         ("local", [], "local"),

@@ -51,7 +51,7 @@ def linear_head(model: StagedModel, *, key: str = "federation.head_init") -> nn.
         raise ConfigError(
             key,
             f"{model.name}'s classifier stage is not a linear layer "
-            f"({type(stage).__name__}); use {key}=none",
+            f"({type(stage).__name__}); use {key}={'false' if key.endswith('freeze') else 'none'}",
         )
     return head
 

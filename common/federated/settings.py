@@ -79,11 +79,6 @@ class FederationSettings:
             ("federation.head_ridge", self.head_ridge > 0, "must be > 0"),
             ("federation.head_scale", self.head_scale > 0, "must be > 0"),
             (
-                "federation.head_freeze",
-                not self.head_freeze or self.head_init != "none",
-                "needs a solved head (federation.head_init=fed3r or fedncm)",
-            ),
-            (
                 "federation.cpus_per_site",
                 self.cpus_per_site is None or self.cpus_per_site >= 1,
                 "must be >= 1 (or null)",

@@ -303,7 +303,7 @@ class SiteTrainer:
         set_exchanged(model, arrays, keys)
         if state.local_arrays:
             model.load_state_dict(state.local_arrays, strict=False)
-        if self.federation.head_freeze:  # the solved head stays as the server set it
+        if self.federation.head_freeze:  # the head stays as the server set it (solved or initial)
             linear_head(model).requires_grad_(False)
         return model, keys
 

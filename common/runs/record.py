@@ -344,7 +344,8 @@ class RunRecord:
     def method(self) -> str:
         """``pooled``, ``local``, ``centralised``, or the strategy with its parameters;
         a one-shot head comes first: ``fed3r one-shot``, ``fed3r+fedavg``,
-        ``fed3r(frozen)+fedavg``, ``pooled+fed3r`` (closed form), ``pooled+fed3r+ft``; a
+        ``fed3r(frozen)+fedavg``, ``init(frozen)+fedavg`` (the initial head held fixed),
+        ``pooled+fed3r`` (closed form), ``pooled+fed3r+ft``; a
         head re-solved after training comes last: ``fedavg+refit(fed3r)``."""
         refit = self.head_refit
         suffix = "" if refit == "none" else f"+refit({refit})"
@@ -353,8 +354,8 @@ class RunRecord:
     def _method(self) -> str:
         head = self.head_init
         fed = self.cfg.federation
-        if head != "none" and bool(fed.get("head_freeze", False)):
-            head = f"{head}(frozen)"
+        if bool(fed.get("head_freeze", False)):  # none: the initial head kept (FedBABU)
+            head = f"{'init' if head == 'none' else head}(frozen)"
         trained = int(self.cfg.rounds) > 0
         if self.kind != "federated":
             if head == "none":

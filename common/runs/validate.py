@@ -142,7 +142,9 @@ def check_sites(cfg: DictConfig) -> None:
     sites then read."""
     data = prepare_data(cfg)
     keys = [k for k in ("head_init", "head_refit") if str(cfg.federation.get(k, "none")) != "none"]
-    if keys:  # a statistics round needs a linear head
+    if bool(cfg.federation.get("head_freeze", False)):
+        keys.append("head_freeze")
+    if keys:  # a statistics round, or a head to hold fixed, needs a linear head
         model = build_model(cfg.model, len(data.collection.classes))
         for key in keys:
             linear_head(model, key=f"federation.{key}")
