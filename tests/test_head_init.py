@@ -216,6 +216,26 @@ def test_a_frozen_head_stays_while_the_blocks_train(head_init: str) -> None:
 
 
 @pytest.mark.usefixtures("_no_real_data")
+def test_the_pooled_reference_holds_its_initial_head_too(tmp_path: Path) -> None:
+    """``method=pooled`` with ``head_freeze`` and no solved head: the blocks train, the
+    seeded initial head is what ``model.pt`` carries (FedBABU's centralised twin)."""
+    from common.core.config import load_config
+    from simulations.harness import run_one
+
+    base = [*SIM_BASE, "federation.head_freeze=true", f"runs_dir={tmp_path}"]
+    run = run_one([*base, "method=pooled", "rounds=1"])
+    cfg = load_config(base)
+    torch.manual_seed(int(cfg.seed))  # as prepare_run seeds before it builds the model
+    start = build_model(cfg.model, 4).state_dict()
+    trained = torch.load(run / "model.pt", weights_only=False)["state_dict"]
+    head = [
+        k for k in start if k.startswith(f"stages.{len(build_model(cfg.model, 4).stages) - 1}.")
+    ]
+    assert head and all(torch.equal(start[k], trained[k]) for k in head)
+    assert any(not torch.equal(start[k], trained[k]) for k in start if k not in head)
+
+
+@pytest.mark.usefixtures("_no_real_data")
 def test_a_frozen_head_needs_something_else_to_train() -> None:
     from common.core.config import load_config
     from common.runs.validate import validate
