@@ -226,11 +226,10 @@ def test_the_pooled_reference_holds_its_initial_head_too(tmp_path: Path) -> None
     run = run_one([*base, "method=pooled", "rounds=1"])
     cfg = load_config(base)
     torch.manual_seed(int(cfg.seed))  # as prepare_run seeds before it builds the model
-    start = build_model(cfg.model, 4).state_dict()
+    model = build_model(cfg.model, 4)
+    start = model.state_dict()
     trained = torch.load(run / "model.pt", weights_only=False)["state_dict"]
-    head = [
-        k for k in start if k.startswith(f"stages.{len(build_model(cfg.model, 4).stages) - 1}.")
-    ]
+    head = [k for k in start if k.startswith(f"stages.{len(model.stages) - 1}.")]
     assert head and all(torch.equal(start[k], trained[k]) for k in head)
     assert any(not torch.equal(start[k], trained[k]) for k in start if k not in head)
 
