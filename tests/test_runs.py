@@ -128,6 +128,7 @@ def test_a_folder_without_metrics_is_named(tmp_path: Path) -> None:
             "fed3r(frozen)+fedavg",
         ),
         ("federated", ["federation.head_freeze=true"], "init(frozen)+fedavg"),
+        ("federated", ["federation.freeze_bn_from=3"], "fedavg+fixbn(3)"),
         ("pooled", ["federation.head_init=fed3r", "rounds=0"], "pooled+fed3r"),
         ("pooled", ["federation.head_init=fed3r"], "pooled+fed3r+ft"),
         ("local", [], "local"),

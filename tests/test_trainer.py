@@ -50,6 +50,27 @@ def test_a_round_is_reproducible_and_rounds_differ() -> None:
     assert site_seed(0, 2, 1) != site_seed(0, 3, 1) != site_seed(0, 3, None)
 
 
+def test_fixbn_holds_the_global_batchnorm_statistics_from_its_round() -> None:
+    """``federation.freeze_bn_from=2``: round 1 trains as usual (its BatchNorm statistics
+    move); from round 2 they stay the global model's while the weights still train."""
+    trainer = _trainer("federation.freeze_bn_from=2")
+    sent = _global(trainer)
+    stats = [k for k in sent if k.endswith(("running_mean", "running_var"))]
+    assert stats
+    for rnd, moves in ((1, True), (2, False), (3, False)):
+        got = trainer.train(sent, rnd=rnd, state=SiteState()).arrays
+        assert any(not torch.equal(sent[k], got[k]) for k in stats) == moves, rnd
+        assert any(not torch.equal(sent[k], got[k]) for k in sent if k not in stats)
+
+
+def test_fixbn_round_must_not_be_negative() -> None:
+    from common.core.errors import ConfigError
+    from common.runs.validate import validate
+
+    with pytest.raises(ConfigError, match=r"federation\.freeze_bn_from.*>= 0"):
+        validate(load_config([*SIM_BASE, "federation.freeze_bn_from=-1"]), "federated")
+
+
 def test_fedbn_keeps_batchnorm_at_the_site_across_rounds() -> None:
     trainer = _trainer("federation.fedbn=true")
     sent = _global(trainer)

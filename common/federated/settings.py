@@ -47,6 +47,7 @@ class FederationSettings:
     head_scale: float
     head_freeze: bool
     head_refit: str  # none | fed3r | fedncm
+    freeze_bn_from: int  # 0: off; N: from round N the sites train with BatchNorm statistics fixed
 
     def __post_init__(self) -> None:
         checks = [
@@ -76,6 +77,7 @@ class FederationSettings:
                 self.head_refit == "none" or self.rounds >= 1,
                 "refits the head after the last round: needs rounds >= 1",
             ),
+            ("federation.freeze_bn_from", self.freeze_bn_from >= 0, "must be >= 0 (0: off)"),
             ("federation.head_ridge", self.head_ridge > 0, "must be > 0"),
             ("federation.head_scale", self.head_scale > 0, "must be > 0"),
             (

@@ -176,6 +176,8 @@ class SiteTrainer:
         turns on the drift correction.
         """
         model, keys = self._model(arrays, state)
+        if 0 < self.federation.freeze_bn_from <= rnd:  # FixBN: the global model's statistics
+            model.bn_frozen = True
         seed = site_seed(self.settings.seed, rnd, self.partition_id)
         torch.manual_seed(seed)
         site = self.site

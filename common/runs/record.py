@@ -135,6 +135,7 @@ ADDED_LATER = {
     "model.freeze_bn": False,
     "secure_aggregation.name": "off",
     "federation.head_refit": "none",
+    "federation.freeze_bn_from": 0,
 }
 
 # In a federated checkpoint: the head refit after the last round (federation.head_refit)
@@ -345,7 +346,8 @@ class RunRecord:
         """``pooled``, ``local``, ``centralised``, or the strategy with its parameters;
         a one-shot head comes first: ``fed3r one-shot``, ``fed3r+fedavg``,
         ``fed3r(frozen)+fedavg``, ``init(frozen)+fedavg`` (the initial head held fixed),
-        ``pooled+fed3r`` (closed form), ``pooled+fed3r+ft``; a
+        ``pooled+fed3r`` (closed form), ``pooled+fed3r+ft``; ``fedavg+fixbn(3)`` holds the
+        BatchNorm statistics from round 3; a
         head re-solved after training comes last: ``fedavg+refit(fed3r)``."""
         refit = self.head_refit
         suffix = "" if refit == "none" else f"+refit({refit})"
@@ -369,6 +371,9 @@ class RunRecord:
             if k == "mu"  # the parameter the study varies; the others are fixed defaults
         )
         name = f"{self.strategy}({params})" if params else self.strategy
+        fixbn = int(fed.get("freeze_bn_from", 0))
+        if fixbn:  # BatchNorm statistics held from this round on
+            name = f"{name}+fixbn({fixbn})"
         return name if head == "none" else f"{head}+{name}"
 
     @property
