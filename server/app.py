@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from common.core.config import load_config, overrides_from_run_config
 from common.core.errors import ConfigError
 from common.data.splits import groups_are_scans
+from common.federated.bn_stats import BN_KIND, check_bn_refit, install_bn
 from common.federated.exchange import exchanged_keys, get_exchanged, set_exchanged
 from common.federated.head_init import linear_head, set_head, solve_head, sum_statistics
 from common.federated.settings import FederationSettings
@@ -65,11 +66,10 @@ def install_head(model: StagedModel, total: dict, fed: FederationSettings, kind:
 
 def statistics_round(
     grid: Grid, model: StagedModel, keys: list[str], fed: FederationSettings, kind: str
-) -> list[dict]:
-    """A statistics round (``federation.head_init`` before round 1, ``head_refit`` after
-    the last): every site sends the ``kind`` sums of its classifier-input features
-    under ``model``'s weights; their total solves the head, written into ``model``.
-    Returns the sites' reply metrics (sizes, bytes sent)."""
+) -> tuple[dict, list[dict]]:
+    """A statistics round (``federation.head_init`` before round 1, ``bn_refit`` and
+    ``head_refit`` after the last): every site sends the ``kind`` sums under ``model``'s
+    weights. Returns their total and the sites' reply metrics (sizes, bytes sent)."""
     nodes = list(grid.get_node_ids())
     messages = [
         Message(
@@ -104,15 +104,14 @@ def statistics_round(
             f"statistics round: {len(stats)} of {len(nodes)} sites answered, "
             f"fewer than {fed.min_nodes}",
         )
-    install_head(model, sum_statistics(stats), fed, kind)
     log.info(
-        "statistics round (%s): head solved from %d sites, %.1f s, %.1f KiB per site",
+        "statistics round (%s): %d sites answered, %.1f s, %.1f KiB per site",
         kind,
         len(stats),
         time.perf_counter() - start,
         sum(r["bytes"] for r in rows) / len(rows) / 1024,
     )
-    return rows
+    return sum_statistics(stats), rows
 
 
 def evaluate_sites(grid: Grid, arrays: dict, fed: FederationSettings, rnd: int) -> list[dict]:
@@ -234,27 +233,38 @@ def _federate(
     )
 
     def statistics(kind: str) -> list[dict]:
-        """One statistics round on ``model``'s current weights; the head it solves is
-        written into ``model``. Returns the sites' reply metrics."""
+        """One statistics round on ``model``'s current weights; the head it solves (or
+        for ``kind="bn"`` the BatchNorm statistics) is written into ``model``. Returns
+        the sites' reply metrics."""
         if settings.secure is None:
-            return statistics_round(grid, model, keys, fed, kind)
-        from server.secure import secure_statistics  # only the sums' total is seen
+            total, sites = statistics_round(grid, model, keys, fed, kind)
+        else:
+            from server.secure import secure_statistics  # only the sums' total is seen
 
-        total, sites = secure_statistics(
-            grid, settings.secure, fed, get_exchanged(model.cpu(), keys), kind=kind
-        )
-        install_head(model, total, fed, kind)
-        log.info("statistics round (%s) under SecAgg+: head solved", kind)
+            total, sites = secure_statistics(
+                grid, settings.secure, fed, get_exchanged(model.cpu(), keys), kind=kind
+            )
+        if kind == BN_KIND:
+            n = install_bn(model, total)
+            log.info("statistics round (bn): %d BatchNorm layers re-estimated", n)
+        else:
+            install_head(model, total, fed, kind)
+            log.info("statistics round (%s): head solved", kind)
         return sites
 
-    def refit_head() -> None:
-        """``federation.head_refit``: the final global model's head re-solved from the
-        sites' statistics of its own features; round ``rounds`` is recorded again with
-        the refitted model, which the sites score on their validation splits too (the
-        metrics before the refit kept beside: ``before_refit``, and the sites' as
-        ``sites_before_refit``)."""
+    def refit() -> None:
+        """``federation.bn_refit`` / ``head_refit``: the final global model's BatchNorm
+        statistics re-estimated, then its head re-solved, from the sites' sums over its
+        own features; round ``rounds`` is recorded again with the refitted model, which
+        the sites score on their validation splits too (the metrics before the refit
+        kept beside: ``before_refit``, and the sites' as ``sites_before_refit``)."""
         before = next((r for r in record.rounds if r["round"] == rounds), {})
-        sites = {**before.get("sites", {}), "statistics": statistics(fed.head_refit)}
+        sites = dict(before.get("sites", {}))
+        for p in range(fed.bn_refit):
+            log.info("BatchNorm statistics, pass %d of %d", p + 1, fed.bn_refit)
+            sites[f"bn_statistics_{p + 1}"] = statistics(BN_KIND)
+        if fed.head_refit != "none":
+            sites["statistics"] = statistics(fed.head_refit)
         state = get_exchanged(model.cpu(), keys)
         if fed.fraction_evaluate > 0:
             sites["evaluate"] = evaluate_sites(grid, state, fed, rounds)
@@ -266,7 +276,9 @@ def _federate(
             before_refit=before.get("global", {}),
             sites_before_refit=before.get("sites", {}).get("evaluate", []),
         )
-        tracker.log_round(rounds, results, {k: sites[k] for k in ("statistics", "evaluate")})
+        tracker.log_round(
+            rounds, results, {k: sites[k] for k in ("statistics", "evaluate") if k in sites}
+        )
         record.checkpoint(
             rounds,
             state,
@@ -276,9 +288,12 @@ def _federate(
         )
         first = next(iter(results))
         log.info(
-            "round %d with the refitted %s head  %s acc %.4f  macro-F1 %.4f",
+            "round %d refitted (%s)  %s acc %.4f  macro-F1 %.4f",
             rounds,
-            fed.head_refit,
+            ", ".join(
+                ([f"BatchNorm x{fed.bn_refit}"] if fed.bn_refit else [])
+                + ([f"{fed.head_refit} head"] if fed.head_refit != "none" else [])
+            ),
             first,
             results[first]["accuracy"],
             results[first]["macro_f1"],
@@ -286,6 +301,8 @@ def _federate(
 
     if fed.head_refit != "none":
         linear_head(model, key="federation.head_refit")  # before any site works
+    if fed.bn_refit:
+        check_bn_refit(model, start)
     if fed.head_init != "none" and not fed.resume:  # a resumed run has its head already
         linear_head(model)  # a model without a linear classifier fails before any site works
         sites = statistics(fed.head_init)
@@ -303,8 +320,8 @@ def _federate(
             results[first]["macro_f1"],
         )
     if done >= rounds:
-        if fed.head_refit != "none" and not refitted:  # stopped between last round and refit
-            refit_head()
+        if fed.refits and not refitted:  # stopped between the last round and the refit
+            refit()
         else:
             log.info("nothing to do: %d of %d rounds already done", done, rounds)
         record.finish()
@@ -354,9 +371,9 @@ def _federate(
             finish_round=finish_round,
             central_dp=settings.central_dp,
         )
-        if fed.head_refit != "none":
+        if fed.refits:
             set_exchanged(model, final[0], keys)
-            refit_head()
+            refit()
         record.finish()
         return
 
@@ -382,9 +399,9 @@ def _federate(
         evaluate_config=ConfigRecord({ROUND_OFFSET: done}),
         evaluate_fn=evaluate_fn,
     )
-    if fed.head_refit != "none":
+    if fed.refits:
         set_exchanged(model, final[0], keys)
-        refit_head()
+        refit()
     record.finish()
 
 

@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from common.data.splits import groups_are_scans
+from common.federated.bn_stats import recalibrate_bn
 from common.federated.head_init import closed_form_head, linear_head
 from common.federated.site import site_indices
 from common.federated.trainer import site_seed
@@ -111,6 +112,8 @@ def run_local(cfg: DictConfig) -> Path:
         val = Batches(x, c.labels, val_idx, batch_size=64)
         if budget > 0:
             fit(model, train, val, settings, device=device, start=start)
+            if fed.bn_refit:  # the site's own BatchNorm statistics, as a federation would
+                recalibrate_bn(model, x, train_idx, passes=fed.bn_refit, start=start, device=device)
             if fed.head_refit != "none":
                 own_head(fed.head_refit)
         final = {

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from common.data.splits import groups_are_scans
 from common.data.transforms import Augment
+from common.federated.bn_stats import recalibrate_bn
 from common.federated.head_init import closed_form_head, linear_head
 from common.learn.prepare import prepare_run
 from common.learn.training import Batches, evaluate_model, fit
@@ -110,6 +111,11 @@ def run_centralised(cfg: DictConfig, *, kind: str = "centralised", train: bool =
         if train
         else []
     )
+    if fed.bn_refit and train:  # the pooled reference of a federated BatchNorm re-estimate
+        recalibrate_bn(model, x, s.train, passes=fed.bn_refit, start=start, device=device)
+        log.info(
+            "BatchNorm statistics: re-estimated (%d passes) on the training split", fed.bn_refit
+        )
     refit = fed.head_refit
     if refit != "none" and train:  # the pooled reference of a federated head refit
         pooled_head(refit)

@@ -48,6 +48,7 @@ class FederationSettings:
     head_freeze: bool
     head_refit: str  # none | fed3r | fedncm
     freeze_bn_from: int  # 0: off; N: from round N the sites train with BatchNorm statistics fixed
+    bn_refit: int  # passes of the BatchNorm statistics round after the last round (0: off)
 
     def __post_init__(self) -> None:
         checks = [
@@ -78,6 +79,18 @@ class FederationSettings:
                 "refits the head after the last round: needs rounds >= 1",
             ),
             ("federation.freeze_bn_from", self.freeze_bn_from >= 0, "must be >= 0 (0: off)"),
+            ("federation.bn_refit", self.bn_refit >= 0, "must be >= 0 (0: off)"),
+            (
+                "federation.bn_refit",
+                self.bn_refit == 0 or self.rounds >= 1,
+                "re-estimates BatchNorm after the last round: needs rounds >= 1",
+            ),
+            (
+                "federation.bn_refit",
+                self.bn_refit == 0 or not self.fedbn,
+                "with federation.fedbn each site keeps its own BatchNorm; there is no global "
+                "statistic to re-estimate",
+            ),
             ("federation.head_ridge", self.head_ridge > 0, "must be > 0"),
             ("federation.head_scale", self.head_scale > 0, "must be > 0"),
             (
@@ -95,6 +108,11 @@ class FederationSettings:
     def epoch_budget(self) -> int:
         """A site's local epochs over the whole run: rounds x local epochs."""
         return self.rounds * self.local_epochs
+
+    @property
+    def refits(self) -> bool:
+        """Something is re-estimated after the last round (BatchNorm statistics, the head)."""
+        return self.bn_refit > 0 or self.head_refit != "none"
 
 
 def federation_settings(cfg: DictConfig) -> FederationSettings:

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.core.errors import DataError
 from common.data.transforms import Augment
+from common.federated.bn_stats import BN_KIND, site_bn_statistics
 from common.federated.exchange import exchanged_keys, get_exchanged, local_keys, set_exchanged
 from common.federated.head_init import classifier_features, linear_head, site_statistics
 from common.federated.privacy import PrivacyLedger, dp_settings, dp_site_round
@@ -237,8 +238,9 @@ class SiteTrainer:
         }
 
     def statistics(self, arrays: Arrays, *, kind: str, state: SiteState) -> dict[str, np.ndarray]:
-        """The one-shot statistics round: sums over the features entering the classifier
-        of the global model, on this site's training split only (see ``head_init``)."""
+        """A statistics round: sums over the features entering the classifier of the
+        global model (see ``head_init``), or over its BatchNorm inputs (``kind="bn"``, see
+        ``bn_stats``), on this site's training split only."""
         if len(self.site.train) == 0:
             raise DataError(
                 self.site.prepared.collection.root,
@@ -246,6 +248,10 @@ class SiteTrainer:
             )
         model, _ = self._model(arrays, state)
         site = self.site
+        if kind == BN_KIND:  # federation.bn_refit: per-channel BatchNorm input sums
+            return site_bn_statistics(
+                model, site.x, site.train, start=site.start, device=self.device
+            )
         feats = classifier_features(model, site.x, site.train, start=site.start, device=self.device)
         return site_statistics(kind, feats, site.labels[site.train], len(site.run.classes))
 

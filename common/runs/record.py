@@ -136,6 +136,7 @@ ADDED_LATER = {
     "secure_aggregation.name": "off",
     "federation.head_refit": "none",
     "federation.freeze_bn_from": 0,
+    "federation.bn_refit": 0,
 }
 
 # In a federated checkpoint: the head refit after the last round (federation.head_refit)
@@ -337,6 +338,11 @@ class RunRecord:
         return str(self.cfg.federation.get("head_init", "none"))
 
     @property
+    def bn_refit(self) -> int:
+        """Passes of the BatchNorm statistics round after the last round (0: none)."""
+        return int(self.cfg.federation.get("bn_refit", 0))
+
+    @property
     def head_refit(self) -> str:
         """The head re-solved after the last round (``none``, ``fed3r``, ``fedncm``)."""
         return str(self.cfg.federation.get("head_refit", "none"))
@@ -348,10 +354,11 @@ class RunRecord:
         ``fed3r(frozen)+fedavg``, ``init(frozen)+fedavg`` (the initial head held fixed),
         ``pooled+fed3r`` (closed form), ``pooled+fed3r+ft``; ``fedavg+fixbn(3)`` holds the
         BatchNorm statistics from round 3; a
-        head re-solved after training comes last: ``fedavg+refit(fed3r)``."""
-        refit = self.head_refit
-        suffix = "" if refit == "none" else f"+refit({refit})"
-        return self._method() + suffix
+        head re-solved after training comes last: ``fedavg+refit(fed3r)``, after two passes
+        of the BatchNorm statistics round ``fedavg+refit(bn2,fed3r)``."""
+        parts = [f"bn{self.bn_refit}"] if self.bn_refit else []
+        parts += [] if self.head_refit == "none" else [self.head_refit]
+        return self._method() + (f"+refit({','.join(parts)})" if parts else "")
 
     def _method(self) -> str:
         head = self.head_init

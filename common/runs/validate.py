@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from common.core.errors import ConfigError
 from common.data.partition import check_partition_config
 from common.data.pipeline import check_dataset_config, prepare_data
+from common.federated.bn_stats import check_bn_refit
 from common.federated.head_init import linear_head
 from common.federated.privacy import (
     PRIVACY_NAMES,
@@ -94,7 +95,12 @@ def validate(cfg: DictConfig, kind: str) -> Settings:
             last = Path(fed.resume).expanduser() / "last.pt"
             if not last.exists():
                 raise ConfigError("federation.resume", f"no checkpoint to resume from: {last}")
-    for key, value in (("head_init", fed.head_init), ("head_refit", fed.head_refit)):
+    bn = "on" if fed.bn_refit else "none"
+    for key, value in (
+        ("head_init", fed.head_init),
+        ("head_refit", fed.head_refit),
+        ("bn_refit", bn),
+    ):
         if kind in ("federated", "server") and value != "none" and privacy != "off":
             raise ConfigError(
                 f"federation.{key}",
@@ -144,10 +150,13 @@ def check_sites(cfg: DictConfig) -> None:
     keys = [k for k in ("head_init", "head_refit") if str(cfg.federation.get(k, "none")) != "none"]
     if bool(cfg.federation.get("head_freeze", False)):
         keys.append("head_freeze")
-    if keys:  # a statistics round, or a head to hold fixed, needs a linear head
+    bn = int(cfg.federation.get("bn_refit", 0)) > 0
+    if keys or bn:  # a statistics round, or a head to hold fixed, needs a linear head
         model = build_model(cfg.model, len(data.collection.classes))
         for key in keys:
             linear_head(model, key=f"federation.{key}")
+        if bn:  # ... and a BatchNorm statistics round, BatchNorm in the trained stages
+            check_bn_refit(model, model.frozen_until)
     n = int(cfg.federation.num_sites)
     for pid in range(n):
         site_indices(cfg, data, partition_id=pid, num_partitions=n)
