@@ -80,12 +80,12 @@ def site_bn_statistics(
 
     def hook(name: str):
         def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            a = args[0].double()
+            a = args[0].float()  # per-image means in float32, their sums in float64
             dims = tuple(range(2, a.dim()))
             first = a.mean(dims) if dims else a
             second = (a * a).mean(dims) if dims else a * a
-            sums[name][0] += first.sum(0).cpu().numpy()
-            sums[name][1] += second.sum(0).cpu().numpy()
+            sums[name][0] += first.double().sum(0).cpu().numpy()
+            sums[name][1] += second.double().sum(0).cpu().numpy()
 
         return record
 
