@@ -260,9 +260,8 @@ def _federate(
         kept beside: ``before_refit``, and the sites' as ``sites_before_refit``)."""
         before = next((r for r in record.rounds if r["round"] == rounds), {})
         sites = dict(before.get("sites", {}))
-        for p in range(fed.bn_refit):
-            log.info("BatchNorm statistics, pass %d of %d", p + 1, fed.bn_refit)
-            sites[f"bn_statistics_{p + 1}"] = statistics(BN_KIND)
+        if fed.bn_refit:
+            sites["bn_statistics"] = statistics(BN_KIND)
         if fed.head_refit != "none":
             sites["statistics"] = statistics(fed.head_refit)
         state = get_exchanged(model.cpu(), keys)
@@ -291,7 +290,7 @@ def _federate(
             "round %d refitted (%s)  %s acc %.4f  macro-F1 %.4f",
             rounds,
             ", ".join(
-                ([f"BatchNorm x{fed.bn_refit}"] if fed.bn_refit else [])
+                (["BatchNorm statistics"] if fed.bn_refit else [])
                 + ([f"{fed.head_refit} head"] if fed.head_refit != "none" else [])
             ),
             first,

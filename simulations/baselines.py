@@ -113,7 +113,15 @@ def run_local(cfg: DictConfig) -> Path:
         if budget > 0:
             fit(model, train, val, settings, device=device, start=start)
             if fed.bn_refit:  # the site's own BatchNorm statistics, as a federation would
-                recalibrate_bn(model, x, train_idx, passes=fed.bn_refit, start=start, device=device)
+                recalibrate_bn(
+                    model,
+                    x,
+                    train_idx,
+                    start=start,
+                    device=device,
+                    batch_size=settings.batch_size,
+                    seed=site_seed(settings.seed, 0, pid),
+                )
             if fed.head_refit != "none":
                 own_head(fed.head_refit)
         final = {

@@ -112,10 +112,16 @@ def run_centralised(cfg: DictConfig, *, kind: str = "centralised", train: bool =
         else []
     )
     if fed.bn_refit and train:  # the pooled reference of a federated BatchNorm re-estimate
-        recalibrate_bn(model, x, s.train, passes=fed.bn_refit, start=start, device=device)
-        log.info(
-            "BatchNorm statistics: re-estimated (%d passes) on the training split", fed.bn_refit
+        recalibrate_bn(
+            model,
+            x,
+            s.train,
+            start=start,
+            device=device,
+            batch_size=settings.batch_size,
+            seed=settings.seed,
         )
+        log.info("BatchNorm statistics: re-estimated on the training split")
     refit = fed.head_refit
     if refit != "none" and train:  # the pooled reference of a federated head refit
         pooled_head(refit)

@@ -290,13 +290,14 @@ def test_central_dp_under_secaggplus_clips_at_the_sites_and_noises_the_sum(
 
 
 def test_the_head_refit_runs_under_secaggplus_after_the_last_round(tmp_path) -> None:
-    """``federation.head_refit`` under SecAgg+: one more masked round of sums after the
-    last training round; round 1 is recorded again with the refitted head."""
-    run_dir = run_federated(
-        [*BASE, "rounds=1", "federation.head_refit=fed3r", f"runs_dir={tmp_path}"]
-    )
+    """``federation.bn_refit`` and ``head_refit`` under SecAgg+: two more masked rounds
+    of sums after the last training round (BatchNorm statistics, then the head's);
+    round 1 is recorded again with the refitted model."""
+    refit = ["federation.bn_refit=true", "federation.head_refit=fed3r"]
+    run_dir = run_federated([*BASE, "rounds=1", *refit, f"runs_dir={tmp_path}"])
     rows = json.loads((run_dir / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rows] == [1]
     assert len(rows[0]["sites"]["statistics"]) == 3 and rows[0]["before_refit"]
+    assert len(rows[0]["sites"]["bn_statistics"]) == 3
     state = torch.load(run_dir / "last.pt", weights_only=False)
     assert state["head_refit_done"] is True

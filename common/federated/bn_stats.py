@@ -1,30 +1,32 @@
-"""The global model's BatchNorm statistics re-estimated from the sites' exact sums.
+"""The global model's BatchNorm statistics re-estimated at the sites after the last round.
 
-Under label skew FedAvg's BatchNorm statistics are wrong in a way no round of
-training repairs: each site's running mean and variance track its own two or three
-classes, and the server averages them. The average of the means is close to the
-pooled mean, but the average of the variances is the *within-site* variance; the
-variance *between* sites, which under label skew is much of the class signal, is
-missing. Every BatchNorm then divides by too small a number, and the features the
-head reads are distorted (brain, Dirichlet 0.1, the worst seed: a ridge head on
-the final model's features scored 95.3 % with the averaged statistics and 96.7 %
-with statistics recomputed on the pooled training split, docs/skew.md).
+Under label skew FedAvg's BatchNorm statistics do not belong to the global model. Each
+site's running statistics are an exponential average over its *local* model's last
+batches, a model that drifted from the global one during the round; the server then
+averages them. The global weights were never run with those statistics.
 
-The pooled statistics are sums, so the sites can send them exactly (like Fed3R's):
-for every BatchNorm layer of the trainable stages, per channel, the sum over the
-site's training images of the image's spatial mean of the layer input and of its
-square, and the image count. The server divides and installs ``mean`` and
-``E[x^2] - mean^2``. One pass sets every layer from inputs normalised by the
-*previous* statistics of the layers before it; a second pass (the default of
-``federation.bn_refit``) re-estimates them from corrected inputs: a fixed-point
-iteration towards the layer-by-layer pooled statistics. What a site reveals: the
-per-channel means and second moments of its activations, no per-image row.
+``federation.bn_refit=true`` runs one more statistics round: every site runs the final
+global model over its own training images, in its own shuffled batches of
+``train.batch_size``, with every trained BatchNorm layer in training mode (each batch
+normalised by its own statistics, as in the site's training) and cumulative running
+statistics; it sends the image count ``n_k`` and ``n_k`` times each layer's running mean
+and variance. The server installs the image-weighted means. These are the
+statistics FedAvg's BatchNorm would hold had every site trained with the global weights:
+the normalisation the global blocks were trained under (within-site batches), not the
+pooled data's. Brain, Dirichlet 0.1, the worst seed: a ridge head on the final model's
+features scored 95.0 % with FedAvg's averaged statistics, 94.9 % with the pooled
+statistics of each layer's input (a fixed point of exact pooled sums, measured and
+rejected) and 97.1 % with these (docs/skew.md).
+
+What a site reveals: per trained BatchNorm channel, the mean and variance of its
+activations over its training split, and its image count; no per-image row.
 
 Pure functions (``site_bn_statistics``, ``install_bn``), like ``head_init``'s.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 
 import numpy as np
@@ -70,56 +72,53 @@ def site_bn_statistics(
     *,
     start: int,
     device: torch.device,
-    batch_size: int = 128,
+    batch_size: int,
+    seed: int,
 ) -> dict[str, np.ndarray]:
-    """Per trained BatchNorm layer and channel, float64 sums over ``x[indices]`` of each
-    image's spatial mean of the layer's input and of its square, plus the image count;
-    the model runs in eval mode (each layer normalised by its current statistics)."""
-    layers = bn_layers(model, start)
-    sums = {n: [0.0, 0.0] for n in layers}
-
-    def hook(name: str):
-        def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            a = args[0].float()  # per-image means in float32, their sums in float64
-            dims = tuple(range(2, a.dim()))
-            first = a.mean(dims) if dims else a
-            second = (a * a).mean(dims) if dims else a * a
-            sums[name][0] += first.double().sum(0).cpu().numpy()
-            sums[name][1] += second.double().sum(0).cpu().numpy()
-
-        return record
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
-    try:
-        model.eval()
-        model.to(device)
-        for s in range(0, len(indices), batch_size):
-            xb = torch.from_numpy(np.ascontiguousarray(x[np.asarray(indices[s : s + batch_size])]))
-            xb = (to_float(xb) if xb.dtype == torch.uint8 else xb.float()).to(device)
-            with autocast(device):
-                model.forward_from(xb, start)
-    finally:
-        for h in handles:
-            h.remove()
-    out = {COUNT: np.array([float(len(indices))])}
-    for name, (first, second) in sums.items():
-        out[f"{name}.sum"] = np.asarray(first, dtype=np.float64)
-        out[f"{name}.sumsq"] = np.asarray(second, dtype=np.float64)
+    """The image count and, per trained BatchNorm layer, ``n`` times its running mean and
+    variance after one pass of ``model`` over ``x[indices]`` in shuffled batches of
+    ``batch_size``, every such layer in training mode with cumulative statistics
+    (float64); ``model`` itself is left as it was."""
+    work = copy.deepcopy(model).to(device)
+    work.eval()
+    layers = bn_layers(work, start)
+    for m in layers.values():
+        m.reset_running_stats()
+        m.momentum = None  # cumulative: every batch counts the same
+        m.train()
+    order = np.random.default_rng(seed).permutation(np.asarray(indices))
+    batches = 0
+    for s in range(0, len(order), batch_size):
+        b = np.sort(order[s : s + batch_size])
+        if len(b) < 2:  # a batch of one has no variance
+            continue
+        xb = torch.from_numpy(np.ascontiguousarray(x[b]))
+        xb = (to_float(xb) if xb.dtype == torch.uint8 else xb.float()).to(device)
+        with autocast(device):
+            work.forward_from(xb, start)
+        batches += 1
+    if not batches:
+        raise ValueError(f"BatchNorm statistics need at least 2 images, got {len(order)}")
+    n = float(len(order))
+    out = {COUNT: np.array([n])}
+    for name, m in layers.items():
+        out[f"{name}.mean"] = n * m.running_mean.double().cpu().numpy()
+        out[f"{name}.var"] = n * m.running_var.double().cpu().numpy()
     return out
 
 
 def install_bn(model: StagedModel, total: Mapping[str, np.ndarray]) -> int:
-    """Write the pooled mean and variance from summed statistics into every trained
-    BatchNorm layer they name; returns how many layers were set."""
+    """Write the image-weighted means of the sites' statistics (summed: ``n_k`` times
+    each) into every BatchNorm layer they name; returns how many layers were set."""
     n = float(np.asarray(total[COUNT]).ravel()[0])
     if not n > 0:
         raise ValueError("BatchNorm statistics over no image")
     modules = dict(model.named_modules())
-    names = [k[: -len(".sum")] for k in total if k.endswith(".sum")]
+    names = [k[: -len(".mean")] for k in total if k.endswith(".mean")]
     for name in names:
         bn = modules[name]
-        mean = np.asarray(total[f"{name}.sum"]) / n
-        var = np.maximum(np.asarray(total[f"{name}.sumsq"]) / n - mean * mean, 0.0)
+        mean = np.asarray(total[f"{name}.mean"]) / n
+        var = np.maximum(np.asarray(total[f"{name}.var"]) / n, 0.0)
         with torch.no_grad():
             bn.running_mean.copy_(torch.from_numpy(mean).to(bn.running_mean))
             bn.running_var.copy_(torch.from_numpy(var).to(bn.running_var))
@@ -131,11 +130,14 @@ def recalibrate_bn(
     x: np.ndarray,
     indices: np.ndarray,
     *,
-    passes: int,
     start: int,
     device: torch.device,
+    batch_size: int,
+    seed: int,
 ) -> None:
-    """The same passes over one data set (the pooled and local references: the sums
-    a federation would send, never sent)."""
-    for _ in range(passes):
-        install_bn(model, site_bn_statistics(model, x, indices, start=start, device=device))
+    """The same statistics over one data set, installed (the pooled and local
+    references: what a federation of one site would send, never sent)."""
+    stats = site_bn_statistics(
+        model, x, indices, start=start, device=device, batch_size=batch_size, seed=seed
+    )
+    install_bn(model, stats)

@@ -48,7 +48,7 @@ class FederationSettings:
     head_freeze: bool
     head_refit: str  # none | fed3r | fedncm
     freeze_bn_from: int  # 0: off; N: from round N the sites train with BatchNorm statistics fixed
-    bn_refit: int  # passes of the BatchNorm statistics round after the last round (0: off)
+    bn_refit: bool  # a BatchNorm statistics round after the last round
 
     def __post_init__(self) -> None:
         checks = [
@@ -79,15 +79,14 @@ class FederationSettings:
                 "refits the head after the last round: needs rounds >= 1",
             ),
             ("federation.freeze_bn_from", self.freeze_bn_from >= 0, "must be >= 0 (0: off)"),
-            ("federation.bn_refit", self.bn_refit >= 0, "must be >= 0 (0: off)"),
             (
                 "federation.bn_refit",
-                self.bn_refit == 0 or self.rounds >= 1,
+                not self.bn_refit or self.rounds >= 1,
                 "re-estimates BatchNorm after the last round: needs rounds >= 1",
             ),
             (
                 "federation.bn_refit",
-                self.bn_refit == 0 or not self.fedbn,
+                not self.bn_refit or not self.fedbn,
                 "with federation.fedbn each site keeps its own BatchNorm; there is no global "
                 "statistic to re-estimate",
             ),
@@ -112,7 +111,7 @@ class FederationSettings:
     @property
     def refits(self) -> bool:
         """Something is re-estimated after the last round (BatchNorm statistics, the head)."""
-        return self.bn_refit > 0 or self.head_refit != "none"
+        return self.bn_refit or self.head_refit != "none"
 
 
 def federation_settings(cfg: DictConfig) -> FederationSettings:

@@ -250,7 +250,13 @@ class SiteTrainer:
         site = self.site
         if kind == BN_KIND:  # federation.bn_refit: per-channel BatchNorm input sums
             return site_bn_statistics(
-                model, site.x, site.train, start=site.start, device=self.device
+                model,
+                site.x,
+                site.train,
+                start=site.start,
+                device=self.device,
+                batch_size=self.settings.batch_size,
+                seed=site_seed(self.settings.seed, 0, self.partition_id),
             )
         feats = classifier_features(model, site.x, site.train, start=site.start, device=self.device)
         return site_statistics(kind, feats, site.labels[site.train], len(site.run.classes))

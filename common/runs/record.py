@@ -136,7 +136,7 @@ ADDED_LATER = {
     "secure_aggregation.name": "off",
     "federation.head_refit": "none",
     "federation.freeze_bn_from": 0,
-    "federation.bn_refit": 0,
+    "federation.bn_refit": False,
 }
 
 # In a federated checkpoint: the head refit after the last round (federation.head_refit)
@@ -338,9 +338,9 @@ class RunRecord:
         return str(self.cfg.federation.get("head_init", "none"))
 
     @property
-    def bn_refit(self) -> int:
-        """Passes of the BatchNorm statistics round after the last round (0: none)."""
-        return int(self.cfg.federation.get("bn_refit", 0))
+    def bn_refit(self) -> bool:
+        """BatchNorm statistics re-estimated after the last round."""
+        return bool(self.cfg.federation.get("bn_refit", False))
 
     @property
     def head_refit(self) -> str:
@@ -354,9 +354,9 @@ class RunRecord:
         ``fed3r(frozen)+fedavg``, ``init(frozen)+fedavg`` (the initial head held fixed),
         ``pooled+fed3r`` (closed form), ``pooled+fed3r+ft``; ``fedavg+fixbn(3)`` holds the
         BatchNorm statistics from round 3; a
-        head re-solved after training comes last: ``fedavg+refit(fed3r)``, after two passes
-        of the BatchNorm statistics round ``fedavg+refit(bn2,fed3r)``."""
-        parts = [f"bn{self.bn_refit}"] if self.bn_refit else []
+        head re-solved after training comes last: ``fedavg+refit(fed3r)``, after the BatchNorm
+        statistics round ``fedavg+refit(bn,fed3r)``."""
+        parts = ["bn"] if self.bn_refit else []
         parts += [] if self.head_refit == "none" else [self.head_refit]
         return self._method() + (f"+refit({','.join(parts)})" if parts else "")
 

@@ -95,7 +95,7 @@ def validate(cfg: DictConfig, kind: str) -> Settings:
             last = Path(fed.resume).expanduser() / "last.pt"
             if not last.exists():
                 raise ConfigError("federation.resume", f"no checkpoint to resume from: {last}")
-    bn = "on" if fed.bn_refit else "none"
+    bn = "true" if fed.bn_refit else "none"
     for key, value in (
         ("head_init", fed.head_init),
         ("head_refit", fed.head_refit),
@@ -150,7 +150,7 @@ def check_sites(cfg: DictConfig) -> None:
     keys = [k for k in ("head_init", "head_refit") if str(cfg.federation.get(k, "none")) != "none"]
     if bool(cfg.federation.get("head_freeze", False)):
         keys.append("head_freeze")
-    bn = int(cfg.federation.get("bn_refit", 0)) > 0
+    bn = bool(cfg.federation.get("bn_refit", False))
     if keys or bn:  # a statistics round, or a head to hold fixed, needs a linear head
         model = build_model(cfg.model, len(data.collection.classes))
         for key in keys:
