@@ -47,6 +47,14 @@ METHODS = {
         "federation.head_refit=fed3r",
         "federation.head_ridge=0.01",
     ],
+    # + the BatchNorm statistics of the final model re-estimated at the sites first
+    # (federation.bn_refit): FedAvg's are its drifted local models' (docs/skew.md)
+    "fedavg+bnrefit": [
+        "strategy=fedavg",
+        "federation.bn_refit=true",
+        "federation.head_refit=fed3r",
+        "federation.head_ridge=0.01",
+    ],
     "fed3r+fedavg": ["strategy=fedavg", "federation.head_init=fed3r"],
     # + the balanced softmax at each site (train.loss): the fine-tuned blocks drift
     # under skew because each site's loss pushes down the classes it lacks
@@ -111,8 +119,11 @@ def run_cell(folder: Path, overrides: list[str]) -> Path:
             if rec.kind != "federated" or (
                 rec.rounds
                 and rec.rounds[-1]["round"] >= int(rec.cfg.rounds)
-                # a head refit still due after the last round: resumed, it runs
-                and (rec.head_refit == "none" or "before_refit" in rec.rounds[-1])
+                # a refit still due after the last round: resumed, it runs
+                and (
+                    (rec.head_refit == "none" and not rec.bn_refit)
+                    or "before_refit" in rec.rounds[-1]
+                )
             ):
                 log.info("finetune: %s is done, reused", folder.name)
                 return folder
@@ -193,7 +204,9 @@ def write_page(
         "`+fhead`: the one-shot head stays fixed (`federation.head_freeze=true`); `+refit`: "
         "after the last round the head is re-solved from the sites' Fed3R sums of the final "
         "model's features (`federation.head_refit=fed3r`; the last round's row is the "
-        "refitted model, the row before it the same model before the refit). Lung: fold "
+        "refitted model, the row before it the same model before the refit); `+bnrefit`: "
+        "the same, after the sites first re-estimate the final model's BatchNorm "
+        "statistics (`federation.bn_refit=true`). Lung: fold "
         "0 of the scan-grouped split. Values in %.",
         "",
     ]

@@ -332,6 +332,7 @@ def test_the_finetune_driver_runs_and_writes_its_page(tmp_path: Path) -> None:
     assert "**fed3r+fedavg+bsm, iid**, per round:" in page
     assert "**fed3r+fedavg, iid**, per round:" in page and "| 0 |" in page  # round 0: one-shot
     assert "**fedavg+refit, iid**, per round:" in page
+    assert "**fedavg+bnrefit, iid**, per round:" in page
     assert "| 1, before the refit |" in page  # round 1 before and after its head refit
     assert (tmp_path / "docs" / "finetune" / "curves_synthetic.png").exists()
 
