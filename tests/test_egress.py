@@ -127,3 +127,27 @@ def test_the_statistics_round_sends_sums_only(tmp_path: Path) -> None:
             # no axis as long as the site's sample list: sums, not rows
             assert not any(n_train in shape for shape, *_ in r["arrays"].values())
             assert not any(shape[-2:] == [IMAGE, IMAGE] for shape, *_ in r["arrays"].values())
+
+
+def test_the_batchnorm_statistics_round_sends_channel_moments_only(tmp_path: Path) -> None:
+    """``federation.bn_refit``: each site's query reply holds its image count and, per
+    trained BatchNorm layer, one mean and one variance per channel; nothing else."""
+    from common.federated.bn_stats import bn_layers
+
+    captured = tmp_path / "bn"
+    captured.mkdir()
+    overrides = [*BASE, f"runs_dir={tmp_path / 'runs'}", "rounds=1", "federation.bn_refit=true"]
+    run_federated(overrides, client_mods=[recorder(captured)])
+    replies = [json.loads(p.read_text()) for p in captured.iterdir()]
+    queries = [r for r in replies if r["type"] == "query"]
+    assert len(queries) == 2  # 2 sites, one statistics round
+    model = build_model(load_config(overrides).model, 4)
+    shapes = {"arrays/bn.count": [1]}
+    for name, bn in bn_layers(model, 0).items():
+        shapes[f"arrays/{name}.mean"] = shapes[f"arrays/{name}.var"] = [bn.num_features]
+    for r in queries:
+        assert not r["error"] and r["configs"] == {}
+        assert {k: v[0] for k, v in r["arrays"].items()} == shapes
+        assert all(dtype == "float64" for _, dtype, _ in r["arrays"].values())
+        names = {n.split("/", 1)[1] for n, *_ in r["metrics"]}
+        assert names == {"num-examples", "partition-id"}
