@@ -29,6 +29,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from common.core.config import load_config
 from common.runs.record import read_run
 from simulations.harness import driver_args, merged, run_one, validate_overrides
 
@@ -116,14 +117,15 @@ def run_cell(folder: Path, overrides: list[str]) -> Path:
     if metrics.exists():
         try:
             rec = read_run(folder)
+            # the cell's own settings, not the folder's: a FedAvg cell's folder copied to a
+            # refit cell's name resumes with the refit (nothing else trained again)
+            fed = load_config(overrides).federation
+            refits = str(fed.head_refit) != "none" or bool(fed.bn_refit)
             if rec.kind != "federated" or (
                 rec.rounds
                 and rec.rounds[-1]["round"] >= int(rec.cfg.rounds)
                 # a refit still due after the last round: resumed, it runs
-                and (
-                    (rec.head_refit == "none" and not rec.bn_refit)
-                    or "before_refit" in rec.rounds[-1]
-                )
+                and (not refits or "before_refit" in rec.rounds[-1])
             ):
                 log.info("finetune: %s is done, reused", folder.name)
                 return folder

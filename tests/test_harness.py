@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -333,6 +334,16 @@ def test_the_finetune_driver_runs_and_writes_its_page(tmp_path: Path) -> None:
     assert "**fed3r+fedavg, iid**, per round:" in page and "| 0 |" in page  # round 0: one-shot
     assert "**fedavg+refit, iid**, per round:" in page
     assert "**fedavg+bnrefit, iid**, per round:" in page
+    # a FedAvg cell's folder copied to a refit cell's name: resumed, only the refit runs
+    runs = tmp_path / "runs" / "synthetic"
+    cell = runs / "synthetic-fedavg+bnrefit-iid"
+    shutil.rmtree(cell)
+    shutil.copytree(runs / "synthetic-fedavg-iid", cell)
+    again = [*args, "--methods", "fedavg+bnrefit", "--blocks", "1", f"--out={tmp_path / 'runs'}"]
+    assert finetune([*again, f"--docs={docs}", *small]) == 0
+    rows = json.loads((cell / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rows] == [1] and "before_refit" in rows[0]
+    assert "bn_statistics" in rows[0]["sites"] and "statistics" in rows[0]["sites"]
     assert "| 1, before the refit |" in page  # round 1 before and after its head refit
     assert (tmp_path / "docs" / "finetune" / "curves_synthetic.png").exists()
 
