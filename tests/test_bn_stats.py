@@ -93,7 +93,7 @@ def test_a_model_without_trained_batchnorm_is_refused_naming_the_key() -> None:
     model = build_model({"name": "efficientnet_lite0", "mode": "features"}, 3)
     with pytest.raises(ConfigError) as err:
         check_bn_refit(model, model.frozen_until)
-    assert err.value.key == "federation.bn_refit" and "bn_refit=0" in str(err.value)
+    assert err.value.key == "federation.bn_refit" and "bn_refit=false" in str(err.value)
     check_bn_refit(build_model({"name": "paper_cnn"}, 4), 0)  # has some: no error
 
 

@@ -60,7 +60,7 @@ def check_bn_refit(model: StagedModel, start: int) -> None:
         raise ConfigError(
             "federation.bn_refit",
             f"{model.name} has no BatchNorm layer in its trained stages (feature mode, or "
-            "GroupNorm); use federation.bn_refit=0",
+            "GroupNorm); use federation.bn_refit=false",
         )
 
 
