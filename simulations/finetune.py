@@ -30,6 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from common.core.config import load_config
+from common.federated.settings import federation_settings
 from common.runs.record import read_run
 from simulations.harness import driver_args, merged, run_one, validate_overrides
 
@@ -119,8 +120,7 @@ def run_cell(folder: Path, overrides: list[str]) -> Path:
             rec = read_run(folder)
             # the cell's own settings, not the folder's: a FedAvg cell's folder copied to a
             # refit cell's name resumes with the refit (nothing else trained again)
-            fed = load_config(overrides).federation
-            refits = str(fed.head_refit) != "none" or bool(fed.bn_refit)
+            refits = federation_settings(load_config(overrides)).refits
             if rec.kind != "federated" or (
                 rec.rounds
                 and rec.rounds[-1]["round"] >= int(rec.cfg.rounds)

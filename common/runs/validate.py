@@ -95,13 +95,12 @@ def validate(cfg: DictConfig, kind: str) -> Settings:
             last = Path(fed.resume).expanduser() / "last.pt"
             if not last.exists():
                 raise ConfigError("federation.resume", f"no checkpoint to resume from: {last}")
-    bn = "true" if fed.bn_refit else "none"
-    for key, value in (
-        ("head_init", fed.head_init),
-        ("head_refit", fed.head_refit),
-        ("bn_refit", bn),
+    for key, on in (
+        ("head_init", fed.head_init != "none"),
+        ("head_refit", fed.head_refit != "none"),
+        ("bn_refit", fed.bn_refit),
     ):
-        if kind in ("federated", "server") and value != "none" and privacy != "off":
+        if kind in ("federated", "server") and on and privacy != "off":
             raise ConfigError(
                 f"federation.{key}",
                 f"the statistics round sends feature sums without noise; it cannot run with "
