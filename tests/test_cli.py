@@ -74,6 +74,7 @@ def test_feature_cache_path_trains(tmp_path: Path, monkeypatch):
         ("model.mode=bogus", "model.mode"),
         ("bootstrap.resamples=10", "bootstrap.resamples"),
         ("model.freeze_bn=maybe", "model.freeze_bn"),
+        ("model.prefix_precision=half", "model.prefix_precision"),
     ],
 )
 def test_bad_config_values_exit_2_naming_the_key(

@@ -319,15 +319,22 @@ def estimate_round(c: ImageCollection, ok: np.ndarray, cfg: Mapping[str, Any]) -
     from common.core.settings import from_section
     from common.federated.settings import FederationSettings
     from common.learn.models import build_model
-    from common.learn.training import autocast, select_device
+    from common.learn.training import (
+        autocast,
+        place_model,
+        prefix_autocast,
+        prefix_dtype,
+        select_device,
+    )
 
     device = select_device(str(cfg["device"]), cfg.get("num_threads"))
     size = int(cfg["dataset"]["image_size"])
     batch = int(cfg["train"]["batch_size"])
     fed = from_section(FederationSettings, cfg["federation"], "federation")
     epochs, val_fraction = fed.local_epochs, fed.site_val_fraction
-    model = build_model(cfg["model"], len(c.classes)).to(device)
+    model = place_model(build_model(cfg["model"], len(c.classes)), device)
     cut = model.frozen_until if cfg["model"].get("feature_cache", False) else 0
+    precision = cfg["model"].get("prefix_precision", "auto")
 
     sample = ok[np.linspace(0, len(ok) - 1, min(8, len(ok))).astype(int)]
     window = domain_window(c.domain)
@@ -342,7 +349,8 @@ def estimate_round(c: ImageCollection, ok: np.ndarray, cfg: Mapping[str, Any]) -
         if cut:
             model.eval()
             t0 = time.perf_counter()
-            x = model.forward_until(x, cut)
+            with prefix_autocast(device, prefix_dtype(device, str(precision))):
+                x = model.forward_until(x, cut).float()
             t_trunk = (time.perf_counter() - t0) / batch
     x = x.clone()
     y = torch.zeros(batch, dtype=torch.long, device=device)

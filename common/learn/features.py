@@ -19,7 +19,7 @@ from common.core.progress import progress
 from common.data.pipeline import PreparedData
 from common.data.transforms import to_float
 from common.learn.models.staged import StagedModel
-from common.learn.training import autocast
+from common.learn.training import place_model, prefix_autocast, prefix_dtype
 
 
 def prefix_digest(model: StagedModel, cut: int) -> str:
@@ -31,7 +31,23 @@ def prefix_digest(model: StagedModel, cut: int) -> str:
     return h.hexdigest()[:16]
 
 
-@torch.inference_mode()
+def _prefix_batch(
+    model: StagedModel, xb: torch.Tensor, cut: int, device: torch.device
+) -> torch.Tensor:
+    """``stages[:cut]`` of one batch, with channels-last activations on CPUs.
+
+    The input adapter turns one grey channel into three; its output is made
+    channels-last here so that every convolution after it takes oneDNN's fast
+    path (the model itself is placed channels-last by :func:`place_model`).
+    """
+    h = model.forward_until(xb, 1)
+    if device.type == "cpu":
+        h = h.contiguous(memory_format=torch.channels_last)
+    for stage in model.stages[1:cut]:
+        h = stage(h)
+    return h
+
+
 def cached_features(
     model: StagedModel,
     images: np.ndarray,
@@ -40,32 +56,38 @@ def cached_features(
     cut: int,
     cache_file: Path,
     device: torch.device,
+    dtype: torch.dtype = torch.float32,
     batch_size: int = 16,
 ) -> np.ndarray:
     """Outputs of ``stages[:cut]`` for every image in ``indices`` (float16, memmapped).
 
-    Rows outside ``indices`` are zeros. Reused when ``cache_file`` exists; its name
-    must carry the image-cache key and :func:`prefix_digest`.
+    The prefix computes in ``dtype`` (:func:`prefix_dtype`). Rows outside
+    ``indices`` are zeros. Reused when ``cache_file`` exists; its name must carry
+    the image-cache key, :func:`prefix_digest` and the dtype.
     """
     if cache_file.exists():
         return np.load(cache_file, mmap_mode="r")
     model.eval()
-    probe = model.forward_until(to_float(torch.from_numpy(images[:1].copy())).to(device), cut)
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(".partial.npy")
-    out = np.lib.format.open_memmap(
-        tmp, mode="w+", dtype=np.float16, shape=(len(images), *probe.shape[1:])
-    )
-    idx = np.sort(np.asarray(indices))
-    steps = range(0, len(idx), batch_size)
-    desc = f"frozen trunk ({model.name}, stages before {model.stage_names[cut]})"
-    for s in progress(steps, total=len(steps), desc=desc, unit=f"batches of {batch_size}"):
-        b = idx[s : s + batch_size]
-        xb = to_float(torch.from_numpy(np.ascontiguousarray(images[b]))).to(device)
-        if device.type == "cpu":
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        with autocast(device):
-            out[b] = model.forward_until(xb, cut).float().cpu().numpy().astype(np.float16)
+    place_model(model, device)  # outside inference mode: the weights train later
+    with torch.inference_mode():
+        first = to_float(torch.from_numpy(images[:1].copy())).to(device)
+        with prefix_autocast(device, dtype):
+            probe = _prefix_batch(model, first, cut, device)
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".partial.npy")
+        out = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=np.float16, shape=(len(images), *probe.shape[1:])
+        )
+        idx = np.sort(np.asarray(indices))
+        steps = range(0, len(idx), batch_size)
+        precision = str(dtype).removeprefix("torch.")
+        desc = f"frozen trunk ({model.name}, stages before {model.stage_names[cut]}, {precision})"
+        for s in progress(steps, total=len(steps), desc=desc, unit=f"batches of {batch_size}"):
+            b = idx[s : s + batch_size]
+            xb = to_float(torch.from_numpy(np.ascontiguousarray(images[b]))).to(device)
+            with prefix_autocast(device, dtype):
+                feats = _prefix_batch(model, xb, cut, device)
+            out[b] = feats.float().cpu().numpy().astype(np.float16)
     out.flush()
     del out
     tmp.replace(cache_file)
@@ -86,10 +108,17 @@ def model_inputs(
     # Every readable image, not just this split's: the cache key does not depend on
     # the split, so a later run with another seed or fold must find its rows filled.
     needed = np.flatnonzero(data.cache.ok)
+    dtype = prefix_dtype(device, str(cfg.model.get("prefix_precision", "auto")))
     folder = cache_root(cfg.cache_dir) / "features"
-    name = f"{data.cache.key}-{model.name}-cut{cut}-{prefix_digest(model, cut)}.npy"
-    model.to(device)
+    tag = "" if dtype == torch.float32 else "-" + str(dtype).removeprefix("torch.")
+    name = f"{data.cache.key}-{model.name}-cut{cut}-{prefix_digest(model, cut)}{tag}.npy"
     feats = cached_features(
-        model, data.cache.images, needed, cut=cut, cache_file=folder / name, device=device
+        model,
+        data.cache.images,
+        needed,
+        cut=cut,
+        cache_file=folder / name,
+        device=device,
+        dtype=dtype,
     )
     return feats, cut

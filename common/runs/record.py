@@ -137,6 +137,10 @@ ADDED_LATER = {
     "federation.head_refit": "none",
     "federation.freeze_bn_from": 0,
     "federation.bn_refit": False,
+    # before it the frozen prefix computed in float32 on CPUs and autocast on GPUs; "auto"
+    # is the same on CPUs without native bfloat16, and the features differ by bfloat16
+    # rounding where they have it (README, Models), too little to re-run a study over
+    "model.prefix_precision": "auto",
 }
 
 # In a federated checkpoint: the head refit after the last round (federation.head_refit)

@@ -16,9 +16,13 @@ from common.learn.models.staged import (
     set_trainable,
 )
 
+# model.prefix_precision: the dtype the frozen prefix computes in (auto: the hardware's
+# fast one; common.learn.training.prefix_dtype)
+PREFIX_PRECISIONS = ("auto", "float32", "bfloat16")
+
 
 def check_model_config(cfg: Mapping[str, Any]) -> None:
-    """The ``model`` group's checks that need no weights: name, mode, norm."""
+    """The ``model`` group's checks that need no weights: name, mode, norm, precision."""
     MODELS.get(str(cfg["name"]))
     mode = str(cfg.get("mode", "scratch"))
     if mode not in MODES:
@@ -31,6 +35,11 @@ def check_model_config(cfg: Mapping[str, Any]) -> None:
     norm = str(cfg.get("norm", "batch"))
     if norm not in ("batch", "group"):
         raise ConfigError("model.norm", f"use 'batch' or 'group', got '{norm}'")
+    precision = str(cfg.get("prefix_precision", "auto"))
+    if precision not in PREFIX_PRECISIONS:
+        raise ConfigError(
+            "model.prefix_precision", f"use one of {PREFIX_PRECISIONS}, got '{precision}'"
+        )
     freeze_bn = cfg.get("freeze_bn", False)
     if not isinstance(freeze_bn, bool):
         raise ConfigError("model.freeze_bn", f"use true or false, got '{freeze_bn}'")
