@@ -189,11 +189,12 @@ def write_page(
         "Regenerate (with `FEDSCAN_DATA` pointing at the datasets):",
         "",
         "```bash",
-        "python -m simulations.finetune" + "".join(f" {o}" for o in args.overrides),
+        "python -m simulations.finetune" + "".join(f" {o}" for o in args.typed),
         "```",
         "",
         f"Setting: {args.sites} sites, {args.rounds} rounds x {args.local_epochs} local "
-        f"epoch(s), seed {args.seed}, EfficientNet-Lite0 (ImageNet weights) with "
+        f"epoch(s), seed {args.seed}, {args.image_size} px, EfficientNet-Lite0 (ImageNet "
+        "weights) with "
         f"`model.finetune_blocks={args.blocks}` (the last blocks and the head train; the "
         "frozen trunk before them computed once per image and cached). Centralised = the "
         "harness's pooled run: all sites' training data, the same cached inputs, "

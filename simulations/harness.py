@@ -86,6 +86,12 @@ def run_sweep(overrides: Sequence[str]) -> list[Path]:
     return out
 
 
+# The image size the drivers' pages were measured at: brain's default until 2026-11-27
+# (160 px since, README: default vs plain). Pinned so that each page's command still
+# regenerates it, and a re-run reuses its finished cells.
+PAGES_IMAGE_SIZE = 224
+
+
 def driver_args(
     parser: argparse.ArgumentParser, argv: Sequence[str] | None, *, out: str, docs: Path
 ) -> argparse.Namespace:
@@ -93,10 +99,17 @@ def driver_args(
 
     Every driver trains into run folders under ``--out`` and writes one page
     (``--docs``) from them; ``--report-only`` rewrites the page from existing
-    folders without training, and trailing overrides reach every run.
+    folders without training, and trailing overrides reach every run, after
+    ``dataset.image_size=--image-size`` (so an override of it wins).
     """
     parser.add_argument("--out", default=out)
     parser.add_argument("--docs", default=str(docs))
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=PAGES_IMAGE_SIZE,
+        help=f"dataset.image_size of every run (default {PAGES_IMAGE_SIZE}: the page's)",
+    )
     parser.add_argument(
         "--report-only",
         action="store_true",
@@ -104,6 +117,12 @@ def driver_args(
     )
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     args = parser.parse_args(argv)
+    args.typed = list(args.overrides)  # as given, for a page's regenerate command
+    args.overrides = merged([f"dataset.image_size={args.image_size}"], args.overrides)
+    for item in args.overrides:  # the size the runs get, for the page's text
+        key, _, value = item.partition("=")
+        if key == "dataset.image_size" and value.isdigit():  # else the config check names it
+            args.image_size = int(value)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)  # a line per plugin at INFO
     return args

@@ -169,7 +169,8 @@ def write_page(runs: Sequence[Path], args: argparse.Namespace, docs: Path) -> st
         "```",
         "",
         f"Setting: the headline study's sites ({args.sites} sites, seed {args.seed}, feature "
-        "mode), 1 local epoch per round. FedAvg and FedProx each ran once to the last "
+        f"mode, {args.image_size} px), 1 local epoch per round. FedAvg and FedProx each ran "
+        "once to the last "
         f"checkpoint with a test evaluation every {args.every} rounds; pooled was trained "
         "once per checkpoint for that many epochs. Values in %, one seed.",
         "",

@@ -337,7 +337,8 @@ def write_results(runs: list[Path], meta: dict, args: argparse.Namespace, docs: 
         "```",
         "",
         f"Setting: {args.sites} sites, {args.rounds} rounds, {args.local_epochs} local epochs, "
-        f"seeds {', '.join(map(str, args.seeds))}; EfficientNet-Lite0 (ImageNet weights) in "
+        f"seeds {', '.join(map(str, args.seeds))}; {args.image_size} px images; "
+        "EfficientNet-Lite0 (ImageNet weights) in "
         "feature mode: the frozen trunk's output is computed once per image and cached, sites "
         "train the classifier head. Local-only sites and the pooled model train for rounds x "
         "local epochs epochs. Partitions are by whole scan / duplicate groups. FedProx's mu "

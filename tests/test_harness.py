@@ -277,7 +277,7 @@ def test_horizon_reads_each_checkpoint_from_one_trajectory_beside_an_equal_budge
     with pytest.raises(ValueError, match="no test_official evaluation at round 3"):
         horizon_rows(runs, [3], "test_official")
     (runs[0] / "partition.csv").write_text("site,glioma,notumor,total\nsite 0,3,0,3\n")
-    args = argparse.Namespace(alpha=0.1, sites=2, seed=0, every=2, checkpoints=[2, 4])
+    args = argparse.Namespace(alpha=0.1, sites=2, seed=0, every=2, checkpoints=[2, 4], image_size=224)
     page = write_page(runs, args, tmp_path / "docs" / "horizon.md")
     assert "| site 0 | 3 | 0 | 3 |" in page
     assert "- fedavg: 30.0 points below pooled at round 2, 20.0 at round 4." in page
@@ -330,6 +330,9 @@ def test_the_finetune_driver_runs_and_writes_its_page(tmp_path: Path) -> None:
     )
     page = docs.read_text()
     assert "## synthetic" in page and "| centralised | - |" in page
+    # the command typed, not the driver's image-size pin, which the typed size overrode
+    assert "python -m simulations.finetune " + " ".join(small) + "\n" in page
+    assert "seed 0, 32 px," in page
     assert "**fed3r+fedavg+bsm, iid**, per round:" in page
     assert "**fed3r+fedavg, iid**, per round:" in page and "| 0 |" in page  # round 0: one-shot
     assert "**fedavg+refit, iid**, per round:" in page
@@ -378,3 +381,18 @@ def test_a_run_folder_from_before_an_added_key_reads_with_its_old_value(tmp_path
     rec = read_run(tmp_path)
     assert rec.head_refit == "none" and rec.cfg.federation.head_refit == "none"
     assert rec.epoch_budget == 3 * int(old["federation"]["local_epochs"])
+
+
+def test_drivers_pin_the_image_size_their_pages_were_measured_at() -> None:
+    from simulations.harness import PAGES_IMAGE_SIZE, driver_args
+
+    def parse(argv: list[str]) -> argparse.Namespace:
+        return driver_args(argparse.ArgumentParser(), argv, out="o", docs=Path("d.md"))
+
+    pinned = parse(["seed=1"])
+    assert pinned.overrides == [f"dataset.image_size={PAGES_IMAGE_SIZE}", "seed=1"]
+    assert pinned.typed == ["seed=1"]  # what a page's regenerate command shows
+    assert parse(["--image-size", "160"]).overrides == ["dataset.image_size=160"]
+    # an override typed after the driver's options wins over its pin
+    typed = parse(["dataset.image_size=32"])
+    assert typed.overrides == ["dataset.image_size=32"] and typed.image_size == 32

@@ -38,7 +38,7 @@ def test_settings_have_no_defaults_of_their_own(cls: type) -> None:
 
 def test_the_tree_gives_every_setting() -> None:
     s = validate(_cfg("privacy=dp_sgd"), "federated")
-    assert s.train.epochs == 5 and s.federation.rounds == 3 and s.dp.target_epsilon == 8.0
+    assert s.train.epochs == 4 and s.federation.rounds == 3 and s.dp.target_epsilon == 8.0
     assert s.federation.epoch_budget == 3  # rounds x local epochs
     assert validate(_cfg("privacy=central"), "server").central_dp.side == "client"
 
