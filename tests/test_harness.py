@@ -277,7 +277,9 @@ def test_horizon_reads_each_checkpoint_from_one_trajectory_beside_an_equal_budge
     with pytest.raises(ValueError, match="no test_official evaluation at round 3"):
         horizon_rows(runs, [3], "test_official")
     (runs[0] / "partition.csv").write_text("site,glioma,notumor,total\nsite 0,3,0,3\n")
-    args = argparse.Namespace(alpha=0.1, sites=2, seed=0, every=2, checkpoints=[2, 4], image_size=224)
+    args = argparse.Namespace(
+        alpha=0.1, sites=2, seed=0, every=2, checkpoints=[2, 4], image_size=224
+    )
     page = write_page(runs, args, tmp_path / "docs" / "horizon.md")
     assert "| site 0 | 3 | 0 | 3 |" in page
     assert "- fedavg: 30.0 points below pooled at round 2, 20.0 at round 4." in page
