@@ -65,10 +65,12 @@ def cached_features(
     ``indices`` are zeros. Reused when ``cache_file`` exists; its name must carry
     the image-cache key, :func:`prefix_digest` and the dtype.
     """
+    # on the device, as callers expect, also when the cache is reused; outside
+    # inference mode, because the weights train later
+    place_model(model, device)
     if cache_file.exists():
         return np.load(cache_file, mmap_mode="r")
     model.eval()
-    place_model(model, device)  # outside inference mode: the weights train later
     with torch.inference_mode():
         first = to_float(torch.from_numpy(images[:1].copy())).to(device)
         with prefix_autocast(device, dtype):
