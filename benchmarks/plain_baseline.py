@@ -7,7 +7,7 @@ batch 32, centralised, no validation split and no model selection: train on
 ``Training/``, score ``Testing/``. Nothing here is fedscan's; the only fedscan
 call is the weight loader (so both sides start from the same bytes).
 
-    python benchmarks/plain_baseline.py [--data DIR] [--out preds.json]
+    python benchmarks/plain_baseline.py [--data DIR] [--seed N] [--out preds.json]
 
 ``benchmarks/default_vs_plain.py`` runs it beside ``fedscan train`` and scores
 its predictions on both test splits (``test_official`` = ``Testing/``;
@@ -102,12 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=default)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0, help="torch seed (weights' head, order, flips)")
     p.add_argument("--limit", type=int, default=None, help="images per folder (smoke runs)")
     p.add_argument("--out", type=Path, default=None, help="write the result JSON here")
     a = p.parse_args(argv)
     if not (a.data / "Training").is_dir():
         p.error(f"--data {a.data}: no Training/ folder (set FEDSCAN_DATA or pass --data)")
-    res = run_plain(a.data, size=a.size, epochs=a.epochs, limit=a.limit)
+    res = run_plain(a.data, size=a.size, epochs=a.epochs, limit=a.limit, seed=a.seed)
     print(f"plain: Testing/ accuracy {100 * res['accuracy']:.2f} % in {res['seconds']:.0f} s")
     if a.out:
         a.out.write_text(json.dumps(res))

@@ -32,7 +32,13 @@ import matplotlib.pyplot as plt
 from common.core.config import load_config
 from common.federated.settings import federation_settings
 from common.runs.record import read_run
-from simulations.harness import driver_args, merged, run_one, validate_overrides
+from simulations.harness import (
+    driver_args,
+    merged,
+    run_one,
+    smoothing_text,
+    validate_overrides,
+)
 
 log = logging.getLogger("fedscan.finetune")
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,7 +199,8 @@ def write_page(
         "```",
         "",
         f"Setting: {args.sites} sites, {args.rounds} rounds x {args.local_epochs} local "
-        f"epoch(s), seed {args.seed}, {args.image_size} px, EfficientNet-Lite0 (ImageNet "
+        f"epoch(s), seed {args.seed}, {args.image_size} px, {smoothing_text(args)}, "
+        "EfficientNet-Lite0 (ImageNet "
         "weights) with "
         f"`model.finetune_blocks={args.blocks}` (the last blocks and the head train; the "
         "frozen trunk before them computed once per image and cached). Centralised = the "

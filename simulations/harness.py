@@ -11,6 +11,7 @@ trains, so a typo in the fifth combination does not surface an hour later.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -32,6 +33,12 @@ def merged(*groups: Sequence[str]) -> list[str]:
         for item in group:
             out[item.split("=", 1)[0]] = item
     return list(out.values())
+
+
+def smoothing_text(args: argparse.Namespace) -> str:
+    """The label smoothing every run of a driver got, for its page's Setting line."""
+    v = args.label_smoothing
+    return "no label smoothing" if v == 0 else f"label smoothing {v:g}"
 
 
 def validate_overrides(overrides: Sequence[str]) -> DictConfig:
@@ -90,6 +97,9 @@ def run_sweep(overrides: Sequence[str]) -> list[Path]:
 # (160 px since, README: default vs plain). Pinned so that each page's command still
 # regenerates it, and a re-run reuses its finished cells.
 PAGES_IMAGE_SIZE = 224
+# Likewise the label smoothing: none until 2026-11-27 (0.1 since, chosen on brain's
+# validation split, README: default vs plain). An override of it wins.
+PAGES_LABEL_SMOOTHING = 0.0
 
 
 def driver_args(
@@ -100,7 +110,8 @@ def driver_args(
     Every driver trains into run folders under ``--out`` and writes one page
     (``--docs``) from them; ``--report-only`` rewrites the page from existing
     folders without training, and trailing overrides reach every run, after
-    ``dataset.image_size=--image-size`` (so an override of it wins).
+    ``dataset.image_size=--image-size`` and ``train.label_smoothing=0`` (the settings
+    the pages were measured with; an override of either wins).
     """
     parser.add_argument("--out", default=out)
     parser.add_argument("--docs", default=str(docs))
@@ -118,11 +129,19 @@ def driver_args(
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     args = parser.parse_args(argv)
     args.typed = list(args.overrides)  # as given, for a page's regenerate command
-    args.overrides = merged([f"dataset.image_size={args.image_size}"], args.overrides)
-    for item in args.overrides:  # the size the runs get, for the page's text
+    pinned = [
+        f"dataset.image_size={args.image_size}",
+        f"train.label_smoothing={PAGES_LABEL_SMOOTHING}",
+    ]
+    args.overrides = merged(pinned, args.overrides)
+    args.label_smoothing = PAGES_LABEL_SMOOTHING
+    for item in args.overrides:  # what the runs get, for the page's text
         key, _, value = item.partition("=")
         if key == "dataset.image_size" and value.isdigit():  # else the config check names it
             args.image_size = int(value)
+        if key == "train.label_smoothing":
+            with contextlib.suppress(ValueError):  # else the config check names the key
+                args.label_smoothing = float(value)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)  # a line per plugin at INFO
     return args

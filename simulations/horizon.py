@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt
 
 from common.commands.report import load_run
 from common.runs.record import read_run
-from simulations.harness import driver_args, run_one, validate_overrides
+from simulations.harness import driver_args, run_one, smoothing_text, validate_overrides
 
 log = logging.getLogger("fedscan.horizon")
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,7 +169,8 @@ def write_page(runs: Sequence[Path], args: argparse.Namespace, docs: Path) -> st
         "```",
         "",
         f"Setting: the headline study's sites ({args.sites} sites, seed {args.seed}, feature "
-        f"mode, {args.image_size} px), 1 local epoch per round. FedAvg and FedProx each ran "
+        f"mode, {args.image_size} px, {smoothing_text(args)}), 1 local epoch per round. "
+        "FedAvg and FedProx each ran "
         "once to the last "
         f"checkpoint with a test evaluation every {args.every} rounds; pooled was trained "
         "once per checkpoint for that many epochs. Values in %, one seed.",

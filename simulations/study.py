@@ -44,7 +44,13 @@ from common.commands.report import (
 )
 from common.learn.prepare import prepare_run
 from common.runs.record import read_run
-from simulations.harness import driver_args, merged, run_one, validate_overrides
+from simulations.harness import (
+    driver_args,
+    merged,
+    run_one,
+    smoothing_text,
+    validate_overrides,
+)
 
 log = logging.getLogger("fedscan.study")
 ROOT = Path(__file__).resolve().parents[1]
@@ -337,7 +343,8 @@ def write_results(runs: list[Path], meta: dict, args: argparse.Namespace, docs: 
         "```",
         "",
         f"Setting: {args.sites} sites, {args.rounds} rounds, {args.local_epochs} local epochs, "
-        f"seeds {', '.join(map(str, args.seeds))}; {args.image_size} px images; "
+        f"seeds {', '.join(map(str, args.seeds))}; {args.image_size} px images, "
+        f"{smoothing_text(args)}; "
         "EfficientNet-Lite0 (ImageNet weights) in "
         "feature mode: the frozen trunk's output is computed once per image and cached, sites "
         "train the classifier head. Local-only sites and the pooled model train for rounds x "

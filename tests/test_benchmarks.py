@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,13 +69,23 @@ def test_default_vs_plain_runs_side_by_side(tmp_path: Path) -> None:
             "benchmarks/default_vs_plain.py",
             f"--data={data}",
             "--plain-epochs=1",
+            "--seeds",
+            "0",
+            "1",
             f"--json={res}",
             *small,
         ]
     )
     doc = json.loads(res.read_text())
-    assert set(doc["plain"]) == {"test_official", "test_dedup", "seconds"}
-    assert doc["ratio"] == doc["fedscan"]["seconds"] / doc["plain"]["seconds"]
+    pairs = doc["by_seed"].values()
+    assert list(doc["by_seed"]) == ["0", "1"]
+    for pair in pairs:
+        assert set(pair["plain"]) == {"test_official", "test_dedup", "seconds"}
+    plain_s = sum(p["plain"]["seconds"] for p in pairs)
+    assert doc["ratio"] == pytest.approx(sum(p["fedscan"]["seconds"] for p in pairs) / plain_s)
+    mean = sum(p["fedscan"]["test_dedup"] for p in pairs) / 2
+    assert "| mean | fedscan train (defaults) | " in out.stdout
+    assert f"| {mean:.2f} |" in out.stdout.split("| mean | fedscan")[1].splitlines()[0]
     assert "wall-time ratio fedscan / plain" in out.stdout
 
 

@@ -278,7 +278,13 @@ def test_horizon_reads_each_checkpoint_from_one_trajectory_beside_an_equal_budge
         horizon_rows(runs, [3], "test_official")
     (runs[0] / "partition.csv").write_text("site,glioma,notumor,total\nsite 0,3,0,3\n")
     args = argparse.Namespace(
-        alpha=0.1, sites=2, seed=0, every=2, checkpoints=[2, 4], image_size=224
+        alpha=0.1,
+        sites=2,
+        seed=0,
+        every=2,
+        checkpoints=[2, 4],
+        image_size=224,
+        label_smoothing=0.0,
     )
     page = write_page(runs, args, tmp_path / "docs" / "horizon.md")
     assert "| site 0 | 3 | 0 | 3 |" in page
@@ -367,6 +373,12 @@ def test_a_run_from_before_an_added_key_compares_as_its_old_behaviour() -> None:
     assert compared_config(other) != compared_config(now)
     del before["federation"]["head_refit"]  # ... and before federation.head_refit
     assert compared_config(OmegaConf.create(before)) == compared_config(now)
+    # ... and before dataset.label_smoothing: the effective train.label_smoothing is
+    # what is compared, so a study's old cells (no smoothing) match its pinned runs
+    del before["dataset"]["label_smoothing"]
+    assert compared_config(OmegaConf.create(before)) == compared_config(now)
+    smoothed = load_config(["dataset=synthetic", "train.label_smoothing=0.1"])
+    assert compared_config(smoothed) != compared_config(now)
 
 
 def test_a_run_folder_from_before_an_added_key_reads_with_its_old_value(tmp_path: Path) -> None:
@@ -385,16 +397,24 @@ def test_a_run_folder_from_before_an_added_key_reads_with_its_old_value(tmp_path
     assert rec.epoch_budget == 3 * int(old["federation"]["local_epochs"])
 
 
-def test_drivers_pin_the_image_size_their_pages_were_measured_at() -> None:
-    from simulations.harness import PAGES_IMAGE_SIZE, driver_args
+def test_drivers_pin_the_image_size_and_smoothing_their_pages_were_measured_at() -> None:
+    from simulations.harness import (
+        PAGES_IMAGE_SIZE,
+        PAGES_LABEL_SMOOTHING,
+        driver_args,
+        smoothing_text,
+    )
 
     def parse(argv: list[str]) -> argparse.Namespace:
         return driver_args(argparse.ArgumentParser(), argv, out="o", docs=Path("d.md"))
 
+    smoothing = f"train.label_smoothing={PAGES_LABEL_SMOOTHING}"
     pinned = parse(["seed=1"])
-    assert pinned.overrides == [f"dataset.image_size={PAGES_IMAGE_SIZE}", "seed=1"]
+    assert pinned.overrides == [f"dataset.image_size={PAGES_IMAGE_SIZE}", smoothing, "seed=1"]
     assert pinned.typed == ["seed=1"]  # what a page's regenerate command shows
-    assert parse(["--image-size", "160"]).overrides == ["dataset.image_size=160"]
+    assert smoothing_text(pinned) == "no label smoothing"
+    assert parse(["--image-size", "160"]).overrides == ["dataset.image_size=160", smoothing]
     # an override typed after the driver's options wins over its pin
-    typed = parse(["dataset.image_size=32"])
-    assert typed.overrides == ["dataset.image_size=32"] and typed.image_size == 32
+    typed = parse(["dataset.image_size=32", "train.label_smoothing=0.1"])
+    assert typed.overrides == ["dataset.image_size=32", "train.label_smoothing=0.1"]
+    assert typed.image_size == 32 and smoothing_text(typed) == "label smoothing 0.1"

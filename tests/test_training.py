@@ -81,6 +81,24 @@ def test_balanced_softmax_refuses_a_second_frequency_correction(key, value):
         tree_train_settings(loss="balanced_softmax", **{key: value})
 
 
+def test_brain_defaults_to_label_smoothing_and_balanced_softmax_says_what_to_add():
+    """Brain's dataset config sets train.label_smoothing (0.1); the balanced softmax,
+    which refuses it, names the override to add rather than failing obscurely."""
+    from common.core.config import load_config
+    from common.learn.settings import train_settings
+
+    named = "data_root=/named-so-no-synthetic-fallback"  # composed only: nothing is read
+    brain = load_config(["dataset=brain_mri", named])
+    assert brain.train.label_smoothing == brain.dataset.label_smoothing == 0.1
+    assert load_config(["dataset=lung_ct", named]).train.label_smoothing == 0.0
+    assert (
+        load_config(["dataset=brain_mri", named, "train.label_smoothing=0"]).train.label_smoothing
+        == 0
+    )
+    with pytest.raises(ConfigError, match=r"add train\.label_smoothing=0"):
+        train_settings(load_config(["dataset=brain_mri", named, "train.loss=balanced_softmax"]))
+
+
 def test_unknown_loss_names_the_key():
     with pytest.raises(ConfigError, match=r"train\.loss"):
         tree_train_settings(loss="focal")

@@ -47,6 +47,9 @@ NOT_COMPARED = (
     "federation.engine",
     "federation.round_timeout_s",
     "federation.wait_for_nodes_s",
+    # the dataset's default for train.label_smoothing, which is compared (and which
+    # folders from before this key hold without it)
+    "dataset.label_smoothing",
 )
 
 

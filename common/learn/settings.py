@@ -65,7 +65,8 @@ class TrainSettings:
                     "train.label_smoothing",
                     self.label_smoothing == 0,
                     "must be 0 with train.loss=balanced_softmax (a smoothed target puts "
-                    "mass on classes the training split does not hold)",
+                    "mass on classes the training split does not hold): add "
+                    "train.label_smoothing=0",
                 ),
                 (
                     "train.class_weighting",
