@@ -90,7 +90,7 @@ def load_run_model(run_dir: Path) -> tuple[StagedModel, dict[str, Any]]:
             epochs=len(run.history),
             test_metrics={k: _headline(v) for k, v in run.final().items()},
         )
-    else:  # federated: best.pt by the run's best_metric, else the last round
+    else:  # federated: best.pt (the sites' validation picked it), else the last round
         lost = [k for k in local_keys(model, list(state["arrays"])) if "num_batches" not in k]
         if lost:  # FedBN: BatchNorm of the trainable stages never left the sites
             log.warning("%d site-local tensors (FedBN) keep their initial values", len(lost))

@@ -282,7 +282,7 @@ def _federate(
             rounds,
             state,
             recording.export_state(),
-            best=record.is_best(results),
+            best=record.is_best(rounds, sites, refitted=True),
             **{REFITTED: True},
         )
         first = next(iter(results))
@@ -309,7 +309,8 @@ def _federate(
         results = test_metrics(state0)
         record.record(0, results, {"statistics": sites})
         tracker.log_round(0, results, {"statistics": sites})
-        record.checkpoint(0, state0, recording.export_state(), best=record.is_best(results))
+        # not evaluated by the sites, so never best.pt (a run of rounds=0 keeps last.pt)
+        record.checkpoint(0, state0, recording.export_state(), best=False)
         first = next(iter(results))
         log.info(
             "round 0 (one-shot %s head)  %s acc %.4f  macro-F1 %.4f",
@@ -337,7 +338,7 @@ def _federate(
             results = test_metrics(state)
         row = record.record(rnd, results, sites)  # its seconds include this evaluation
         tracker.log_round(rnd, results, sites)
-        best = bool(results) and record.is_best(results)
+        best = record.is_best(rnd, sites)  # on the sites' validation, never a test split
         record.checkpoint(rnd, state, strategy_state, best=best)
         n_sites = len(sites.get("train", []))
         if not results:

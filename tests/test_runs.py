@@ -78,6 +78,49 @@ def test_federated_run_reads_strategy_parameters_from_its_config(tmp_path: Path)
     assert run.checkpoint().name == "best.pt"
 
 
+def _val(acc: float, f1: float, loss: float, n: int = 10) -> dict:
+    return {"num-examples": n, "val_accuracy": acc, "val_macro_f1": f1, "val_loss": loss}
+
+
+@pytest.mark.parametrize(("metric", "best_round"), [("val_macro_f1", 2), ("val_loss", 3)])
+def test_best_pt_is_chosen_on_the_sites_validation_never_on_a_test_split(
+    tmp_path: Path, metric: str, best_round: int
+) -> None:
+    """Round 3 has the best test accuracy and worse validation F1: F1 picks round 2;
+    the loss (lower is better) picks round 3. Sites are example-weighted."""
+    cfg = _cfg(tmp_path, "rounds=3", f"federation.best_metric={metric}")
+    fed = FederatedRun(
+        new_run_dir(cfg, "federated"), cfg, label="L", synthetic=False, classes=["a"]
+    )
+    rounds = {
+        1: ([_val(0.6, 0.6, 0.9)], 0.70),
+        # weighted F1 (0.9 * 30 + 0.5 * 10) / 40 = 0.8; unweighted it would be 0.7
+        2: ([_val(0.9, 0.9, 0.5, n=30), _val(0.5, 0.5, 0.5)], 0.75),
+        3: ([_val(0.7, 0.75, 0.2, n=30), _val(0.7, 0.75, 0.2)], 0.99),
+    }
+    picked = []
+    for rnd, (rows, test) in rounds.items():
+        sites = {"train": [], "evaluate": rows}
+        fed.record(rnd, {"test_grouped": split_metrics(test)}, sites)
+        if fed.is_best(rnd, sites):
+            picked.append(rnd)
+    assert picked[-1] == best_round
+    doc = json.loads((fed.dir / "metrics.json").read_text())
+    assert doc["best"]["round"] == best_round and doc["best"]["metric"] == metric
+    if metric == "val_macro_f1":
+        assert picked == [1, 2] and doc["best"]["score"] == pytest.approx(0.8)
+    # a round the sites did not evaluate is never best, whatever its test score
+    assert not fed.is_best(4, {"train": [], "evaluate": []})
+
+
+def test_a_test_metric_cannot_pick_best_pt(tmp_path: Path) -> None:
+    from common.core.errors import ConfigError
+    from common.federated.settings import federation_settings
+
+    with pytest.raises(ConfigError, match=r"federation\.best_metric.*a test split no longer"):
+        federation_settings(_cfg(tmp_path, "federation.best_metric=accuracy"))
+
+
 def test_local_run_is_refused_for_export_with_the_reason(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path)
     run_dir = new_run_dir(cfg, "local")

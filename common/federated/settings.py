@@ -19,8 +19,10 @@ from common.core.errors import ConfigError
 from common.core.options import HEAD_INITS
 from common.core.settings import from_section
 
-# Server-side test metrics that can pick best.pt
-BEST_METRICS = ("macro_f1", "accuracy", "balanced_accuracy", "loss")
+# The sites' validation metrics that can pick best.pt (example-weighted over the sites)
+BEST_METRICS = ("val_macro_f1", "val_accuracy", "val_loss")
+# What picked it until 2026-11-27: the server's first test split (no longer allowed)
+OLD_BEST_METRICS = ("macro_f1", "accuracy", "balanced_accuracy", "loss")
 # How ``fedscan simulate`` runs the sites (see simulations/engine.py)
 ENGINES = ("auto", "inprocess", "ray")
 
@@ -67,7 +69,17 @@ class FederationSettings:
             ("federation.min_nodes", self.min_nodes >= 1, "must be >= 1"),
             ("federation.site_val_fraction", 0 < self.site_val_fraction < 1, "must be in (0, 1)"),
             ("federation.evaluate_every", self.evaluate_every >= 1, "must be >= 1"),
-            ("federation.best_metric", self.best_metric in BEST_METRICS, f"use {BEST_METRICS}"),
+            (
+                "federation.best_metric",
+                self.best_metric in BEST_METRICS,
+                f"use one of {BEST_METRICS}"
+                + (
+                    ": since 2026-11-27 the sites' validation picks best.pt, a test split "
+                    "no longer does"
+                    if self.best_metric in OLD_BEST_METRICS
+                    else ""
+                ),
+            ),
             ("federation.round_timeout_s", self.round_timeout_s > 0, "must be > 0"),
             ("federation.wait_for_nodes_s", self.wait_for_nodes_s >= 0, "must be >= 0"),
             ("federation.engine", self.engine in ENGINES, f"use one of {ENGINES}"),

@@ -21,6 +21,7 @@ partitions are read from ``config.yaml``, never parsed back out of labels.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from common.federated.wire import COUNT_PREFIX, NUM_EXAMPLES
 from common.runs import cross_site
 from common.runs.partition_report import counts_from_sites, write_partition_report
 from common.runs.plots import plot_confusion, plot_round_curves
+
+log = logging.getLogger("fedscan.run")
 
 VERSION = 2  # of metrics.json; 1 (unversioned) was fedscan <= 0.1
 KINDS = ("centralised", "pooled", "local", "federated")
@@ -141,6 +144,8 @@ ADDED_LATER = {
     # is the same on CPUs without native bfloat16, and the features differ by bfloat16
     # rounding where they have it (README, Models), too little to re-run a study over
     "model.prefix_precision": "auto",
+    # before it a cached prefix meant no augmentation at all
+    "train.cached_flips": False,
 }
 
 # In a federated checkpoint: the head refit after the last round (federation.head_refit)
@@ -167,6 +172,7 @@ class FederatedRun:
         self.rounds: list[dict[str, Any]] = []
         self.best_score = float("-inf")
         self.best_metric = federation_settings(cfg).best_metric
+        self.best: dict[str, Any] | None = None  # the round best.pt holds, and its score
         self.cross_site: dict | None = None  # set when the run finishes
         self._t = time.perf_counter()
         write_config(run_dir, cfg)
@@ -188,6 +194,7 @@ class FederatedRun:
         run = cls(run_dir, cfg, label=label, synthetic=synthetic, classes=classes)
         run.rounds = state["rounds"]
         run.best_score = state["best_score"]
+        run.best = state.get("best")  # None in checkpoints from before it
         return run, state
 
     def record(
@@ -218,12 +225,27 @@ class FederatedRun:
         title = f"{self.label} | partition {partition_label(self.cfg)} | training samples per site"
         write_partition_report(self.dir, names, counts, self.classes, title=title)
 
-    def is_best(self, tests: dict[str, dict]) -> bool:
-        first = next(iter(tests.values()))
-        score = first[self.best_metric]
-        score = -score if self.best_metric.endswith("loss") else score
-        if score > self.best_score:
-            self.best_score = score
+    def is_best(self, rnd: int, sites: dict[str, list[dict]], *, refitted: bool = False) -> bool:
+        """Whether round ``rnd``'s global model is the best so far on the sites' own
+        validation splits (``federation.best_metric``, example-weighted over the sites
+        that evaluated it); it then becomes ``best`` in ``metrics.json``.
+
+        Never a test split: ``best.pt`` is what ``fedscan export`` ships, and a model
+        chosen on the test split would make that split's figure optimistic. A round
+        the sites did not evaluate (``federation.fraction_evaluate=0``) is never best.
+        """
+        rows = [r for r in sites.get("evaluate", []) if self.best_metric in r]
+        n = sum(float(r[NUM_EXAMPLES]) for r in rows)
+        if not rows or n <= 0:
+            return False
+        score = sum(float(r[self.best_metric]) * float(r[NUM_EXAMPLES]) for r in rows) / n
+        signed = -score if self.best_metric.endswith("loss") else score
+        if signed > self.best_score:
+            self.best_score = signed
+            self.best = {"round": rnd, "metric": self.best_metric, "score": score}
+            if refitted:  # the model after federation.bn_refit / head_refit
+                self.best["refitted"] = True
+            self._write()
             return True
         return False
 
@@ -245,6 +267,7 @@ class FederatedRun:
             "strategy_state": strategy_state,
             "rounds": self.rounds,
             "best_score": self.best_score,
+            "best": self.best,
             "classes": self.classes,
             "model": OmegaConf.to_container(self.cfg.model),
         }
@@ -261,12 +284,29 @@ class FederatedRun:
             synthetic=self.synthetic,
             dataset=str(self.cfg.dataset.name),
         )
-        extra = {"cross_site": self.cross_site} if self.cross_site else {}
+        extra: dict[str, Any] = {"best": self.best} if self.best else {}
+        if self.cross_site:
+            extra["cross_site"] = self.cross_site
         write_json(self.dir / "metrics.json", {**doc, "rounds": self.rounds, **extra})
 
     def finish(self) -> None:
         if not self.rounds:
             return
+        if self.best:
+            b = self.best
+            row = next((r for r in self.rounds if r["round"] == b["round"]), {})
+            # a refit re-records its round; the model before it is kept as before_refit
+            held = row.get("global") if b.get("refitted") else row.get("before_refit")
+            held = held or row.get("global") or {}
+            tests = ", ".join(f"{n} {m['accuracy']:.4f}" for n, m in held.items())
+            log.info(
+                "best.pt: round %d%s, chosen on the sites' %s %.4f%s",
+                b["round"],
+                " (refitted)" if b.get("refitted") else "",
+                b["metric"],
+                b["score"],
+                f" (its test accuracy: {tests})" if tests else "",
+            )
         title = f"{self.label} | {self.cfg.strategy.name} | {self.cfg.model.name}"
         plot_round_curves(self.rounds, self.dir / "curves.png", title=title)
         last = next((r["global"] for r in reversed(self.rounds) if r["global"]), None)
