@@ -28,6 +28,7 @@ from common.federated.head_init import closed_form_head, linear_head
 from common.federated.site import site_indices
 from common.federated.trainer import site_seed
 from common.federated.wire import SITE_ID
+from common.learn.features import mirrored_features
 from common.learn.models import build_model
 from common.learn.prepare import prepare_run
 from common.learn.training import Batches, evaluate_model, fit
@@ -107,6 +108,7 @@ def run_local(cfg: DictConfig) -> Path:
             batch_size=settings.batch_size,
             shuffle=True,
             balanced=settings.sampler == "balanced",
+            mirrored=mirrored_features(run.model, data, cfg, device, train_idx) if budget else None,
             seed=settings.seed + pid,
         )
         val = Batches(x, c.labels, val_idx, batch_size=64)

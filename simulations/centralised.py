@@ -13,6 +13,7 @@ from common.data.splits import groups_are_scans
 from common.data.transforms import Augment
 from common.federated.bn_stats import recalibrate_bn
 from common.federated.head_init import closed_form_head, linear_head
+from common.learn.features import mirrored_features
 from common.learn.prepare import prepare_run
 from common.learn.training import Batches, evaluate_model, fit
 from common.runs.plots import plot_confusion, plot_curves
@@ -59,9 +60,12 @@ def run_centralised(cfg: DictConfig, *, kind: str = "centralised", train: bool =
         log.info("classifier: the closed-form %s head of %d training images", head, len(s.train))
     if fed.head_freeze:  # the solved head, or with head_init=none the initial one (FedBABU)
         linear_head(model).requires_grad_(False)
-    t_prep = time.perf_counter() - t0
     augment = Augment(settings.augment, seed=settings.seed) if start == 0 else None
-    if augment is None and settings.augment != "none":
+    mirrored = mirrored_features(model, data, cfg, device, s.train) if train else None
+    t_prep = time.perf_counter() - t0
+    if mirrored is not None:
+        log.info("augmentation: left/right flips of the cached frozen-trunk features")
+    elif augment is None and settings.augment != "none":
         log.info("augmentation off: the trainable stages read cached frozen-trunk features")
     batches = Batches(
         x,
@@ -71,6 +75,7 @@ def run_centralised(cfg: DictConfig, *, kind: str = "centralised", train: bool =
         shuffle=True,
         balanced=settings.sampler == "balanced",
         augment=augment,
+        mirrored=mirrored,
         seed=settings.seed,
     )
     eval_sets = {

@@ -38,7 +38,10 @@ def merged(*groups: Sequence[str]) -> list[str]:
 def smoothing_text(args: argparse.Namespace) -> str:
     """The label smoothing every run of a driver got, for its page's Setting line."""
     v = args.label_smoothing
-    return "no label smoothing" if v == 0 else f"label smoothing {v:g}"
+    text = "no label smoothing" if v == 0 else f"label smoothing {v:g}"
+    # the pages were measured without them (PAGES_CACHED_FLIPS): named only when on
+    flips = getattr(args, "cached_flips", False)  # a page written from old arguments: off
+    return text + (", left/right flips of the cached prefix" if flips else "")
 
 
 def validate_overrides(overrides: Sequence[str]) -> DictConfig:
@@ -100,6 +103,8 @@ PAGES_IMAGE_SIZE = 224
 # Likewise the label smoothing: none until 2026-11-27 (0.1 since, chosen on brain's
 # validation split, README: default vs plain). An override of it wins.
 PAGES_LABEL_SMOOTHING = 0.0
+# And without flips of a cached prefix (brain's default since 2026-11-27).
+PAGES_CACHED_FLIPS = False
 
 
 def driver_args(
@@ -110,8 +115,9 @@ def driver_args(
     Every driver trains into run folders under ``--out`` and writes one page
     (``--docs``) from them; ``--report-only`` rewrites the page from existing
     folders without training, and trailing overrides reach every run, after
-    ``dataset.image_size=--image-size`` and ``train.label_smoothing=0`` (the settings
-    the pages were measured with; an override of either wins).
+    ``dataset.image_size=--image-size``, ``train.label_smoothing=0`` and
+    ``train.cached_flips=false`` (the settings the pages were measured with; an
+    override of any wins).
     """
     parser.add_argument("--out", default=out)
     parser.add_argument("--docs", default=str(docs))
@@ -132,13 +138,17 @@ def driver_args(
     pinned = [
         f"dataset.image_size={args.image_size}",
         f"train.label_smoothing={PAGES_LABEL_SMOOTHING}",
+        f"train.cached_flips={str(PAGES_CACHED_FLIPS).lower()}",
     ]
     args.overrides = merged(pinned, args.overrides)
     args.label_smoothing = PAGES_LABEL_SMOOTHING
+    args.cached_flips = PAGES_CACHED_FLIPS
     for item in args.overrides:  # what the runs get, for the page's text
         key, _, value = item.partition("=")
         if key == "dataset.image_size" and value.isdigit():  # else the config check names it
             args.image_size = int(value)
+        if key == "train.cached_flips":  # a value Hydra reads as true (else the check names it)
+            args.cached_flips = value.strip().lower() == "true"
         if key == "train.label_smoothing":
             with contextlib.suppress(ValueError):  # else the config check names the key
                 args.label_smoothing = float(value)

@@ -1,8 +1,10 @@
 """End to end: the main command on the embedded synthetic default."""
 
 import json
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from common.core.config import load_config
@@ -54,6 +56,7 @@ def test_feature_cache_path_trains(tmp_path: Path, monkeypatch):
             f"runs_dir={tmp_path}",
             "train.epochs=4",
             "train.batch_size=16",
+            "train.cached_flips=true",
             "dataset.per_class=40",
         ]
     )
@@ -63,6 +66,11 @@ def test_feature_cache_path_trains(tmp_path: Path, monkeypatch):
     assert m["model"] == "efficientnet_lite0" and m["mode"] == "finetune"
     # a pretrained trunk separates the synthetic classes easily
     assert m["final"]["test_grouped"]["accuracy"] >= 0.75
+    # train.cached_flips (brain's default; the synthetic default's is off): the prefix
+    # also ran over the mirrored training images, once, into a file of their rows only
+    features = Path(os.environ["FEDSCAN_CACHE"]) / "features"
+    (mirrored,) = features.glob("*-mirrored-*.npy")
+    assert len(np.load(mirrored, mmap_mode="r")) == m["splits"]["train"]["total"]
 
 
 @pytest.mark.parametrize(

@@ -112,3 +112,79 @@ def test_the_cache_file_names_its_precision(tmp_path: Path, monkeypatch):
         features.model_inputs(model, Data(), cfg, torch.device("cpu"))
     assert not seen[0].name.endswith("bfloat16.npy") and seen[1].name.endswith("-bfloat16.npy")
     assert seen[0].name == seen[1].name.replace("-bfloat16", "")  # float32 keeps the old name
+
+
+def _flip_cfg(tmp_path: Path, on: bool = True, precision: str = "float32"):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(
+        {
+            "cache_dir": str(tmp_path),
+            "model": {**CFG, "feature_cache": True, "prefix_precision": precision},
+            "train": {"cached_flips": on},
+        }
+    )
+
+
+def _data(images: np.ndarray, key: str = "k"):
+    class Cache:
+        pass
+
+    class Data:
+        cache = Cache()
+
+    Data.cache.key, Data.cache.images = key, images
+    Data.cache.ok = np.ones(len(images), bool)
+    return Data()
+
+
+def test_mirrored_features_are_the_prefix_of_mirrored_images_for_the_rows_asked(tmp_path):
+    from common.learn.features import mirrored_features
+
+    model = build_model(CFG, 4)
+    cut, images, cpu = model.frozen_until, _images(), torch.device("cpu")
+    data = _data(images)
+    assert mirrored_features(model, data, _flip_cfg(tmp_path, on=False), cpu, [1, 2]) is None
+    got = mirrored_features(model, data, _flip_cfg(tmp_path), cpu, np.array([4, 1, 3]))
+    assert got is not None and got.rows.tolist() == [1, 3, 4]
+    assert len(got.features) == 3  # compact: no row for an image not asked for
+    with torch.no_grad():
+        x = torch.from_numpy(images[[3, 4]][:, :, ::-1].copy()).unsqueeze(1).float() / 255.0
+        ref = model.eval().forward_until(x, cut).numpy()
+    np.testing.assert_allclose(got.take(np.array([3, 4])), ref, rtol=2e-3, atol=2e-3)
+    plain = cached_features(
+        model, images, np.arange(6), cut=cut, cache_file=tmp_path / "p.npy", device=cpu
+    )
+    assert not np.allclose(got.take(np.array([3])), plain[[3]], atol=1e-2)  # really mirrored
+    with pytest.raises(KeyError, match=r"\[2\]"):
+        got.take(np.array([1, 2]))
+    # one file per row set, reused: a second call reads it (the images are not touched)
+    files = sorted((tmp_path / "features").glob("*-mirrored-*.npy"))
+    assert len(files) == 1
+    again = mirrored_features(model, _data(images * 0), _flip_cfg(tmp_path), cpu, [1, 3, 4])
+    np.testing.assert_array_equal(again.features, got.features)
+    mirrored_features(model, data, _flip_cfg(tmp_path), cpu, [1, 3])
+    assert len(list((tmp_path / "features").glob("*-mirrored-*.npy"))) == 2
+
+
+def test_batches_draw_one_view_per_sample_each_epoch_and_keep_the_order():
+    from common.learn.training import Batches, MirroredRows
+
+    x = np.arange(1, 41, dtype=np.float16).reshape(20, 2)
+    y = np.arange(20) % 3
+    train = np.arange(2, 20)
+    mirrored = MirroredRows(features=-x[train], rows=train)
+    plain = Batches(x, y, train, batch_size=4, shuffle=True, seed=5)
+    flipped = Batches(x, y, train, batch_size=4, shuffle=True, seed=5, mirrored=mirrored)
+    again = Batches(x, y, train, batch_size=4, shuffle=True, seed=5, mirrored=mirrored)
+    views = []
+    for _ in range(3):
+        epoch = []
+        for (xp, yp), (xf, yf), (xa, _) in zip(plain, flipped, again, strict=True):
+            assert torch.equal(yp, yf) and torch.equal(xf, xa)  # same order, reproducible
+            assert torch.equal(xf.abs(), xp)  # each sample is itself or its mirror image
+            epoch += (xf[:, 0] < 0).tolist()
+        views.append(epoch)
+    assert all(0 < sum(e) < len(e) for e in views)  # both views, in every epoch
+    assert views[0] != views[1]  # drawn again each epoch
+    assert (x > 0).all()  # the cached array is never written to

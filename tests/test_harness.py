@@ -409,12 +409,17 @@ def test_drivers_pin_the_image_size_and_smoothing_their_pages_were_measured_at()
         return driver_args(argparse.ArgumentParser(), argv, out="o", docs=Path("d.md"))
 
     smoothing = f"train.label_smoothing={PAGES_LABEL_SMOOTHING}"
+    flips = "train.cached_flips=false"
     pinned = parse(["seed=1"])
-    assert pinned.overrides == [f"dataset.image_size={PAGES_IMAGE_SIZE}", smoothing, "seed=1"]
+    size = f"dataset.image_size={PAGES_IMAGE_SIZE}"
+    assert pinned.overrides == [size, smoothing, flips, "seed=1"]
     assert pinned.typed == ["seed=1"]  # what a page's regenerate command shows
     assert smoothing_text(pinned) == "no label smoothing"
-    assert parse(["--image-size", "160"]).overrides == ["dataset.image_size=160", smoothing]
+    assert parse(["--image-size", "160"]).overrides == ["dataset.image_size=160", smoothing, flips]
     # an override typed after the driver's options wins over its pin
     typed = parse(["dataset.image_size=32", "train.label_smoothing=0.1"])
-    assert typed.overrides == ["dataset.image_size=32", "train.label_smoothing=0.1"]
+    assert typed.overrides == ["dataset.image_size=32", "train.label_smoothing=0.1", flips]
     assert typed.image_size == 32 and smoothing_text(typed) == "label smoothing 0.1"
+    flipped = parse(["train.cached_flips=true"])
+    assert flipped.overrides == [size, smoothing, "train.cached_flips=true"]
+    assert smoothing_text(flipped) == "no label smoothing, left/right flips of the cached prefix"

@@ -129,3 +129,22 @@ def test_site_logging_shows_fedscan_lines_in_a_bare_process() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert "site 0, round 1: training" in out.stderr and "not shown" not in out.stderr
+
+
+def test_cached_flips_reach_a_fine_tune_site_and_change_its_update() -> None:
+    """``train.cached_flips``: the site's first round computes the prefix of its mirrored
+    training images (its rows only) and trains on both views; the round stays
+    reproducible, and differs from one without flips."""
+    ft = ["model=efficientnet_lite0", "model.finetune_blocks=1", "dataset.image_size=64"]
+    plain = _trainer(*ft, "train.cached_flips=false")
+    flips = _trainer(*ft, "train.cached_flips=true")
+    assert plain.site.mirrored(plain.cfg) is None
+    mirrored = flips.site.mirrored(flips.cfg)
+    assert mirrored is not None and mirrored.rows.tolist() == sorted(flips.site.train)
+    assert flips.site.mirrored(flips.cfg) is mirrored  # computed once, kept for later rounds
+    sent = _global(flips)
+    a = flips.train(sent, rnd=1, state=SiteState()).arrays
+    b = flips.train(sent, rnd=1, state=SiteState()).arrays
+    c = plain.train(sent, rnd=1, state=SiteState()).arrays
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)

@@ -50,6 +50,7 @@ NOT_COMPARED = (
     # the dataset's default for train.label_smoothing, which is compared (and which
     # folders from before this key hold without it)
     "dataset.label_smoothing",
+    "dataset.cached_flips",  # likewise for train.cached_flips
 )
 
 

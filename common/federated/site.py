@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -23,7 +23,9 @@ from common.data.partition import min_training_samples, partition
 from common.data.pipeline import PreparedData
 from common.data.splits import group_holdout
 from common.federated.wire import COUNT_PREFIX, DATA_PATH, PARTITION_ID
+from common.learn.features import mirrored_features
 from common.learn.prepare import PreparedRun, prepare_run
+from common.learn.training import MirroredRows
 
 log = logging.getLogger("fedscan.site")
 
@@ -33,6 +35,17 @@ class SiteData:
     run: PreparedRun  # the process's data, model template and model inputs
     train: np.ndarray  # this site's training indices
     val: np.ndarray  # and its own validation split
+    _mirrored: list[MirroredRows | None] = field(default_factory=list, repr=False)
+
+    def mirrored(self, cfg: DictConfig) -> MirroredRows | None:
+        """The cached prefix of this site's mirrored training images (``train.cached_flips``),
+        computed at the first round that trains and kept for the rounds after it."""
+        if not self._mirrored:
+            run = self.run
+            self._mirrored.append(
+                mirrored_features(run.model, run.data, cfg, run.device, self.train)
+            )
+        return self._mirrored[0]
 
     @property
     def x(self) -> np.ndarray:

@@ -38,6 +38,7 @@ from common.learn.models.staged import StagedModel
 from common.learn.settings import TrainSettings, train_settings
 from common.learn.training import (
     Batches,
+    MirroredRows,
     evaluate_model,
     loss_function,
     make_optimizer,
@@ -87,6 +88,7 @@ def local_fit(
     proximal_mu: float = 0.0,
     seed: int = 0,
     augment: Augment | None = None,
+    mirrored: MirroredRows | None = None,
     correction: Mapping[str, torch.Tensor] | None = None,
     desc: str = "train",
 ) -> tuple[float, float]:
@@ -107,6 +109,7 @@ def local_fit(
         shuffle=True,
         balanced=settings.sampler == "balanced",
         augment=augment,
+        mirrored=mirrored,
         seed=seed,
     )
     loss_fn = loss_function(settings, labels[indices], model.num_classes)
@@ -146,6 +149,8 @@ class SiteTrainer:
         self.federation = federation_settings(cfg)
         self.dp = dp_settings(cfg.privacy)
         self.device = site.run.device
+        if self.dp is not None and self.settings.cached_flips and site.start > 0:
+            log.info("train.cached_flips is off under DP-SGD: Opacus draws its own batches")
 
     @classmethod
     def for_node(cls, cfg: DictConfig, node_config: Mapping[str, Any]) -> SiteTrainer:
@@ -203,16 +208,28 @@ class SiteTrainer:
         # per-class counts (aggregate): the partition report is what sites really hold
         metrics.update(site.train_class_counts())
         delta = None
-        if self.dp is not None:
+        if self.dp is not None:  # Opacus draws its own batches: no cached flips under DP-SGD
             metrics.update(self._dp_round(model, rnd, run_key, state, fit))
         elif server_control is not None:
             loss, acc, delta = self._scaffold_fit(
-                model, arrays, server_control, run_key, state, {**fit, "desc": label}
+                model,
+                arrays,
+                server_control,
+                run_key,
+                state,
+                {**fit, "desc": label, "mirrored": site.mirrored(self.cfg)},
             )
             metrics.update(train_loss=loss, train_accuracy=acc)
         else:
             loss, acc = local_fit(
-                model, site.x, site.labels, site.train, self.settings, desc=label, **fit
+                model,
+                site.x,
+                site.labels,
+                site.train,
+                self.settings,
+                desc=label,
+                mirrored=site.mirrored(self.cfg),
+                **fit,
             )
             metrics.update(train_loss=loss, train_accuracy=acc)
         metrics.update(self._val_metrics(model))

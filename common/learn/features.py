@@ -19,7 +19,7 @@ from common.core.progress import progress
 from common.data.pipeline import PreparedData
 from common.data.transforms import to_float
 from common.learn.models.staged import StagedModel
-from common.learn.training import place_model, prefix_autocast, prefix_dtype
+from common.learn.training import MirroredRows, place_model, prefix_autocast, prefix_dtype
 
 
 def prefix_digest(model: StagedModel, cut: int) -> str:
@@ -58,6 +58,7 @@ def cached_features(
     device: torch.device,
     dtype: torch.dtype = torch.float32,
     batch_size: int = 16,
+    what: str = "frozen trunk",
 ) -> np.ndarray:
     """Outputs of ``stages[:cut]`` for every image in ``indices`` (float16, memmapped).
 
@@ -83,7 +84,7 @@ def cached_features(
         idx = np.sort(np.asarray(indices))
         steps = range(0, len(idx), batch_size)
         precision = str(dtype).removeprefix("torch.")
-        desc = f"frozen trunk ({model.name}, stages before {model.stage_names[cut]}, {precision})"
+        desc = f"{what} ({model.name}, stages before {model.stage_names[cut]}, {precision})"
         for s in progress(steps, total=len(steps), desc=desc, unit=f"batches of {batch_size}"):
             b = idx[s : s + batch_size]
             xb = to_float(torch.from_numpy(np.ascontiguousarray(images[b]))).to(device)
@@ -96,13 +97,28 @@ def cached_features(
     return np.load(cache_file, mmap_mode="r")
 
 
+def _feature_file(
+    cfg: DictConfig,
+    data: PreparedData,
+    model: StagedModel,
+    cut: int,
+    dtype: torch.dtype,
+    suffix: str,
+) -> Path:
+    """The cache file of ``stages[:cut]`` over ``data``'s images, computed in ``dtype``."""
+    tag = "" if dtype == torch.float32 else "-" + str(dtype).removeprefix("torch.")
+    name = f"{data.cache.key}-{model.name}-cut{cut}-{prefix_digest(model, cut)}{tag}{suffix}"
+    return cache_root(cfg.cache_dir) / "features" / name
+
+
 def model_inputs(
     model: StagedModel, data: PreparedData, cfg: DictConfig, device: torch.device
 ) -> tuple[np.ndarray, int]:
     """The array the trainable stages read, and the stage they start at.
 
     With ``model.feature_cache`` and a frozen trunk this is the trunk's cached
-    output (augmentation cannot apply to it); otherwise the cached uint8 images.
+    output (image augmentation cannot apply to it; :func:`mirrored_features` adds
+    flips); otherwise the cached uint8 images.
     """
     cut = model.frozen_until
     if not (cfg.model.get("feature_cache", False) and cut > 0):
@@ -111,16 +127,53 @@ def model_inputs(
     # the split, so a later run with another seed or fold must find its rows filled.
     needed = np.flatnonzero(data.cache.ok)
     dtype = prefix_dtype(device, str(cfg.model.get("prefix_precision", "auto")))
-    folder = cache_root(cfg.cache_dir) / "features"
-    tag = "" if dtype == torch.float32 else "-" + str(dtype).removeprefix("torch.")
-    name = f"{data.cache.key}-{model.name}-cut{cut}-{prefix_digest(model, cut)}{tag}.npy"
     feats = cached_features(
         model,
         data.cache.images,
         needed,
         cut=cut,
-        cache_file=folder / name,
+        cache_file=_feature_file(cfg, data, model, cut, dtype, ".npy"),
         device=device,
         dtype=dtype,
     )
     return feats, cut
+
+
+def mirrored_features(
+    model: StagedModel,
+    data: PreparedData,
+    cfg: DictConfig,
+    device: torch.device,
+    rows: np.ndarray,
+) -> MirroredRows | None:
+    """The cached prefix over left/right-mirrored copies of the images ``rows``.
+
+    ``train.cached_flips``: where the trainable stages read a cached frozen prefix no
+    image augmentation can reach them, so the prefix also runs once over the mirrored
+    training images and each epoch draws one of the two views per image
+    (:class:`~common.learn.training.Batches`). None when the inputs are not cached
+    prefix features or the setting is off. The file's name carries the rows' digest
+    as well as the prefix cache's key: a site's rows, or another seed's, get their own.
+    """
+    cut = model.frozen_until
+    if not (cfg.train.get("cached_flips", False) and cfg.model.get("feature_cache", False)):
+        return None
+    if cut == 0:
+        return None
+    rows = np.unique(np.asarray(rows, dtype=np.int64))
+    dtype = prefix_dtype(device, str(cfg.model.get("prefix_precision", "auto")))
+    which = hashlib.sha1(rows.tobytes()).hexdigest()[:16]
+    file = _feature_file(cfg, data, model, cut, dtype, f"-mirrored-{which}.npy")
+    # only the rows' images, mirrored along their width ([N, H, W]); skipped when cached
+    images = np.zeros((0,), np.uint8) if file.exists() else data.cache.images[rows][:, :, ::-1]
+    feats = cached_features(
+        model,
+        np.ascontiguousarray(images),
+        np.arange(len(rows)),
+        cut=cut,
+        cache_file=file,
+        device=device,
+        dtype=dtype,
+        what=f"frozen trunk, {len(rows)} mirrored training images",
+    )
+    return MirroredRows(features=feats, rows=rows)

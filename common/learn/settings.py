@@ -28,6 +28,7 @@ class TrainSettings:
     class_weighting: str  # none | balanced
     sampler: str  # random | balanced
     augment: str  # none | light | standard
+    cached_flips: bool  # left/right flips through a second, mirrored cached prefix
     label_smoothing: float
     select_best: bool
     best_metric: str  # val_macro_f1 | val_accuracy | val_loss

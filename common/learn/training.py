@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -106,11 +107,37 @@ def prefix_autocast(device: torch.device, dtype: torch.dtype) -> contextlib.Abst
     return torch.autocast(device.type, dtype=dtype)
 
 
+@dataclass(frozen=True)
+class MirroredRows:
+    """The frozen prefix's output for left/right-mirrored images, for ``rows`` only.
+
+    ``features[i]`` belongs to image ``rows[i]`` (``rows`` sorted). Kept compact because
+    only training rows need it (:func:`~common.learn.features.mirrored_features`): a
+    second pass over every image would cost the time budget of the default ``fedscan
+    train`` (README: default vs plain).
+    """
+
+    features: np.ndarray
+    rows: np.ndarray
+
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        """The mirrored features of ``indices`` (image indices, each in ``rows``)."""
+        pos = np.searchsorted(self.rows, indices)
+        inside = pos < len(self.rows)
+        if not (inside.all() and np.array_equal(self.rows[pos], indices)):
+            missing = np.setdiff1d(indices, self.rows)
+            raise KeyError(f"no mirrored features for image indices {missing[:5].tolist()}")
+        return self.features[pos]
+
+
 class Batches:
     """Mini-batches of ``x[indices]`` (uint8 images or float features) and labels.
 
     Deterministic for a given seed and epoch; ``balanced`` sampling draws with
-    replacement so that every class is seen equally often.
+    replacement so that every class is seen equally often. With ``mirrored`` (cached
+    prefix features of the left/right-mirrored images, ``train.cached_flips``) each
+    sample of each epoch is one of its two views, drawn with probability 1/2: the
+    flip augmentation that cached features otherwise cannot have.
     """
 
     def __init__(
@@ -123,9 +150,11 @@ class Batches:
         shuffle: bool = False,
         balanced: bool = False,
         augment: Augment | None = None,
+        mirrored: MirroredRows | None = None,
         seed: int = 0,
     ) -> None:
         self.x, self.y, self.indices = x, y, np.asarray(indices, dtype=np.int64)
+        self.mirrored = mirrored
         self.batch_size, self.shuffle, self.balanced = batch_size, shuffle, balanced
         self.augment, self.seed, self.epoch = augment, seed, 0
         self.is_images = x.dtype == np.uint8
@@ -149,10 +178,18 @@ class Batches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self._order()
         self.epoch += 1
+        # its own stream, so that the order is the same with and without flips
+        flips = np.random.default_rng([self.seed, 77, self.epoch])
         for s in range(0, len(order), self.batch_size):
             idx = order[s : s + self.batch_size]
             sorted_idx = np.sort(idx)  # memmap reads are faster in file order
-            xb = torch.from_numpy(np.ascontiguousarray(self.x[sorted_idx]))
+            rows = self.x[sorted_idx]
+            if self.mirrored is not None:
+                pick = flips.random(len(sorted_idx)) < 0.5
+                if pick.any():
+                    rows = np.array(rows)  # a copy, never a write into the cache
+                    rows[pick] = self.mirrored.take(sorted_idx[pick])
+            xb = torch.from_numpy(np.ascontiguousarray(rows))
             yb = torch.from_numpy(self.y[sorted_idx].astype(np.int64))
             if self.is_images:
                 xb = to_float(xb)
