@@ -156,9 +156,8 @@ def mirrored_features(
     as well as the prefix cache's key: a site's rows, or another seed's, get their own.
     """
     cut = model.frozen_until
-    if not (cfg.train.get("cached_flips", False) and cfg.model.get("feature_cache", False)):
-        return None
-    if cut == 0:
+    on = cfg.train.get("cached_flips", False) and cfg.model.get("feature_cache", False)
+    if not on or cut == 0:
         return None
     rows = np.unique(np.asarray(rows, dtype=np.int64))
     dtype = prefix_dtype(device, str(cfg.model.get("prefix_precision", "auto")))

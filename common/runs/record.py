@@ -153,6 +153,16 @@ ADDED_LATER = {
 REFITTED = "head_refit_done"
 
 
+def site_weighted_mean(rows: Sequence[dict], key: str) -> float | None:
+    """``key`` over the sites' reply rows, weighted by their example counts; None when
+    no row holds it (or they hold no examples)."""
+    rows = [r for r in rows if key in r]
+    n = sum(float(r[NUM_EXAMPLES]) for r in rows)
+    if n <= 0:
+        return None
+    return sum(float(r[key]) * float(r[NUM_EXAMPLES]) for r in rows) / n
+
+
 class FederatedRun:
     """The federated folder, written round by round: an interrupted run leaves a
     readable record up to its last round, and ``last.pt`` holds everything needed to
@@ -234,11 +244,9 @@ class FederatedRun:
         chosen on the test split would make that split's figure optimistic. A round
         the sites did not evaluate (``federation.fraction_evaluate=0``) is never best.
         """
-        rows = [r for r in sites.get("evaluate", []) if self.best_metric in r]
-        n = sum(float(r[NUM_EXAMPLES]) for r in rows)
-        if not rows or n <= 0:
+        score = site_weighted_mean(sites.get("evaluate", []), self.best_metric)
+        if score is None:
             return False
-        score = sum(float(r[self.best_metric]) * float(r[NUM_EXAMPLES]) for r in rows) / n
         signed = -score if self.best_metric.endswith("loss") else score
         if signed > self.best_score:
             self.best_score = signed
@@ -477,9 +485,7 @@ class RunRecord:
     def mean_site_val_accuracy(self) -> float:
         """The federation's own validation score: the sites' validation accuracy of the
         final global model, weighted by their validation sizes."""
-        rows = self.site_rows("evaluate")
-        n = sum(r[NUM_EXAMPLES] for r in rows)
-        return sum(r["val_accuracy"] * r[NUM_EXAMPLES] for r in rows) / max(n, 1)
+        return site_weighted_mean(self.site_rows("evaluate"), "val_accuracy") or 0.0
 
     def checkpoint(self) -> Path:
         """The model file to use: ``model.pt`` (centralised), else ``best.pt``, else
