@@ -44,8 +44,8 @@ def _timed(cmd: list[str], env: dict[str, str]) -> float:
 
 def dedup_files(data_root: Path, cache_dir: Path) -> tuple[set[str], set[str]]:
     """Resolved paths of fedscan's ``test_official`` and ``test_dedup`` images (warm cache)."""
-    from common.core.config import load_config
-    from common.data.pipeline import prepare_data
+    from fedscan.common.core.config import load_config
+    from fedscan.common.data.pipeline import prepare_data
 
     cfg = load_config(["dataset=brain_mri", f"data_root={data_root}", f"cache_dir={cache_dir}"])
     data = prepare_data(cfg)
@@ -81,7 +81,7 @@ def one_seed(data: Path, seed: int, plain_epochs: int, overrides: list[str]) -> 
             [
                 sys.executable,
                 "-m",
-                "simulations.cli",
+                "fedscan",
                 "train",
                 "dataset=brain_mri",
                 f"seed={seed}",
@@ -91,7 +91,7 @@ def one_seed(data: Path, seed: int, plain_epochs: int, overrides: list[str]) -> 
             ],
             env,
         )
-        from common.runs.record import read_run
+        from fedscan.common.runs.record import read_run
 
         (run_dir,) = [m.parent for m in runs.glob("*/metrics.json")]
         final = read_run(run_dir).final()

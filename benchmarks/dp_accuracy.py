@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common.runs.record import read_run
-from simulations.federated import run_federated
-from simulations.harness import merged
+from fedscan.common.runs.record import read_run
+from fedscan.simulations.federated import run_federated
+from fedscan.simulations.harness import merged
 
 
 def main() -> None:

@@ -25,11 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from common.core.config import load_config
-from common.federated.wire import NUM_EXAMPLES
-from common.runs.record import read_run
-from simulations.centralised import run_centralised
-from simulations.federated import run_federated
+from fedscan.common.core.config import load_config
+from fedscan.common.federated.wire import NUM_EXAMPLES
+from fedscan.common.runs.record import read_run
+from fedscan.simulations.centralised import run_centralised
+from fedscan.simulations.federated import run_federated
 
 
 def main() -> None:

@@ -43,8 +43,8 @@ def row(name: str, ms: np.ndarray) -> None:
 
 
 def fresh_package(size: int) -> Path:
-    from common.learn.models import build_model
-    from deploy.export import export_model
+    from fedscan.common.learn.models import build_model
+    from fedscan.deploy.export import export_model
 
     model = build_model({"name": "efficientnet_lite0", "mode": "features"}, 4)
     prov = {
@@ -67,7 +67,7 @@ def http_latency(package: Path, jpeg: bytes, repeats: int) -> np.ndarray:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "simulations.cli", "serve", str(package), "--port", str(port)]
+    cmd = [sys.executable, "-m", "fedscan", "serve", str(package), "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -97,8 +97,8 @@ def main() -> None:
 
     import torch
 
-    from deploy.explain import gradcam
-    from deploy.package import ModelPackage
+    from fedscan.deploy.explain import gradcam
+    from fedscan.deploy.package import ModelPackage
 
     path = Path(a.package) if a.package else fresh_package(a.size)
     onnx = ModelPackage(path, runtime="onnx")

@@ -27,11 +27,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from common.core.paths import cache_root, data_root
-from common.data.cache import PreprocessSpec, build_cache
-from common.data.datasets import load_dataset
-from common.data.transforms import Augment
-from common.learn.training import Batches
+from fedscan.common.core.paths import cache_root, data_root
+from fedscan.common.data.cache import PreprocessSpec, build_cache
+from fedscan.common.data.datasets import load_dataset
+from fedscan.common.data.transforms import Augment
+from fedscan.common.learn.training import Batches
 
 
 class PilFolder(Dataset):

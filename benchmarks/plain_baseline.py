@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
-from common.learn.models.efficientnet_lite import imagenet_lite0
+from fedscan.common.learn.models.efficientnet_lite import imagenet_lite0
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -26,9 +26,9 @@ import torch
 from flwr.app import Context, Message
 from flwr.common.serde import message_to_proto
 
-from common.runs.record import read_run
-from simulations.federated import run_federated
-from simulations.harness import merged
+from fedscan.common.runs.record import read_run
+from fedscan.simulations.federated import run_federated
+from fedscan.simulations.harness import merged
 
 
 def _metered(counts: dict[str, int]):

@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from common.runs.record import read_run
+from fedscan.common.runs.record import read_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def run(sites: int, rounds: int, dataset: str, out: Path) -> dict:
         f"runs_dir={out / f'sites{sites}'}",
         "partition.min_samples=5",
     ]
-    cmd = [sys.executable, "-m", "simulations.cli", "simulate", *overrides]
+    cmd = [sys.executable, "-m", "fedscan", "simulate", *overrides]
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

@@ -18,10 +18,10 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from omegaconf import DictConfig
 
-from client.secure import secure_mod
-from common.core.config import load_config, overrides_from_run_config
-from common.federated.trainer import SiteState, SiteTrainer
-from common.federated.wire import (
+from fedscan.client.secure import secure_mod
+from fedscan.common.core.config import load_config, overrides_from_run_config
+from fedscan.common.federated.trainer import SiteState, SiteTrainer
+from fedscan.common.federated.wire import (
     ARRAYS,
     CONFIG,
     HEAD_INIT,

@@ -39,8 +39,8 @@ from flwr.common import (
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-from common.federated.secure import scaled_statistics, weighted_peak
-from common.federated.wire import (
+from fedscan.common.federated.secure import scaled_statistics, weighted_peak
+from fedscan.common.federated.wire import (
     ARRAYS,
     CLIPPING_RANGE,
     CONFIG,

@@ -16,7 +16,7 @@ from monai.visualize import GradCAM
 from PIL import Image
 from torch import nn
 
-from deploy.package import ModelPackage
+from fedscan.deploy.package import ModelPackage
 
 
 class _Composed(nn.Module):

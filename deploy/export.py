@@ -28,12 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.core.errors import ConfigError, DataError
-from common.data.dicom import CT_WINDOWS, DOMAIN_CT_WINDOW, MR_PERCENTILES
-from common.federated.exchange import local_keys
-from common.learn.models import StagedModel, build_model
-from common.runs.record import read_run
-from deploy.package import SPEC_FILE, sha256_file
+from fedscan.common.core.errors import ConfigError, DataError
+from fedscan.common.data.dicom import CT_WINDOWS, DOMAIN_CT_WINDOW, MR_PERCENTILES
+from fedscan.common.federated.exchange import local_keys
+from fedscan.common.learn.models import StagedModel, build_model
+from fedscan.common.runs.record import read_run
+from fedscan.deploy.package import SPEC_FILE, sha256_file
 
 log = logging.getLogger("fedscan.export")
 

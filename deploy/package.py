@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from scipy.special import softmax
 
-from common.core.errors import DataError
-from common.data.imageio import decode_gray, read_gray, resize_gray
+from fedscan.common.core.errors import DataError
+from fedscan.common.data.imageio import decode_gray, read_gray, resize_gray
 
 SPEC_FILE = "fedscan-model.json"
 SUPPORTED_FORMATS = ("fedscan-model/1",)

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from common.core.errors import UnreadableImageError
-from deploy.package import ModelPackage
+from fedscan.common.core.errors import UnreadableImageError
+from fedscan.deploy.package import ModelPackage
 
 
 def predict_files(
@@ -22,7 +22,7 @@ def predict_files(
     """One result dict per file: ``label`` and ``probabilities``, or ``error``."""
     results: list[dict[str, Any]] = []
     if explain_dir is not None:
-        from deploy.explain import caption_of, gradcam, overlay
+        from fedscan.deploy.explain import caption_of, gradcam, overlay
 
         explain_dir.mkdir(parents=True, exist_ok=True)
     for i, path in enumerate(files):

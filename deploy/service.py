@@ -22,8 +22,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from common.core.errors import UnreadableImageError
-from deploy.package import ModelPackage
+from fedscan.common.core.errors import UnreadableImageError
+from fedscan.deploy.package import ModelPackage
 
 log = logging.getLogger("fedscan.serve")
 
@@ -90,7 +90,7 @@ def create_app(package: ModelPackage, *, max_upload_bytes: int = DEFAULT_MAX_UPL
         pred = package.predict(image[None])[0]
         body: dict[str, Any] = {**pred.as_dict(), "model": package.name}
         if explain:
-            from deploy.explain import gradcam, overlay_png
+            from fedscan.deploy.explain import gradcam, overlay_png
 
             with explain_lock:
                 heat = gradcam(package, image, package.classes.index(pred.label))

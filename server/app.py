@@ -13,14 +13,14 @@ from flwr.common import MessageType
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
-from common.core.config import load_config, overrides_from_run_config
-from common.core.errors import ConfigError
-from common.data.splits import groups_are_scans
-from common.federated.bn_stats import BN_KIND, check_bn_refit, install_bn
-from common.federated.exchange import exchanged_keys, get_exchanged, set_exchanged
-from common.federated.head_init import linear_head, set_head, solve_head, sum_statistics
-from common.federated.settings import FederationSettings
-from common.federated.wire import (
+from fedscan.common.core.config import load_config, overrides_from_run_config
+from fedscan.common.core.errors import ConfigError
+from fedscan.common.data.splits import groups_are_scans
+from fedscan.common.federated.bn_stats import BN_KIND, check_bn_refit, install_bn
+from fedscan.common.federated.exchange import exchanged_keys, get_exchanged, set_exchanged
+from fedscan.common.federated.head_init import linear_head, set_head, solve_head, sum_statistics
+from fedscan.common.federated.settings import FederationSettings
+from fedscan.common.federated.wire import (
     ARRAYS,
     CONFIG,
     HEAD_INIT,
@@ -30,13 +30,13 @@ from common.federated.wire import (
     RUN_KEY,
     SERVER_ROUND,
 )
-from common.learn.models import StagedModel
-from common.learn.prepare import prepare_run
-from common.learn.training import Batches, evaluate_model, place_model
-from common.runs.record import REFITTED, FederatedRun, new_run_dir
-from common.runs.tracking import Tracker, start_tracking
-from common.runs.validate import validate
-from server.strategies import build_strategy, wrap_central_dp
+from fedscan.common.learn.models import StagedModel
+from fedscan.common.learn.prepare import prepare_run
+from fedscan.common.learn.training import Batches, evaluate_model, place_model
+from fedscan.common.runs.record import REFITTED, FederatedRun, new_run_dir
+from fedscan.common.runs.tracking import Tracker, start_tracking
+from fedscan.common.runs.validate import validate
+from fedscan.server.strategies import build_strategy, wrap_central_dp
 
 log = logging.getLogger("fedscan.server")
 
@@ -239,7 +239,7 @@ def _federate(
         if settings.secure is None:
             total, sites = statistics_round(grid, model, keys, fed, kind)
         else:
-            from server.secure import secure_statistics  # only the sums' total is seen
+            from fedscan.server.secure import secure_statistics  # only the sums' total is seen
 
             total, sites = secure_statistics(
                 grid, settings.secure, fed, get_exchanged(model.cpu(), keys), kind=kind
@@ -358,7 +358,7 @@ def _federate(
         return results
 
     if settings.secure is not None:  # SecAgg+: Flower's legacy workflow, same rounds
-        from server.secure import run_secure_rounds
+        from fedscan.server.secure import run_secure_rounds
 
         run_secure_rounds(
             grid,

@@ -39,14 +39,14 @@ from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from common.federated.privacy import CentralDPSettings
-from common.federated.secure import (
+from fedscan.common.federated.privacy import CentralDPSettings
+from fedscan.common.federated.secure import (
     STATISTICS_MODULUS,
     STATISTICS_QUANTIZATION,
     SecureAggregationSettings,
 )
-from common.federated.settings import FederationSettings
-from common.federated.wire import (
+from fedscan.common.federated.settings import FederationSettings
+from fedscan.common.federated.wire import (
     CLIPPING_RANGE,
     HEAD_INIT,
     MAX_WEIGHT,

@@ -16,12 +16,12 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as fl
 
-from common.core.errors import ConfigError
-from common.core.registry import Registry
-from common.federated.privacy import CentralDPSettings
-from common.federated.scaffold import server_variate
-from common.federated.settings import FederationSettings, check_strategy
-from common.federated.wire import (
+from fedscan.common.core.errors import ConfigError
+from fedscan.common.core.registry import Registry
+from fedscan.common.federated.privacy import CentralDPSettings
+from fedscan.common.federated.scaffold import server_variate
+from fedscan.common.federated.settings import FederationSettings, check_strategy
+from fedscan.common.federated.wire import (
     ARRAYS,
     COUNT_PREFIX,
     METRICS,

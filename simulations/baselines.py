@@ -22,28 +22,28 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from common.data.splits import groups_are_scans
-from common.federated.bn_stats import recalibrate_bn
-from common.federated.head_init import closed_form_head, linear_head
-from common.federated.site import site_indices
-from common.federated.trainer import site_seed
-from common.federated.wire import SITE_ID
-from common.learn.features import mirrored_features
-from common.learn.models import build_model
-from common.learn.prepare import prepare_run
-from common.learn.training import Batches, evaluate_model, fit
-from common.runs import cross_site
-from common.runs.partition_report import write_partition_report
-from common.runs.record import new_run_dir, partition_label, write_config, write_local
-from common.runs.tracking import track_finished
-from common.runs.validate import validate
+from fedscan.common.data.splits import groups_are_scans
+from fedscan.common.federated.bn_stats import recalibrate_bn
+from fedscan.common.federated.head_init import closed_form_head, linear_head
+from fedscan.common.federated.site import site_indices
+from fedscan.common.federated.trainer import site_seed
+from fedscan.common.federated.wire import SITE_ID
+from fedscan.common.learn.features import mirrored_features
+from fedscan.common.learn.models import build_model
+from fedscan.common.learn.prepare import prepare_run
+from fedscan.common.learn.training import Batches, evaluate_model, fit
+from fedscan.common.runs import cross_site
+from fedscan.common.runs.partition_report import write_partition_report
+from fedscan.common.runs.record import new_run_dir, partition_label, write_config, write_local
+from fedscan.common.runs.tracking import track_finished
+from fedscan.common.runs.validate import validate
 
 log = logging.getLogger("fedscan.baseline")
 
 
 def run_pooled(cfg: DictConfig) -> Path:
     """All sites' data together, trained for the federated run's epoch budget."""
-    from simulations.centralised import run_centralised
+    from fedscan.simulations.centralised import run_centralised
 
     fed = validate(cfg, "pooled").federation
     budget = fed.epoch_budget

@@ -9,17 +9,17 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from common.data.splits import groups_are_scans
-from common.data.transforms import Augment
-from common.federated.bn_stats import recalibrate_bn
-from common.federated.head_init import closed_form_head, linear_head
-from common.learn.features import mirrored_features
-from common.learn.prepare import prepare_run
-from common.learn.training import Batches, evaluate_model, fit
-from common.runs.plots import plot_confusion, plot_curves
-from common.runs.record import new_run_dir, write_centralised, write_config, write_model
-from common.runs.tracking import track_finished
-from common.runs.validate import validate
+from fedscan.common.data.splits import groups_are_scans
+from fedscan.common.data.transforms import Augment
+from fedscan.common.federated.bn_stats import recalibrate_bn
+from fedscan.common.federated.head_init import closed_form_head, linear_head
+from fedscan.common.learn.features import mirrored_features
+from fedscan.common.learn.prepare import prepare_run
+from fedscan.common.learn.training import Batches, evaluate_model, fit
+from fedscan.common.runs.plots import plot_confusion, plot_curves
+from fedscan.common.runs.record import new_run_dir, write_centralised, write_config, write_model
+from fedscan.common.runs.tracking import track_finished
+from fedscan.common.runs.validate import validate
 
 log = logging.getLogger("fedscan.train")
 

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common.core.errors import ConfigError, FedscanError
+from fedscan import __version__
+from fedscan.common.core.errors import ConfigError, FedscanError
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -32,21 +33,21 @@ def _setup_logging(verbose: bool) -> None:
 def _check_values(cfg: Any, *, federated: bool = False) -> None:
     """The ``train`` (and ``federation``) values, typed and range-checked without torch:
     ``train.lr=abc`` is answered in well under a second, not after torch loads."""
-    from common.learn.settings import train_settings
+    from fedscan.common.learn.settings import train_settings
 
     train_settings(cfg)
     if federated:
-        from common.federated.settings import federation_settings
+        from fedscan.common.federated.settings import federation_settings
 
         federation_settings(cfg)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from common.core.config import load_config
+    from fedscan.common.core.config import load_config
 
     cfg = load_config(args.overrides)  # a bad key fails here, before torch is imported
     _check_values(cfg)
-    from simulations.centralised import run_centralised
+    from fedscan.simulations.centralised import run_centralised
 
     run_dir = run_centralised(cfg)
     print(f"results: {run_dir}")
@@ -54,12 +55,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from common.core.config import expand_sweep, load_config
+    from fedscan.common.core.config import expand_sweep, load_config
 
     for overrides in expand_sweep(args.overrides) if args.multirun else [args.overrides]:
         # names, spellings and the typed settings, before torch, Flower and Ray load
         _check_values(load_config(overrides), federated=True)
-    from simulations.harness import run_one, run_sweep
+    from fedscan.simulations.harness import run_one, run_sweep
 
     if args.multirun:
         for run_dir in run_sweep(args.overrides):
@@ -70,8 +71,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from common.commands.audit import audit, format_report
-    from common.core.paths import cache_root
+    from fedscan.common.commands.audit import audit, format_report
+    from fedscan.common.core.paths import cache_root
 
     report = audit(Path(args.path).expanduser().resolve(), cache_root(None))
     print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -81,10 +82,10 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 def _cmd_site_check(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
-    from common.commands.sitecheck import format_site_report, site_check
-    from common.core.config import load_config
-    from common.core.paths import cache_root
-    from common.runs.validate import validate
+    from fedscan.common.commands.sitecheck import format_site_report, site_check
+    from fedscan.common.core.config import load_config
+    from fedscan.common.core.paths import cache_root
+    from fedscan.common.runs.validate import validate
 
     cfg = load_config(["dataset=site", *args.overrides])  # a site reads its own folder
     validate(cfg, "site")
@@ -109,7 +110,7 @@ def _cmd_site_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_certs(args: argparse.Namespace) -> int:
-    from deploy.pki import make_dev_pki
+    from fedscan.deploy.pki import make_dev_pki
 
     out = Path(args.out).expanduser().resolve()
     make_dev_pki(out, sites=args.site, hosts=args.host or ["127.0.0.1", "localhost"])
@@ -122,7 +123,7 @@ def _cmd_certs(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from common.commands.report import write_report
+    from fedscan.common.commands.report import write_report
 
     out = Path(args.out).expanduser().resolve()
     files = write_report([Path(d) for d in args.run_dirs], out)
@@ -134,20 +135,20 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_config(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
-    from common.core.config import load_config
+    from fedscan.common.core.config import load_config
 
     print(OmegaConf.to_yaml(load_config(args.overrides)))
     return 0
 
 
 def _cmd_flwr_run(args: argparse.Namespace) -> int:
-    from deploy.flwr_status import flwr_run
+    from fedscan.deploy.flwr_status import flwr_run
 
     return flwr_run([a for a in args.flwr_args if a != "--"])
 
 
 def _cmd_run_status(args: argparse.Namespace) -> int:
-    from deploy.flwr_status import exit_code, run_status
+    from fedscan.deploy.flwr_status import exit_code, run_status
 
     status = run_status(args.run_id, superlink=args.superlink)
     print(status)
@@ -155,7 +156,7 @@ def _cmd_run_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from deploy.export import export_run
+    from fedscan.deploy.export import export_run
 
     out = export_run(Path(args.run_dir), Path(args.out) if args.out else None, fmt=args.format)
     print(f"model package: {out}")
@@ -163,7 +164,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from deploy.predict import run_predict
+    from fedscan.deploy.predict import run_predict
 
     return run_predict(
         Path(args.model),
@@ -175,8 +176,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from deploy.package import ModelPackage
-    from deploy.service import serve
+    from fedscan.deploy.package import ModelPackage
+    from fedscan.deploy.service import serve
 
     if args.max_upload_mb <= 0:
         raise ConfigError("--max-upload-mb", f"must be > 0, got {args.max_upload_mb}")
@@ -198,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides of the configs/ tree (see `fedscan config`).",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"fedscan {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="centralised baseline: train, evaluate, write a run folder")

@@ -25,7 +25,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig
 
-from common.core.errors import ConfigError
+from fedscan.common.core.errors import ConfigError
 
 # One swap at a time: the patched name is process-wide.
 _SWAP = threading.Lock()

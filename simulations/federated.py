@@ -13,10 +13,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.core.config import load_config
-from common.core.errors import ConfigError
-from common.core.parallel import available_cpus
-from common.runs.validate import check_sites, validate
+from fedscan.common.core.config import load_config
+from fedscan.common.core.errors import ConfigError
+from fedscan.common.core.parallel import available_cpus
+from fedscan.common.runs.validate import check_sites, validate
 
 log = logging.getLogger("fedscan.simulate")
 
@@ -58,9 +58,9 @@ def run_federated(overrides: Sequence[str], *, client_mods: Sequence = ()) -> Pa
 
     from flwr.simulation import run_simulation
 
-    from client.app import make_client_app
-    from server.app import make_server_app
-    from simulations.engine import choose_engine, inprocess_backend
+    from fedscan.client.app import make_client_app
+    from fedscan.server.app import make_server_app
+    from fedscan.simulations.engine import choose_engine, inprocess_backend
 
     engine = choose_engine(fed.engine, cpus_per_site=per_site, cpus=cpus)
     log.info(

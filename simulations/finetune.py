@@ -1,6 +1,6 @@
 """The federated headline on the model we recommend: fine-tuned blocks, not a frozen trunk.
 
-    python -m simulations.finetune            # brain and lung (fold 0), seed 0
+    python -m fedscan.simulations.finetune            # brain and lung (fold 0), seed 0
 
 The headline study (``simulations.study``) runs in feature mode so that three
 seeds of every method fit a 2-core CPU. This driver answers what it cannot: on
@@ -29,10 +29,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from common.core.config import load_config
-from common.federated.settings import federation_settings
-from common.runs.record import read_run
-from simulations.harness import (
+from fedscan.common.core.config import load_config
+from fedscan.common.federated.settings import federation_settings
+from fedscan.common.runs.record import read_run
+from fedscan.simulations.harness import (
     driver_args,
     merged,
     run_one,
@@ -195,7 +195,7 @@ def write_page(
         "Regenerate (with `FEDSCAN_DATA` pointing at the datasets):",
         "",
         "```bash",
-        "python -m simulations.finetune" + "".join(f" {o}" for o in args.typed),
+        "python -m fedscan.simulations.finetune" + "".join(f" {o}" for o in args.typed),
         "```",
         "",
         f"Setting: {args.sites} sites, {args.rounds} rounds x {args.local_epochs} local "
@@ -284,7 +284,7 @@ def write_page(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m simulations.finetune", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m fedscan.simulations.finetune", description=__doc__)
     p.add_argument(
         "--datasets", nargs="+", default=["brain_mri", "lung_ct"], choices=list(DATASETS)
     )

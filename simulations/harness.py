@@ -19,8 +19,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from common.core.config import expand_sweep, load_config
-from common.runs.validate import METHODS, check_sites, validate
+from fedscan.common.core.config import expand_sweep, load_config
+from fedscan.common.runs.validate import METHODS, check_sites, validate
 
 log = logging.getLogger("fedscan.simulate")
 
@@ -56,14 +56,14 @@ def run_one(overrides: Sequence[str]) -> Path:
     cfg = validate_overrides(overrides)
     method = str(cfg.method)
     if method == "local":
-        from simulations.baselines import run_local
+        from fedscan.simulations.baselines import run_local
 
         return run_local(cfg)
     if method == "pooled":
-        from simulations.baselines import run_pooled
+        from fedscan.simulations.baselines import run_pooled
 
         return run_pooled(cfg)
-    from simulations.federated import run_federated
+    from fedscan.simulations.federated import run_federated
 
     return run_federated(overrides)
 

@@ -1,6 +1,6 @@
 """Does longer federated training close the gap to pooled at the hardest skew?
 
-    python -m simulations.horizon             # brain_mri, Dirichlet alpha 0.1, seed 0
+    python -m fedscan.simulations.horizon             # brain_mri, Dirichlet alpha 0.1, seed 0
 
 The headline study stops at 10 rounds, where FedAvg and FedProx at alpha 0.1 sit
 20 points below pooled. That table alone cannot say whether the gap is a budget
@@ -27,9 +27,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from common.commands.report import load_run
-from common.runs.record import read_run
-from simulations.harness import driver_args, run_one, smoothing_text, validate_overrides
+from fedscan.common.commands.report import load_run
+from fedscan.common.runs.record import read_run
+from fedscan.simulations.harness import driver_args, run_one, smoothing_text, validate_overrides
 
 log = logging.getLogger("fedscan.horizon")
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,7 +165,7 @@ def write_page(runs: Sequence[Path], args: argparse.Namespace, docs: Path) -> st
         "Regenerate from a clean checkout (with `FEDSCAN_DATA` pointing at the datasets):",
         "",
         "```bash",
-        ".venv/bin/python -m simulations.horizon",
+        ".venv/bin/python -m fedscan.simulations.horizon",
         "```",
         "",
         f"Setting: the headline study's sites ({args.sites} sites, seed {args.seed}, feature "
@@ -202,7 +202,7 @@ def write_page(runs: Sequence[Path], args: argparse.Namespace, docs: Path) -> st
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m simulations.horizon", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m fedscan.simulations.horizon", description=__doc__)
     p.add_argument("--dataset", default="brain_mri")
     p.add_argument("--alpha", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)

@@ -1,6 +1,6 @@
 """The headline non-IID study, one command:
 
-    python -m simulations.study
+    python -m fedscan.simulations.study
 
 Both datasets; IID and Dirichlet alpha in {0.3, 0.1}; three seeds. Rows:
 
@@ -35,16 +35,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common.commands.report import (
+from fedscan.common.commands.report import (
     aggregate,
     compared_config,
     load_run,
     to_markdown,
     write_report,
 )
-from common.learn.prepare import prepare_run
-from common.runs.record import read_run
-from simulations.harness import (
+from fedscan.common.learn.prepare import prepare_run
+from fedscan.common.runs.record import read_run
+from fedscan.simulations.harness import (
     driver_args,
     merged,
     run_one,
@@ -295,9 +295,9 @@ def _missing(args: argparse.Namespace, meta: dict) -> list[str]:
         return []
     return [
         f"**Not regenerated yet: {', '.join(missing)}.** The study stopped before these "
-        "datasets' runs finished; `python -m simulations.study` continues it (finished runs "
-        "are reused). Their previous tables (pooled, local, FedAvg and FedProx only) are in "
-        "this page's git history.",
+        "datasets' runs finished; `python -m fedscan.simulations.study` continues it "
+        "(finished runs are reused). Their previous tables (pooled, local, FedAvg and "
+        "FedProx only) are in this page's git history.",
         "",
     ]
 
@@ -339,7 +339,7 @@ def write_results(runs: list[Path], meta: dict, args: argparse.Namespace, docs: 
         "",
         "```bash",
         "python3 -m venv .venv && .venv/bin/pip install -q -e . && "
-        ".venv/bin/python -m simulations.study",
+        ".venv/bin/python -m fedscan.simulations.study",
         "```",
         "",
         f"Setting: {args.sites} sites, {args.rounds} rounds, {args.local_epochs} local epochs, "
@@ -366,7 +366,7 @@ def write_results(runs: list[Path], meta: dict, args: argparse.Namespace, docs: 
         _wall_time(meta) + " The recommended fine-tune model (`model.finetune_blocks=4`: "
         "the last blocks train from the cached prefix) costs minutes per brain epoch on this "
         "CPU, too much for 3 seeds of every cell; one seed of its key cells is on "
-        "[finetune.md](finetune.md) (`python -m simulations.finetune`).",
+        "[finetune.md](finetune.md) (`python -m fedscan.simulations.finetune`).",
         "",
         "Every accuracy names its test split: brain `test_official` (the publisher's test "
         "set) beside `test_dedup` (test images pixel-identical to a training image removed); "
@@ -381,7 +381,7 @@ def write_results(runs: list[Path], meta: dict, args: argparse.Namespace, docs: 
         "",
         "Whether more rounds close the gap at the hardest skew (pooled trained for the same "
         "epochs beside each checkpoint): [`docs/horizon.md`](horizon.md), "
-        "`python -m simulations.horizon`.",
+        "`python -m fedscan.simulations.horizon`.",
         "",
         *[f"![{k}](results/{files[k].name})" for k in keep],
         "",
@@ -390,7 +390,7 @@ def write_results(runs: list[Path], meta: dict, args: argparse.Namespace, docs: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m simulations.study", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m fedscan.simulations.study", description=__doc__)
     p.add_argument("--datasets", nargs="+", default=["brain_mri", "lung_ct"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--alphas", nargs="+", type=float, default=[0.3, 0.1])

@@ -49,8 +49,8 @@ def tree_train_settings(**changes):
     """``TrainSettings`` as the config tree's defaults give them, with ``changes``."""
     import dataclasses
 
-    from common.core.config import load_config
-    from common.learn.settings import train_settings
+    from fedscan.common.core.config import load_config
+    from fedscan.common.learn.settings import train_settings
 
     return dataclasses.replace(train_settings(load_config(["dataset=synthetic"])), **changes)
 
@@ -59,7 +59,7 @@ def tree_dp_settings(**changes):
     """``DPSGDSettings`` as ``privacy=dp_sgd`` in the config tree gives them, with ``changes``."""
     import dataclasses
 
-    from common.federated.privacy import dp_settings
+    from fedscan.common.federated.privacy import dp_settings
 
     return dataclasses.replace(dp_settings(tree_privacy("dp_sgd")), **changes)
 
@@ -68,7 +68,7 @@ def tree_privacy(name: str, **changes) -> dict:
     """The ``privacy`` group ``name`` as the config tree gives it, with ``changes``."""
     from omegaconf import OmegaConf
 
-    from common.core.config import load_config
+    from fedscan.common.core.config import load_config
 
     section = OmegaConf.to_container(load_config(["dataset=synthetic", f"privacy={name}"]).privacy)
     return {**section, **changes}
@@ -125,8 +125,8 @@ def brain_subset(real_data: Path, tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small centralised run on the embedded synthetic default (EfficientNet-Lite0, 64 px)."""
-    from common.core.config import load_config
-    from simulations.centralised import run_centralised
+    from fedscan.common.core.config import load_config
+    from fedscan.simulations.centralised import run_centralised
 
     tmp = tmp_path_factory.mktemp("trained")
     cfg = load_config(
@@ -144,6 +144,6 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def packages(trained_run: Path) -> dict[str, Path]:
     """The trained run exported in both formats: ``{"onnx": dir, "torchscript": dir}``."""
-    from deploy.export import export_run
+    from fedscan.deploy.export import export_run
 
     return {fmt: export_run(trained_run, fmt=fmt) for fmt in ("onnx", "torchscript")}

@@ -18,7 +18,7 @@ ABOVE_COMMON = ("client", "server", "simulations", "deploy", "flwr")
 
 
 def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    parts = ["fedscan", *path.relative_to(ROOT).with_suffix("").parts]
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
@@ -60,6 +60,12 @@ def _raw_imports() -> dict[str, set[str]]:
         for p in (ROOT / "common").rglob("*.py")
         if p.is_file()
     }
+
+
+def _top(name: str) -> str:
+    """The top-level folder an import names: ``fedscan.server.app`` -> ``server``."""
+    parts = name.split(".")
+    return parts[1] if parts[0] == "fedscan" and len(parts) > 1 else parts[0]
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -108,7 +114,7 @@ def test_cycle_finder_finds_a_circle() -> None:
 
 def test_common_imports_nothing_above_it() -> None:
     bad = {
-        mod: sorted(i for i in imps if i.split(".")[0] in ABOVE_COMMON)
+        mod: sorted(i for i in imps if _top(i) in ABOVE_COMMON)
         for mod, imps in _raw_imports().items()
     }
     assert {m: i for m, i in bad.items() if i} == {}
@@ -120,14 +126,14 @@ def test_common_subpackage_imports_only_layers_below(layer: str) -> None:
     wrong = {}
     for mod, imps in _raw_imports().items():
         parts = mod.split(".")
-        if len(parts) < 2 or parts[1] != layer:
+        if len(parts) < 3 or parts[2] != layer:
             continue
         up = sorted(
             i
             for i in imps
-            if i.startswith("common.")
-            and i.split(".")[1] in COMMON_LAYERS
-            and i.split(".")[1] not in allowed
+            if i.startswith("fedscan.common.")
+            and i.split(".")[2] in COMMON_LAYERS
+            and i.split(".")[2] not in allowed
         )
         if up:
             wrong[mod] = up

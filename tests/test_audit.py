@@ -2,8 +2,8 @@ import json
 import shutil
 from pathlib import Path
 
-from common.commands.audit import audit, format_report
-from simulations.cli import main
+from fedscan.common.commands.audit import audit, format_report
+from fedscan.simulations.cli import main
 from tests.conftest import noise, save_gray
 
 

@@ -158,7 +158,7 @@ def test_the_study_runs_and_writes_its_page(tmp_path: Path) -> None:
     _synthetic(
         [
             "-m",
-            "simulations.study",
+            "fedscan.simulations.study",
             "--datasets",
             "synthetic",
             "--seeds",
@@ -193,7 +193,7 @@ def test_the_horizon_driver_runs(tmp_path: Path) -> None:
     _synthetic(
         [
             "-m",
-            "simulations.horizon",
+            "fedscan.simulations.horizon",
             "--dataset=synthetic",
             "--sites=2",
             "--checkpoints",

@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from common.core.errors import ConfigError
-from common.data.transforms import to_float
-from common.federated.bn_stats import (
+from fedscan.common.core.errors import ConfigError
+from fedscan.common.data.transforms import to_float
+from fedscan.common.federated.bn_stats import (
     bn_layers,
     check_bn_refit,
     install_bn,
     site_bn_statistics,
 )
-from common.federated.head_init import sum_statistics
-from common.learn.models import build_model
-from simulations.federated import run_federated
+from fedscan.common.federated.head_init import sum_statistics
+from fedscan.common.learn.models import build_model
+from fedscan.simulations.federated import run_federated
 from tests.conftest import SIM_BASE
 
 CPU = torch.device("cpu")
@@ -108,8 +108,8 @@ def test_a_model_without_trained_batchnorm_is_refused_naming_the_key() -> None:
     ],
 )
 def test_bad_bn_refit_settings_are_refused_naming_the_key(overrides: list[str]) -> None:
-    from common.core.config import load_config
-    from common.runs.validate import validate
+    from fedscan.common.core.config import load_config
+    from fedscan.common.runs.validate import validate
 
     with pytest.raises(ConfigError) as err:
         validate(load_config([*SIM_BASE, *overrides]), "federated")
@@ -124,11 +124,11 @@ def test_the_bn_refit_installs_the_sites_statistics_of_the_final_model(tmp_path:
     refit is recorded and labelled."""
     from omegaconf import OmegaConf
 
-    from common.commands.report import load_run
-    from common.federated.exchange import set_exchanged
-    from common.federated.site import site_indices
-    from common.federated.trainer import site_seed
-    from common.learn.prepare import prepare_run
+    from fedscan.common.commands.report import load_run
+    from fedscan.common.federated.exchange import set_exchanged
+    from fedscan.common.federated.site import site_indices
+    from fedscan.common.federated.trainer import site_seed
+    from fedscan.common.learn.prepare import prepare_run
 
     base = [*SIM_BASE, "federation.fraction_evaluate=1", "rounds=1", f"runs_dir={tmp_path}"]
     plain = run_federated(base)

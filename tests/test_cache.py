@@ -3,8 +3,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data.cache import PreprocessSpec, build_cache, cache_key
-from common.data.datasets.site_folder import read_site_folder
+from fedscan.common.data.cache import PreprocessSpec, build_cache, cache_key
+from fedscan.common.data.datasets.site_folder import read_site_folder
 from tests.conftest import noise, save_gray
 
 
@@ -64,7 +64,7 @@ def test_unreadable_file_is_flagged_not_fatal(tmp_path: Path):
 
 
 def test_fingerprints_are_reused_from_disk_and_only_changed_files_decoded(tmp_path, monkeypatch):
-    from common.data import fingerprint
+    from fedscan.common.data import fingerprint
 
     c = read_site_folder(_site(tmp_path / "s"), "brain_mri")
     decoded: list[str] = []

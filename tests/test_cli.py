@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.core.config import load_config
-from common.core.errors import ConfigError
-from simulations.cli import build_parser, main
+from fedscan.common.core.config import load_config
+from fedscan.common.core.errors import ConfigError
+from fedscan.simulations.cli import build_parser, main
 
 
 def test_help_lists_commands():
@@ -109,7 +109,7 @@ def test_a_config_typo_fails_before_torch_is_imported() -> None:
     import sys
 
     code = (
-        "import sys; from simulations.cli import main; "
+        "import sys; from fedscan.simulations.cli import main; "
         "rc = main(['{cmd}', 'trian.epochs=2']); print(rc, 'torch' in sys.modules)"
     )
     for cmd in ("train", "simulate"):
@@ -126,7 +126,7 @@ def test_a_bad_value_fails_before_torch_is_imported() -> None:
     import sys
 
     code = (
-        "import sys; from simulations.cli import main; "
+        "import sys; from fedscan.simulations.cli import main; "
         "rc = main(['{cmd}', '{bad}']); print(rc, 'torch' in sys.modules)"
     )
     for cmd, bad, key in (
@@ -141,7 +141,7 @@ def test_a_bad_value_fails_before_torch_is_imported() -> None:
 
 
 def test_a_bad_command_line_option_is_called_an_option() -> None:
-    from common.core.errors import ConfigError
+    from fedscan.common.core.errors import ConfigError
 
     assert str(ConfigError("--out", "x")) == "option '--out': x"
     assert str(ConfigError("train.epochs", "x")) == "config key 'train.epochs': x"

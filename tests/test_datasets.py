@@ -3,10 +3,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.core.errors import ConfigError, DataError
-from common.data.classes import BRAIN_CLASSES, LUNG_CLASSES, canonical_class
-from common.data.datasets import load_dataset
-from common.data.datasets.site_folder import read_site_folder
+from fedscan.common.core.errors import ConfigError, DataError
+from fedscan.common.data.classes import BRAIN_CLASSES, LUNG_CLASSES, canonical_class
+from fedscan.common.data.datasets import load_dataset
+from fedscan.common.data.datasets.site_folder import read_site_folder
 from tests.conftest import noise, save_gray
 
 

@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from common.core.errors import DataError
-from deploy.explain import gradcam, overlay
-from deploy.export import load_run_model
-from deploy.package import SPEC_FILE, ModelPackage
-from simulations.cli import main as cli
+from fedscan.common.core.errors import DataError
+from fedscan.deploy.explain import gradcam, overlay
+from fedscan.deploy.export import load_run_model
+from fedscan.deploy.package import SPEC_FILE, ModelPackage
+from fedscan.simulations.cli import main as cli
 
 
 def scans(n: int = 6, size: int = 80, seed: int = 0) -> np.ndarray:
@@ -57,10 +57,11 @@ def test_package_loads_without_training_code(packages: dict[str, Path]) -> None:
     """Block the model registry, training loop, timm and Flower; the package still predicts."""
     code = f"""
 import sys
-for mod in ("common.learn.models", "common.learn.training", "common.data.pipeline", "timm", "flwr"):
+for mod in ("fedscan.common.learn.models", "fedscan.common.learn.training",
+            "fedscan.common.data.pipeline", "timm", "flwr"):
     sys.modules[mod] = None  # any import of these now fails
 import numpy as np
-from deploy.package import ModelPackage
+from fedscan.deploy.package import ModelPackage
 for runtime in ("onnx", "torchscript"):
     p = ModelPackage({str(packages["onnx"])!r}, runtime=runtime)
     print(p.predict(np.zeros((1, 1, 64, 64), np.float32))[0].label)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from common.data.datasets.synthetic import generate
-from deploy.pki import make_dev_pki
+from fedscan.common.data.datasets.synthetic import generate
+from fedscan.deploy.pki import make_dev_pki
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -12,9 +12,9 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
 
-from common.core.errors import UnreadableImageError
-from common.data.dicom import CT_WINDOWS
-from common.data.imageio import decode_gray, read_gray
+from fedscan.common.core.errors import UnreadableImageError
+from fedscan.common.data.dicom import CT_WINDOWS
+from fedscan.common.data.imageio import decode_gray, read_gray
 
 PATIENT = "DOE^JANE"
 
@@ -145,8 +145,8 @@ def test_a_dicom_site_folder_trains_through_the_cache_without_patient_tags(
     windowed for the domain, cached, and no patient tag reaches any cache file."""
     from omegaconf import OmegaConf
 
-    from common.core.config import load_config
-    from common.data.pipeline import prepare_data
+    from fedscan.common.core.config import load_config
+    from fedscan.common.data.pipeline import prepare_data
 
     site = tmp_path / "site"
     rng = np.random.default_rng(0)
@@ -173,7 +173,7 @@ def test_a_dicom_site_folder_trains_through_the_cache_without_patient_tags(
     assert len(c) == 18 and c.class_counts() == {"normal": 6, "benign": 6, "malignant": 6}
     assert any(p.name == "slice0" for p in c.paths)
     i = next(i for i, p in enumerate(c.paths) if p.name == "slice0")
-    from common.data.imageio import resize_gray
+    from fedscan.common.data.imageio import resize_gray
 
     expected = resize_gray(read_gray(c.paths[i], ct_window=CT_WINDOWS["lung"]), 32)
     np.testing.assert_array_equal(data.cache.images[i], expected)

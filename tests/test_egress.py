@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from flwr.app import Context, Message
 
-from common.core.config import load_config
-from common.federated.exchange import exchanged_keys
-from common.learn.models import build_model
-from simulations.federated import run_federated
+from fedscan.common.core.config import load_config
+from fedscan.common.federated.exchange import exchanged_keys
+from fedscan.common.learn.models import build_model
+from fedscan.simulations.federated import run_federated
 from tests.conftest import SIM_BASE as BASE
 
 IMAGE = 32
@@ -132,7 +132,7 @@ def test_the_statistics_round_sends_sums_only(tmp_path: Path) -> None:
 def test_the_batchnorm_statistics_round_sends_channel_moments_only(tmp_path: Path) -> None:
     """``federation.bn_refit``: each site's query reply holds its image count and, per
     trained BatchNorm layer, one mean and one variance per channel; nothing else."""
-    from common.federated.bn_stats import bn_layers
+    from fedscan.common.federated.bn_stats import bn_layers
 
     captured = tmp_path / "bn"
     captured.mkdir()

@@ -20,7 +20,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Message
 
-from simulations.federated import run_federated
+from fedscan.simulations.federated import run_federated
 from tests.conftest import SIM_BASE as SMALL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def test_coordinator_killed_after_round_k_resumes_at_k_plus_1(tmp_path: Path) ->
     runs = tmp_path / "killed"
     env = {k: v for k, v in os.environ.items() if k != "FEDSCAN_DATA"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "simulations.cli", "simulate", *small, f"runs_dir={runs}"],
+        [sys.executable, "-m", "fedscan", "simulate", *small, f"runs_dir={runs}"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from common.core.errors import ConfigError
-from common.learn import training
-from common.learn.features import cached_features
-from common.learn.models import build_model, check_model_config
-from common.learn.training import prefix_dtype
+from fedscan.common.core.errors import ConfigError
+from fedscan.common.learn import training
+from fedscan.common.learn.features import cached_features
+from fedscan.common.learn.models import build_model, check_model_config
+from fedscan.common.learn.training import prefix_dtype
 
 CFG = {"name": "efficientnet_lite0", "mode": "finetune", "finetune_blocks": 4}
 
@@ -85,7 +85,7 @@ def test_bfloat16_cache_is_close_to_float32_and_not_identical(tmp_path: Path):
 def test_the_cache_file_names_its_precision(tmp_path: Path, monkeypatch):
     from omegaconf import OmegaConf
 
-    from common.learn import features
+    from fedscan.common.learn import features
 
     seen: list[Path] = []
 
@@ -139,7 +139,7 @@ def _data(images: np.ndarray, key: str = "k"):
 
 
 def test_mirrored_features_are_the_prefix_of_mirrored_images_for_the_rows_asked(tmp_path):
-    from common.learn.features import mirrored_features
+    from fedscan.common.learn.features import mirrored_features
 
     model = build_model(CFG, 4)
     cut, images, cpu = model.frozen_until, _images(), torch.device("cpu")
@@ -168,7 +168,7 @@ def test_mirrored_features_are_the_prefix_of_mirrored_images_for_the_rows_asked(
 
 
 def test_batches_draw_one_view_per_sample_each_epoch_and_keep_the_order():
-    from common.learn.training import Batches, MirroredRows
+    from fedscan.common.learn.training import Batches, MirroredRows
 
     x = np.arange(1, 41, dtype=np.float16).reshape(20, 2)
     y = np.arange(20) % 3

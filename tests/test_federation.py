@@ -1,8 +1,13 @@
 import pytest
 import torch
 
-from common.federated.exchange import exchanged_keys, get_exchanged, local_keys, set_exchanged
-from common.learn.models import build_model
+from fedscan.common.federated.exchange import (
+    exchanged_keys,
+    get_exchanged,
+    local_keys,
+    set_exchanged,
+)
+from fedscan.common.learn.models import build_model
 from tests.conftest import tree_train_settings
 
 
@@ -40,7 +45,7 @@ def test_set_exchanged_refuses_bad_updates():
 def test_proximal_term_pulls_local_model_towards_global():
     import numpy as np
 
-    from common.federated.trainer import local_fit
+    from fedscan.common.federated.trainer import local_fit
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (64, 16, 16), dtype=np.uint8)
@@ -69,7 +74,7 @@ def test_proximal_term_pulls_local_model_towards_global():
 
     def plain() -> float:
         """The same local epochs without FedProx's machinery: train_one_epoch, no anchor."""
-        from common.learn.training import (
+        from fedscan.common.learn.training import (
             Batches,
             loss_function,
             make_optimizer,
@@ -98,8 +103,8 @@ def test_proximal_term_pulls_local_model_towards_global():
 def test_missing_data_path_is_named(tmp_path):
     from omegaconf import OmegaConf
 
-    from common.core.errors import DataError
-    from common.federated.site import site_config
+    from fedscan.common.core.errors import DataError
+    from fedscan.common.federated.site import site_config
 
     cfg = OmegaConf.create({"dataset": {"domain": "lung_ct", "split": {"policy": "scan_groups"}}})
     with pytest.raises(DataError, match="data-path"):

@@ -78,7 +78,7 @@ def test_a_failed_run_gives_a_failing_exit_status_through_fedscan(tmp_path: Path
     cmd = [
         sys.executable,
         "-m",
-        "simulations.cli",
+        "fedscan",
         "flwr-run",
         ".",
         "--stream",

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.commands.report import aggregate, load_run, to_markdown, write_report
-from common.core.errors import ConfigError, DataError
-from simulations.cli import main
-from simulations.harness import expand_sweep, run_one
+from fedscan.common.commands.report import aggregate, load_run, to_markdown, write_report
+from fedscan.common.core.errors import ConfigError, DataError
+from fedscan.simulations.cli import main
+from fedscan.simulations.harness import expand_sweep, run_one
 from tests.conftest import SIM_BASE as BASE
 from tests.conftest import split_metrics
 
@@ -147,14 +147,14 @@ def _write_config(d: Path, *overrides: str) -> None:
     """A run folder's config.yaml as the tree resolves it (data_root set: no fallback)."""
     from omegaconf import OmegaConf
 
-    from common.core.config import load_config
+    from fedscan.common.core.config import load_config
 
     cfg = load_config([f"data_root={d}", *overrides])
     (d / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def _header(kind: str, dataset: str) -> dict:
-    from common.runs.record import VERSION
+    from fedscan.common.runs.record import VERSION
 
     return {
         "version": VERSION,
@@ -245,7 +245,7 @@ def _horizon_run(root: Path, name: str, overrides: list[str], metrics: dict) -> 
 def test_horizon_reads_each_checkpoint_from_one_trajectory_beside_an_equal_budget_pool(
     tmp_path: Path,
 ):
-    from simulations.horizon import horizon_rows, to_markdown, write_page
+    from fedscan.simulations.horizon import horizon_rows, to_markdown, write_page
 
     def fed(name: str, strategy: list[str], accs: dict[int, float]) -> Path:
         rounds = [
@@ -293,7 +293,7 @@ def test_horizon_reads_each_checkpoint_from_one_trajectory_beside_an_equal_budge
 
 
 def test_study_wall_time_reports_the_cache_build_apart_only_when_it_was_timed():
-    from simulations.study import _wall_time
+    from fedscan.simulations.study import _wall_time
 
     runs = {"brain_mri": 600.0, "lung_ct": 300.0, "total": 900.0}
     timed = _wall_time({"seconds": runs, "cache_seconds": {"brain_mri": 120.0, "lung_ct": 60.0}})
@@ -305,14 +305,14 @@ def test_study_wall_time_reports_the_cache_build_apart_only_when_it_was_timed():
 
 
 def test_study_rows_override_the_base_without_setting_a_key_twice() -> None:
-    from simulations.harness import merged
+    from fedscan.simulations.harness import merged
 
     out = merged(["dataset=brain_mri", "rounds=10", "seed=0"], ["rounds=0", "seed=2"])
     assert out == ["dataset=brain_mri", "rounds=0", "seed=2"]
 
 
 def test_report_keeps_runs_that_differ_in_more_than_the_seed_apart(tmp_path: Path) -> None:
-    from common.commands.report import aggregate, load_run
+    from fedscan.common.commands.report import aggregate, load_run
 
     a = _fake_run(tmp_path, "a", seed=0, acc=0.8, method="federated", extra=["num_sites=3"])
     b = _fake_run(tmp_path, "b", seed=1, acc=0.6, method="federated", extra=["num_sites=3"])
@@ -327,7 +327,7 @@ def test_report_keeps_runs_that_differ_in_more_than_the_seed_apart(tmp_path: Pat
 
 
 def test_the_finetune_driver_runs_and_writes_its_page(tmp_path: Path) -> None:
-    from simulations.finetune import main as finetune
+    from fedscan.simulations.finetune import main as finetune
 
     docs = tmp_path / "docs" / "finetune.md"
     small = ["dataset.image_size=32", "dataset.size=32", "dataset.per_class=24"]
@@ -339,7 +339,7 @@ def test_the_finetune_driver_runs_and_writes_its_page(tmp_path: Path) -> None:
     page = docs.read_text()
     assert "## synthetic" in page and "| centralised | - |" in page
     # the command typed, not the driver's image-size pin, which the typed size overrode
-    assert "python -m simulations.finetune " + " ".join(small) + "\n" in page
+    assert "python -m fedscan.simulations.finetune " + " ".join(small) + "\n" in page
     assert "seed 0, 32 px," in page
     assert "**fed3r+fedavg+bsm, iid**, per round:" in page
     assert "**fed3r+fedavg, iid**, per round:" in page and "| 0 |" in page  # round 0: one-shot
@@ -362,8 +362,8 @@ def test_the_finetune_driver_runs_and_writes_its_page(tmp_path: Path) -> None:
 def test_a_run_from_before_an_added_key_compares_as_its_old_behaviour() -> None:
     from omegaconf import OmegaConf
 
-    from common.commands.report import compared_config
-    from common.core.config import load_config
+    from fedscan.common.commands.report import compared_config
+    from fedscan.common.core.config import load_config
 
     now = load_config(["dataset=synthetic"])
     before = OmegaConf.to_container(now, resolve=True)
@@ -384,8 +384,8 @@ def test_a_run_from_before_an_added_key_compares_as_its_old_behaviour() -> None:
 def test_a_run_folder_from_before_an_added_key_reads_with_its_old_value(tmp_path: Path) -> None:
     from omegaconf import OmegaConf
 
-    from common.core.config import load_config
-    from common.runs.record import _header, read_run, write_json
+    from fedscan.common.core.config import load_config
+    from fedscan.common.runs.record import _header, read_run, write_json
 
     old = OmegaConf.to_container(load_config(["dataset=synthetic", "rounds=3"]), resolve=True)
     del old["federation"]["head_refit"]
@@ -398,7 +398,7 @@ def test_a_run_folder_from_before_an_added_key_reads_with_its_old_value(tmp_path
 
 
 def test_drivers_pin_the_image_size_and_smoothing_their_pages_were_measured_at() -> None:
-    from simulations.harness import (
+    from fedscan.simulations.harness import (
         PAGES_IMAGE_SIZE,
         PAGES_LABEL_SMOOTHING,
         driver_args,

@@ -12,9 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.core.errors import ConfigError
-from common.data.partition import PARTITIONERS, Groups
-from common.federated.head_init import (
+from fedscan.common.core.errors import ConfigError
+from fedscan.common.data.partition import PARTITIONERS, Groups
+from fedscan.common.federated.head_init import (
     classifier_features,
     linear_head,
     set_head,
@@ -22,8 +22,8 @@ from common.federated.head_init import (
     solve_head,
     sum_statistics,
 )
-from common.learn.models import build_model
-from simulations.federated import run_federated
+from fedscan.common.learn.models import build_model
+from fedscan.simulations.federated import run_federated
 from tests.conftest import SIM_BASE
 
 C, D = 4, 6
@@ -179,8 +179,8 @@ def test_statistics_round_is_refused_with_privacy(tmp_path: Path) -> None:
 
 @pytest.mark.usefixtures("_no_real_data")
 def test_pooled_and_local_references_of_the_closed_form_head(tmp_path: Path) -> None:
-    from common.commands.report import load_run
-    from simulations.harness import run_one
+    from fedscan.common.commands.report import load_run
+    from fedscan.simulations.harness import run_one
 
     base = [*SIM_BASE, "federation.head_init=fedncm", f"runs_dir={tmp_path}"]
     pooled = run_one([*base, "method=pooled", "rounds=0"])
@@ -199,9 +199,9 @@ def test_pooled_and_local_references_of_the_closed_form_head(tmp_path: Path) -> 
 @pytest.mark.parametrize("head_init", ["fedncm", "none"])
 def test_a_frozen_head_stays_while_the_blocks_train(head_init: str) -> None:
     """A solved head, or with ``head_init=none`` the initial one (FedBABU), is held."""
-    from common.core.config import load_config
-    from common.federated.exchange import exchanged_keys, get_exchanged
-    from common.federated.trainer import SiteState, SiteTrainer
+    from fedscan.common.core.config import load_config
+    from fedscan.common.federated.exchange import exchanged_keys, get_exchanged
+    from fedscan.common.federated.trainer import SiteState, SiteTrainer
 
     cfg = load_config(
         [*SIM_BASE, f"federation.head_init={head_init}", "federation.head_freeze=true"]
@@ -219,8 +219,8 @@ def test_a_frozen_head_stays_while_the_blocks_train(head_init: str) -> None:
 def test_the_pooled_reference_holds_its_initial_head_too(tmp_path: Path) -> None:
     """``method=pooled`` with ``head_freeze`` and no solved head: the blocks train, the
     seeded initial head is what ``model.pt`` carries (FedBABU's centralised twin)."""
-    from common.core.config import load_config
-    from simulations.harness import run_one
+    from fedscan.common.core.config import load_config
+    from fedscan.simulations.harness import run_one
 
     base = [*SIM_BASE, "federation.head_freeze=true", f"runs_dir={tmp_path}"]
     run = run_one([*base, "method=pooled", "rounds=1"])
@@ -236,8 +236,8 @@ def test_the_pooled_reference_holds_its_initial_head_too(tmp_path: Path) -> None
 
 @pytest.mark.usefixtures("_no_real_data")
 def test_a_frozen_head_needs_something_else_to_train() -> None:
-    from common.core.config import load_config
-    from common.runs.validate import validate
+    from fedscan.common.core.config import load_config
+    from fedscan.common.runs.validate import validate
 
     features = ["model=efficientnet_lite0", "model.mode=features", "federation.head_freeze=true"]
     with pytest.raises(ConfigError, match=r"head_freeze.*feature mode"):
@@ -249,9 +249,9 @@ def test_exact_on_real_cached_features_of_a_small_brain_subset(brain_subset: Pat
     """The pretrained trunk's cached features of real brain images, dealt to 4 sites by a
     Dirichlet(0.1) partition: the federated heads equal the pooled ones (Fed3R against a
     least-squares solve of the pooled features, FedNCM against the pooled class means)."""
-    from common.core.config import load_config
-    from common.data.partition import partition
-    from common.learn.prepare import prepare_run
+    from fedscan.common.core.config import load_config
+    from fedscan.common.data.partition import partition
+    from fedscan.common.learn.prepare import prepare_run
 
     cfg = load_config(
         [
@@ -290,9 +290,9 @@ def _refit_reference(run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     features over both sites' training splits, computed here in one place."""
     from omegaconf import OmegaConf
 
-    from common.federated.exchange import set_exchanged
-    from common.federated.site import site_indices
-    from common.learn.prepare import prepare_run
+    from fedscan.common.federated.exchange import set_exchanged
+    from fedscan.common.federated.site import site_indices
+    from fedscan.common.learn.prepare import prepare_run
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
     run = prepare_run(cfg)
@@ -317,7 +317,7 @@ def test_the_head_refit_after_the_last_round_is_the_pooled_ridge_head(tmp_path: 
     head on the final model's features; round 1 is recorded with the refitted model,
     the metrics before it kept beside; the sites score the refitted model on their
     validation splits; the method says so."""
-    from common.commands.report import load_run
+    from fedscan.common.commands.report import load_run
 
     base = [*SIM_BASE, "federation.fraction_evaluate=1", f"runs_dir={tmp_path}"]
     run_dir = run_federated([*base, "rounds=1", "federation.head_refit=fed3r"])
@@ -362,8 +362,8 @@ def test_a_run_stopped_before_its_refit_refits_on_resume_and_only_once(tmp_path:
     ],
 )
 def test_bad_head_refit_settings_are_refused_naming_the_key(overrides) -> None:
-    from common.core.config import load_config
-    from common.runs.validate import validate
+    from fedscan.common.core.config import load_config
+    from fedscan.common.runs.validate import validate
 
     with pytest.raises(ConfigError) as err:
         validate(load_config([*SIM_BASE, *overrides]), "federated")
@@ -388,9 +388,9 @@ def test_pooled_and_local_runs_refit_their_trained_head(tmp_path: Path) -> None:
     head is the ridge head of its training split's features under its final weights."""
     from omegaconf import OmegaConf
 
-    from common.commands.report import load_run
-    from common.learn.prepare import prepare_run
-    from simulations.harness import run_one
+    from fedscan.common.commands.report import load_run
+    from fedscan.common.learn.prepare import prepare_run
+    from fedscan.simulations.harness import run_one
 
     base = [*SIM_BASE, "rounds=1", "federation.head_refit=fed3r", f"runs_dir={tmp_path}"]
     pooled = run_one([*base, "method=pooled"])

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.core.errors import UnreadableImageError
-from common.data.imageio import read_gray
+from fedscan.common.core.errors import UnreadableImageError
+from fedscan.common.data.imageio import read_gray
 from tests.conftest import noise, save_gray
 
 

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from common.core.errors import ConfigError
-from common.learn.intervals import IntervalSettings, _confusions, _scores, group_bootstrap
-from common.learn.metrics import classification_metrics
-from common.learn.scans import per_scan, scan_metrics
+from fedscan.common.core.errors import ConfigError
+from fedscan.common.learn.intervals import IntervalSettings, _confusions, _scores, group_bootstrap
+from fedscan.common.learn.metrics import classification_metrics
+from fedscan.common.learn.scans import per_scan, scan_metrics
 
 CLASSES = ["a", "b", "c"]
 
@@ -97,7 +97,7 @@ def test_a_scan_is_predicted_from_the_mean_of_its_slices():
 def test_the_report_gives_per_scan_rows(tmp_path):
     import json
 
-    from common.commands.report import load_run
+    from fedscan.common.commands.report import load_run
     from tests.test_harness import _fake_run
 
     run = _fake_run(tmp_path, "a", seed=0, acc=0.8, method="pooled")

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from common.learn.metrics import classification_metrics
+from fedscan.common.learn.metrics import classification_metrics
 
 
 def test_metrics_against_hand_computed():

@@ -2,9 +2,9 @@ import pytest
 import torch
 from sklearn.datasets import load_sample_image
 
-from common.core.errors import ConfigError
-from common.learn.models import MODELS, build_model
-from common.learn.models.efficientnet_lite import imagenet_lite0
+from fedscan.common.core.errors import ConfigError
+from fedscan.common.learn.models import MODELS, build_model
+from fedscan.common.learn.models.efficientnet_lite import imagenet_lite0
 
 
 @pytest.mark.parametrize("name", ["paper_cnn", "resnet18", "efficientnet_lite0"])

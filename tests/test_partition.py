@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.core.errors import ConfigError, DataError
-from common.data.partition import class_histogram, iid_partition, partition
+from fedscan.common.core.errors import ConfigError, DataError
+from fedscan.common.data.partition import class_histogram, iid_partition, partition
 
 CONFIGS = [
     {"name": "iid", "min_samples": 1},
@@ -153,9 +153,9 @@ def test_a_site_short_of_training_images_after_its_holdout_is_named(monkeypatch,
     whose whole-group holdout leaves fewer training images than that is named."""
     import logging
 
-    import common.federated.site as site
-    from common.core.config import load_config
-    from common.data.pipeline import prepare_data
+    import fedscan.common.federated.site as site
+    from fedscan.common.core.config import load_config
+    from fedscan.common.data.pipeline import prepare_data
     from tests.conftest import SIM_BASE
 
     cfg = load_config([*SIM_BASE, "partition.min_samples=10"])

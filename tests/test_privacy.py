@@ -11,8 +11,8 @@ import torch
 from opacus.accountants import RDPAccountant
 from torch import nn
 
-from common.core.errors import ConfigError
-from common.federated.privacy import (
+from fedscan.common.core.errors import ConfigError
+from fedscan.common.federated.privacy import (
     BudgetExhausted,
     PrivacyLedger,
     dp_local_fit,
@@ -20,8 +20,8 @@ from common.federated.privacy import (
     planned_noise,
     steps_per_epoch,
 )
-from common.learn.models import build_model, make_dp_compatible
-from common.learn.models.staged import InputAdapter, StagedModel, set_trainable
+from fedscan.common.learn.models import build_model, make_dp_compatible
+from fedscan.common.learn.models.staged import InputAdapter, StagedModel, set_trainable
 from tests.conftest import tree_dp_settings, tree_privacy, tree_train_settings
 
 CPU = torch.device("cpu")
@@ -171,7 +171,7 @@ def test_a_model_opacus_cannot_fix_is_a_config_error() -> None:
 def test_dp_federation_accounts_per_site_across_rounds_and_a_resume_stops_at_the_budget(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from simulations.federated import run_federated
+    from fedscan.simulations.federated import run_federated
     from tests.conftest import SIM_BASE as BASE
 
     dp = [*BASE, f"runs_dir={tmp_path}", "privacy=dp_sgd", "privacy.target_epsilon=4"]
@@ -204,10 +204,10 @@ def _round_one_update(run: Path, initial: dict[str, torch.Tensor]) -> np.ndarray
 @pytest.fixture(scope="module")
 def plain_round(tmp_path_factory: pytest.TempPathFactory):
     """One FedAvg round without DP, and the initial global model it started from."""
-    from common.core.config import load_config
-    from common.federated.exchange import exchanged_keys, get_exchanged
-    from common.learn.prepare import prepare_run
-    from simulations.federated import run_federated
+    from fedscan.common.core.config import load_config
+    from fedscan.common.federated.exchange import exchanged_keys, get_exchanged
+    from fedscan.common.learn.prepare import prepare_run
+    from fedscan.simulations.federated import run_federated
     from tests.conftest import SIM_BASE
 
     mp = pytest.MonkeyPatch()
@@ -226,7 +226,7 @@ def test_central_dp_clips_and_noises_updates(tmp_path: Path, side: str, plain_ro
     """Against the same round without DP: with noise 0 the aggregate update is clipped to
     the norm (each site's is, so their average is); with noise it differs from the
     noise-free one by Gaussian noise of Flower's std (noise x norm / sampled sites)."""
-    from simulations.federated import run_federated
+    from fedscan.simulations.federated import run_federated
 
     base, initial, plain = plain_round
     norm = float(np.linalg.norm(plain)) / 4  # well below what the sites' updates are
@@ -255,7 +255,7 @@ def test_central_dp_clips_and_noises_updates(tmp_path: Path, side: str, plain_ro
 
 @pytest.mark.usefixtures("_no_real_data")
 def test_bad_dp_setting_stops_a_simulation_before_it_starts(tmp_path: Path) -> None:
-    from simulations.federated import run_federated
+    from fedscan.simulations.federated import run_federated
     from tests.conftest import SIM_BASE as BASE
 
     with pytest.raises(ConfigError, match=r"privacy\.max_grad_norm"):

@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from common.core.parallel import pmap
-from common.core.progress import progress
+from fedscan.common.core.parallel import pmap
+from fedscan.common.core.progress import progress
 
 
 def test_a_phase_logs_start_progress_and_end_when_not_on_a_terminal(caplog) -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.core.config import load_config
-from common.core.errors import DataError
-from common.runs.record import (
+from fedscan.common.core.config import load_config
+from fedscan.common.core.errors import DataError
+from fedscan.common.runs.record import (
     VERSION,
     FederatedRun,
     new_run_dir,
@@ -114,8 +114,8 @@ def test_best_pt_is_chosen_on_the_sites_validation_never_on_a_test_split(
 
 
 def test_a_test_metric_cannot_pick_best_pt(tmp_path: Path) -> None:
-    from common.core.errors import ConfigError
-    from common.federated.settings import federation_settings
+    from fedscan.common.core.errors import ConfigError
+    from fedscan.common.federated.settings import federation_settings
 
     with pytest.raises(ConfigError, match=r"federation\.best_metric.*a test split no longer"):
         federation_settings(_cfg(tmp_path, "federation.best_metric=accuracy"))
@@ -181,7 +181,7 @@ def test_unlike_runs_get_unlike_method_labels(
     tmp_path: Path, kind: str, overrides: list[str], method: str
 ) -> None:
     """The report groups rows by this label: runs that differ must not share one."""
-    from common.runs.record import RunRecord
+    from fedscan.common.runs.record import RunRecord
 
     record = RunRecord(dir=tmp_path, kind=kind, cfg=_cfg(tmp_path, *overrides), doc={})
     assert record.method == method

@@ -11,8 +11,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from common.federated.scaffold import correction, server_variate, site_variate
-from simulations.federated import run_federated
+from fedscan.common.federated.scaffold import correction, server_variate, site_variate
+from fedscan.simulations.federated import run_federated
 from tests.conftest import SIM_BASE
 from tests.test_strategies import FED, reply
 
@@ -41,8 +41,8 @@ def test_mean_gradient_is_the_softmax_regression_gradient() -> None:
     """grad_W of mean cross-entropy = mean((p - y) x^T), grad_b = mean(p - y)."""
     from torch import nn
 
-    from common.learn.models.staged import StagedModel
-    from common.learn.training import Batches, mean_gradient
+    from fedscan.common.learn.models.staged import StagedModel
+    from fedscan.common.learn.training import Batches, mean_gradient
 
     torch.manual_seed(0)
     model = StagedModel("lin", [("input", nn.Identity()), ("classifier", nn.Linear(2, 3))], 3)
@@ -64,7 +64,7 @@ def test_mean_gradient_is_the_softmax_regression_gradient() -> None:
 
 
 def test_strategy_sends_c_takes_deltas_out_and_updates_c() -> None:
-    from server.strategies import build_strategy
+    from fedscan.server.strategies import build_strategy
 
     s = build_strategy({"name": "scaffold"}, FED)
     a, b = reply(1, 1.0, 10), reply(2, 3.0, 10)

@@ -13,18 +13,18 @@ from flwr.common import bytes_to_ndarray, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
 
-import client.secure
-from common.core.config import load_config
-from common.core.errors import ConfigError
-from common.federated.secure import (
+import fedscan.client.secure
+from fedscan.common.core.config import load_config
+from fedscan.common.core.errors import ConfigError
+from fedscan.common.federated.secure import (
     quantization_bound,
     scaled_statistics,
     secure_settings,
     statistics_bound,
     weighted_peak,
 )
-from common.runs.validate import validate
-from simulations.federated import run_federated
+from fedscan.common.runs.validate import validate
+from fedscan.simulations.federated import run_federated
 from tests.conftest import SIM_BASE
 
 BASE = [
@@ -56,7 +56,7 @@ def _server_view(received: list[np.ndarray]):
 
 def test_the_server_sees_only_the_masked_sum(tmp_path, monkeypatch) -> None:
     truth: list[tuple[int, list[np.ndarray], dict[str, np.ndarray]]] = []
-    real = client.secure.legacy_train
+    real = fedscan.client.secure.legacy_train
 
     def spy(msg: Message, context: Context, call_next) -> Message:
         """Inside secaggplus_mod: the site's true update, before masking."""
@@ -66,7 +66,7 @@ def test_the_server_sees_only_the_masked_sum(tmp_path, monkeypatch) -> None:
         truth.append((fitres.num_examples, parameters_to_ndarrays(fitres.parameters), received))
         return reply
 
-    monkeypatch.setattr(client.secure, "legacy_train", spy)
+    monkeypatch.setattr(fedscan.client.secure, "legacy_train", spy)
     received: list[np.ndarray] = []
     overrides = [*BASE, "rounds=1", f"runs_dir={tmp_path}"]
     run_dir = run_federated(overrides, client_mods=[_server_view(received)])
@@ -157,7 +157,7 @@ def test_a_site_lost_after_sharing_its_keys_leaves_a_correct_mean_of_the_rest(
     then fails at the masked-vector stage, as a site that dies mid-round. With
     num_shares=3 and threshold 2, the two others' shares rebuild its pairwise masks."""
     truth: dict[int, tuple[int, np.ndarray]] = {}
-    real = client.secure.legacy_train
+    real = fedscan.client.secure.legacy_train
 
     def dies_at_site_1(msg: Message, context: Context, call_next) -> Message:
         site = int(context.node_config["partition-id"])
@@ -170,7 +170,7 @@ def test_a_site_lost_after_sharing_its_keys_leaves_a_correct_mean_of_the_rest(
         truth[site] = (fitres.num_examples, flat, start)
         return reply
 
-    monkeypatch.setattr(client.secure, "legacy_train", dies_at_site_1)
+    monkeypatch.setattr(fedscan.client.secure, "legacy_train", dies_at_site_1)
     run_dir = run_federated([*BASE, "rounds=1", f"runs_dir={tmp_path}"])
     assert sorted(truth) == [0, 2]
     weights = [truth[s][0] for s in (0, 2)]
@@ -208,10 +208,10 @@ def test_a_resumed_secure_run_equals_an_uninterrupted_one(tmp_path) -> None:
 def test_the_statistics_round_under_secaggplus_sums_within_its_bound(tmp_path, monkeypatch):
     """Fed3R's Gram and cross-term sums through SecAgg+ equal the plain sums within
     :func:`statistics_bound`, and the one-shot head predicts as the plain one does."""
-    import server.app
+    import fedscan.server.app
 
     totals: dict[str, dict] = {}
-    real_sum, real_solve = server.app.sum_statistics, server.app.solve_head
+    real_sum, real_solve = fedscan.server.app.sum_statistics, fedscan.server.app.solve_head
 
     def plain_sum(stats):
         totals["plain"] = real_sum(stats)
@@ -221,8 +221,8 @@ def test_the_statistics_round_under_secaggplus_sums_within_its_bound(tmp_path, m
         totals.setdefault("secure", total)  # the plain run sums first, the secure one not
         return real_solve(kind, total, ridge=ridge)
 
-    monkeypatch.setattr(server.app, "sum_statistics", plain_sum)
-    monkeypatch.setattr(server.app, "solve_head", solve)
+    monkeypatch.setattr(fedscan.server.app, "sum_statistics", plain_sum)
+    monkeypatch.setattr(fedscan.server.app, "solve_head", solve)
     one_shot = [
         *BASE,
         "rounds=0",
@@ -252,7 +252,7 @@ def test_central_dp_under_secaggplus_clips_at_the_sites_and_noises_the_sum(
     clipping norm, and the new global model is their mean plus Gaussian noise of
     std noise_multiplier x clipping_norm / sampled sites."""
     truth: list[tuple[int, np.ndarray, dict[str, np.ndarray]]] = []
-    real = client.secure.legacy_train
+    real = fedscan.client.secure.legacy_train
 
     def spy(msg: Message, context: Context, call_next) -> Message:
         reply = real(msg, context, call_next)
@@ -262,7 +262,7 @@ def test_central_dp_under_secaggplus_clips_at_the_sites_and_noises_the_sum(
         truth.append((fitres.num_examples, flat.astype(np.float64), start))
         return reply
 
-    monkeypatch.setattr(client.secure, "legacy_train", spy)
+    monkeypatch.setattr(fedscan.client.secure, "legacy_train", spy)
     clip, multiplier = 0.5, 0.2
     run_dir = run_federated(
         [

@@ -32,7 +32,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(packages: dict[str, Path]) -> Iterator[str]:
     port = _free_port()
-    cmd = [sys.executable, "-m", "simulations.cli", "serve", str(packages["onnx"])]
+    cmd = [sys.executable, "-m", "fedscan", "serve", str(packages["onnx"])]
     cmd += ["--port", str(port), "--max-upload-mb", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -76,7 +76,7 @@ def test_health_and_model_description(server: str) -> None:
 
 
 def test_predict_an_image_and_a_dicom(server: str, packages: dict[str, Path]) -> None:
-    from deploy.package import ModelPackage
+    from fedscan.deploy.package import ModelPackage
 
     r = post(server, "scan.png", png_bytes())
     assert r.status_code == 200, r.text

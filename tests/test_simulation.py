@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from simulations.federated import run_federated
+from fedscan.simulations.federated import run_federated
 from tests.conftest import SIM_BASE as BASE
 
 pytestmark = pytest.mark.usefixtures("_no_real_data")
@@ -58,7 +58,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path):
 
 
 def test_more_min_nodes_than_sites_is_refused(tmp_path: Path):
-    from common.core.errors import ConfigError
+    from fedscan.common.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"federation\.min_nodes"):
         run_federated([*BASE, f"runs_dir={tmp_path}", "federation.min_nodes=3"])
@@ -72,7 +72,7 @@ def test_a_small_simulation_logs_nothing_from_third_party_noise(tmp_path: Path) 
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "FEDSCAN_DATA"}
-    cmd = [sys.executable, "-m", "simulations.cli", "simulate", *BASE, "rounds=2"]
+    cmd = [sys.executable, "-m", "fedscan", "simulate", *BASE, "rounds=2"]
     out = subprocess.run(
         [*cmd, f"runs_dir={tmp_path}"],
         cwd=Path(__file__).resolve().parents[1],

@@ -22,8 +22,8 @@ from PIL import Image
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLSLossless
 
-from common.commands.sitecheck import site_check, survey_layout
-from simulations.cli import main
+from fedscan.common.commands.sitecheck import site_check, survey_layout
+from fedscan.simulations.cli import main
 from tests.conftest import noise, save_gray
 from tests.test_dicom import PATIENT, write_dicom
 
@@ -135,7 +135,7 @@ def _check_unprivileged(root: Path, *args: str) -> subprocess.CompletedProcess:
         if setpriv is None:
             pytest.skip("running as root without setpriv: cannot test a permission-denied file")
         prefix = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-    cmd = [sys.executable, "-m", "simulations.cli", "site", "check", "--data-path", str(root)]
+    cmd = [sys.executable, "-m", "fedscan", "site", "check", "--data-path", str(root)]
     return subprocess.run(
         [*prefix, *cmd, *args],
         capture_output=True,

@@ -5,12 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.core.errors import ConfigError, DataError
-from common.data.datasets import load_dataset
-from common.data.datasets.site_folder import read_site_folder
-from common.data.fingerprint import compute_fingerprints
-from common.data.grouping import exact_duplicate_groups, scan_groups
-from common.data.splits import make_splits
+from fedscan.common.core.errors import ConfigError, DataError
+from fedscan.common.data.datasets import load_dataset
+from fedscan.common.data.datasets.site_folder import read_site_folder
+from fedscan.common.data.fingerprint import compute_fingerprints
+from fedscan.common.data.grouping import exact_duplicate_groups, scan_groups
+from fedscan.common.data.splits import make_splits
 from tests.conftest import noise, save_gray
 
 
@@ -145,7 +145,7 @@ def test_rotating_the_fold_covers_every_image_once(tmp_path: Path):
 
 
 def test_a_small_site_holds_out_whole_groups_when_folds_cannot_be_made():
-    from common.data.splits import group_holdout
+    from fedscan.common.data.splits import group_holdout
 
     groups = np.repeat(np.arange(4), 10)  # four scans of ten slices
     labels = np.repeat([0, 1, 0, 1], 10)

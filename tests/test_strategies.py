@@ -10,10 +10,10 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
 from flwr.common import MessageType, Metadata
 
-from common.core.config import load_config
-from common.core.errors import ConfigError
-from common.federated.settings import federation_settings
-from server.strategies import STRATEGIES, build_strategy
+from fedscan.common.core.config import load_config
+from fedscan.common.core.errors import ConfigError
+from fedscan.common.federated.settings import federation_settings
+from fedscan.server.strategies import STRATEGIES, build_strategy
 
 FED = federation_settings(load_config(["dataset=synthetic", "federation.min_nodes=2"]))
 
@@ -84,7 +84,7 @@ def test_registry_and_bad_settings():
 
 
 def test_too_few_sites_is_a_clear_error_not_a_hang():
-    from server.app import wait_for_nodes
+    from fedscan.server.app import wait_for_nodes
 
     class Grid:
         def get_node_ids(self):
@@ -157,7 +157,7 @@ def test_too_few_usable_updates_leave_the_global_model_unchanged(caplog):
 def test_aggregated_site_metrics_sum_counts_drop_ids_and_average_rates() -> None:
     from flwr.app import MetricRecord, RecordDict
 
-    from server.strategies import site_metrics
+    from fedscan.server.strategies import site_metrics
 
     def reply(n: int, site: int, glioma: int, acc: float) -> RecordDict:
         m = {"num-examples": n, "partition-id": site, "n_train_glioma": glioma, "val_accuracy": acc}

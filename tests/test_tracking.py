@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from common.core.config import load_config
-from common.core.errors import ConfigError
-from common.runs.tracking import LINK, site_scalars, split_scalars, start_tracking
-from common.runs.validate import validate
-from simulations.federated import run_federated
-from simulations.harness import sweep_experiment
+from fedscan.common.core.config import load_config
+from fedscan.common.core.errors import ConfigError
+from fedscan.common.runs.tracking import LINK, site_scalars, split_scalars, start_tracking
+from fedscan.common.runs.validate import validate
+from fedscan.simulations.federated import run_federated
+from fedscan.simulations.harness import sweep_experiment
 from tests.conftest import SIM_BASE
 
 BASE = ["dataset=synthetic", *SIM_BASE]
@@ -150,7 +150,7 @@ def test_metric_keys_follow_the_metrics_json() -> None:
 
 
 def test_a_centralised_run_is_mirrored_epoch_by_epoch(tmp_path: Path, monkeypatch) -> None:
-    from simulations.cli import main
+    from fedscan.simulations.cli import main
 
     monkeypatch.delenv("FEDSCAN_DATA", raising=False)
     runs = tmp_path / "runs"
@@ -177,7 +177,7 @@ def test_a_centralised_run_is_mirrored_epoch_by_epoch(tmp_path: Path, monkeypatc
 
 
 def test_a_local_baseline_is_mirrored_site_by_site(tmp_path: Path) -> None:
-    from simulations.harness import run_one
+    from fedscan.simulations.harness import run_one
 
     runs = tmp_path / "runs"
     run_one([*BASE, "method=local", "rounds=1", f"runs_dir={runs}"])

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.core.config import load_config
-from common.federated.trainer import SiteState, SiteTrainer, site_seed
-from common.federated.wire import COUNT_PREFIX, NO_SITE, NUM_EXAMPLES, SITE_ID
+from fedscan.common.core.config import load_config
+from fedscan.common.federated.trainer import SiteState, SiteTrainer, site_seed
+from fedscan.common.federated.wire import COUNT_PREFIX, NO_SITE, NUM_EXAMPLES, SITE_ID
 from tests.conftest import SIM_BASE
 
 pytestmark = pytest.mark.usefixtures("_no_real_data")
@@ -20,7 +20,7 @@ def _trainer(*overrides: str, node: dict | None = None) -> SiteTrainer:
 
 
 def _global(trainer: SiteTrainer) -> dict[str, torch.Tensor]:
-    from common.federated.exchange import exchanged_keys, get_exchanged
+    from fedscan.common.federated.exchange import exchanged_keys, get_exchanged
 
     model = trainer.site.run.model
     return get_exchanged(model, exchanged_keys(model, fedbn=trainer.federation.fedbn))
@@ -64,8 +64,8 @@ def test_fixbn_holds_the_global_batchnorm_statistics_from_its_round() -> None:
 
 
 def test_fixbn_round_must_not_be_negative() -> None:
-    from common.core.errors import ConfigError
-    from common.runs.validate import validate
+    from fedscan.common.core.errors import ConfigError
+    from fedscan.common.runs.validate import validate
 
     with pytest.raises(ConfigError, match=r"federation\.freeze_bn_from.*>= 0"):
         validate(load_config([*SIM_BASE, "federation.freeze_bn_from=-1"]), "federated")
@@ -93,7 +93,7 @@ def test_evaluate_reports_the_sites_validation_split() -> None:
 
 
 def test_a_deployed_site_reports_no_partition(tmp_path) -> None:
-    from common.data.datasets.synthetic import generate
+    from fedscan.common.data.datasets.synthetic import generate
 
     folder = generate(tmp_path / "site", domain="lung_ct", per_class=12, size=32, seed=0)
     trainer = _trainer("dataset.domain=lung_ct", node={"data-path": str(folder)})

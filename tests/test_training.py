@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from common.core.errors import ConfigError
-from common.data.transforms import Augment
-from common.learn.models import build_model
-from common.learn.training import Batches, proximal_term
+from fedscan.common.core.errors import ConfigError
+from fedscan.common.data.transforms import Augment
+from fedscan.common.learn.models import build_model
+from fedscan.common.learn.training import Batches, proximal_term
 from tests.conftest import tree_train_settings
 
 
@@ -55,7 +55,7 @@ def test_bad_train_settings_name_the_key(key, value):
 
 
 def test_balanced_softmax_is_cross_entropy_of_prior_adjusted_logits():
-    from common.learn.training import loss_function
+    from fedscan.common.learn.training import loss_function
 
     labels = np.array([0, 0, 0, 1])  # class 2 absent from this training split
     loss = loss_function(tree_train_settings(loss="balanced_softmax"), labels, 3)
@@ -84,8 +84,8 @@ def test_balanced_softmax_refuses_a_second_frequency_correction(key, value):
 def test_brain_defaults_to_label_smoothing_and_balanced_softmax_says_what_to_add():
     """Brain's dataset config sets train.label_smoothing (0.1); the balanced softmax,
     which refuses it, names the override to add rather than failing obscurely."""
-    from common.core.config import load_config
-    from common.learn.settings import train_settings
+    from fedscan.common.core.config import load_config
+    from fedscan.common.learn.settings import train_settings
 
     named = "data_root=/named-so-no-synthetic-fallback"  # composed only: nothing is read
     brain = load_config(["dataset=brain_mri", named])
@@ -107,7 +107,7 @@ def test_unknown_loss_names_the_key():
 def test_the_cpu_flushes_denormals_that_slowed_fine_tuning():
     """A confident head's softmax gradients fall below 1e-38; computed as denormals they
     made fine-tune rounds about 3x slower. On the CPU they become zero."""
-    from common.learn.training import select_device
+    from fedscan.common.learn.training import select_device
 
     supported = torch.set_flush_denormal(False)  # True where this CPU can flush
     assert select_device("cpu", 1).type == "cpu"

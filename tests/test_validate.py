@@ -8,12 +8,12 @@ import time
 
 import pytest
 
-from common.core.config import load_config
-from common.core.errors import ConfigError, FedscanError
-from common.federated.privacy import CentralDPSettings, DPSGDSettings
-from common.federated.settings import FederationSettings, strategy_names
-from common.learn.settings import TrainSettings
-from common.runs.validate import validate
+from fedscan.common.core.config import load_config
+from fedscan.common.core.errors import ConfigError, FedscanError
+from fedscan.common.federated.privacy import CentralDPSettings, DPSGDSettings
+from fedscan.common.federated.settings import FederationSettings, strategy_names
+from fedscan.common.learn.settings import TrainSettings
+from fedscan.common.runs.validate import validate
 from tests.conftest import SIM_BASE
 
 pytestmark = pytest.mark.usefixtures("_no_real_data")
@@ -90,7 +90,7 @@ def test_every_strategy_in_the_tree_validates() -> None:
 
 
 def test_the_server_app_refuses_a_bad_value_before_waiting_for_sites() -> None:
-    from server.app import run_server
+    from fedscan.server.app import run_server
 
     class NoSites:
         def get_node_ids(self):
@@ -116,7 +116,7 @@ def test_config_typos_are_answered_with_the_nearest_valid_spelling() -> None:
 
 @pytest.mark.usefixtures("_no_real_data")
 def test_a_sweep_checks_every_partition_before_the_first_run_trains(tmp_path) -> None:
-    from simulations.harness import run_sweep
+    from fedscan.simulations.harness import run_sweep
 
     small = [o for o in SIM_BASE if not o.startswith("federation.")]
     with pytest.raises(FedscanError, match="site"):

@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from common.core.errors import DataError
-from common.data.datasets import ImageCollection, load_dataset
-from common.data.datasets.site_folder import detect_site_folder
-from common.data.fingerprint import compute_fingerprints
-from common.data.grouping import exact_duplicate_groups, near_duplicate_pairs, scan_groups
+from fedscan.common.core.errors import DataError
+from fedscan.common.data.datasets import ImageCollection, load_dataset
+from fedscan.common.data.datasets.site_folder import detect_site_folder
+from fedscan.common.data.fingerprint import compute_fingerprints
+from fedscan.common.data.grouping import exact_duplicate_groups, near_duplicate_pairs, scan_groups
 
 NEAR_DISTANCE = 4  # perceptual-hash bits; <= 4 of 64 is "the same picture" in practice
 

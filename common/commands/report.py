@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from common.core.config import ALIASES
-from common.core.errors import DataError
-from common.runs import cross_site
-from common.runs.plots import plot_confusion, plot_site_histogram
-from common.runs.record import ADDED_LATER, read_run
+from fedscan.common.core.config import ALIASES
+from fedscan.common.core.errors import DataError
+from fedscan.common.runs import cross_site
+from fedscan.common.runs.plots import plot_confusion, plot_site_histogram
+from fedscan.common.runs.record import ADDED_LATER, read_run
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall", "macro_f1")
 CI_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")  # with a bootstrap interval

@@ -24,15 +24,15 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from common.core.errors import DataError
-from common.core.parallel import pmap
-from common.data.classes import CLASSES, canonical_class
-from common.data.datasets._layout import assemble
-from common.data.datasets.base import ImageCollection, list_images
-from common.data.dicom import domain_window, looks_like_dicom
-from common.data.fingerprint import Fingerprints, compute_fingerprints
-from common.data.grouping import exact_duplicate_groups
-from common.data.imageio import read_gray, resize_gray
+from fedscan.common.core.errors import DataError
+from fedscan.common.core.parallel import pmap
+from fedscan.common.data.classes import CLASSES, canonical_class
+from fedscan.common.data.datasets._layout import assemble
+from fedscan.common.data.datasets.base import ImageCollection, list_images
+from fedscan.common.data.dicom import domain_window, looks_like_dicom
+from fedscan.common.data.fingerprint import Fingerprints, compute_fingerprints
+from fedscan.common.data.grouping import exact_duplicate_groups
+from fedscan.common.data.imageio import read_gray, resize_gray
 
 # Below this a site cannot hold out its own validation split by groups and its
 # update is mostly noise; the check calls such a site unusable.
@@ -316,10 +316,10 @@ def estimate_round(c: ImageCollection, ok: np.ndarray, cfg: Mapping[str, Any]) -
     """
     import torch
 
-    from common.core.settings import from_section
-    from common.federated.settings import FederationSettings
-    from common.learn.models import build_model
-    from common.learn.training import (
+    from fedscan.common.core.settings import from_section
+    from fedscan.common.federated.settings import FederationSettings
+    from fedscan.common.learn.models import build_model
+    from fedscan.common.learn.training import (
         autocast,
         place_model,
         prefix_autocast,

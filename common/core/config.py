@@ -18,15 +18,15 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from common.core.errors import ConfigError
-from common.core.paths import data_root
+from fedscan.common.core.errors import ConfigError
+from fedscan.common.core.paths import data_root
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
 
 
 def config_dir() -> Path:
-    import configs
+    import fedscan.configs as configs
 
     return Path(configs.__file__).parent
 

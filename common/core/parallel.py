@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import TypeVar
 
-from common.core.progress import progress
+from fedscan.common.core.progress import progress
 
 A = TypeVar("A")
 R = TypeVar("R")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from common.core.errors import ConfigError
+from fedscan.common.core.errors import ConfigError
 
 T = TypeVar("T", bound=Callable)
 

@@ -14,7 +14,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from common.core.errors import ConfigError
+from fedscan.common.core.errors import ConfigError
 
 S = TypeVar("S")
 

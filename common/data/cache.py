@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from common.core.errors import UnreadableImageError
-from common.core.parallel import pmap
-from common.data.datasets.base import ImageCollection
-from common.data.dicom import CT_WINDOWS
-from common.data.imageio import read_gray, resize_gray
+from fedscan.common.core.errors import UnreadableImageError
+from fedscan.common.core.parallel import pmap
+from fedscan.common.data.datasets.base import ImageCollection
+from fedscan.common.data.dicom import CT_WINDOWS
+from fedscan.common.data.imageio import read_gray, resize_gray
 
 PREPROCESS_VERSION = 1
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from common.core.errors import UnreadableImageError
+from fedscan.common.core.errors import UnreadableImageError
 
 # (center, width) in Hounsfield units.
 CT_WINDOWS: Mapping[str, tuple[float, float]] = {

@@ -17,11 +17,11 @@ import imagehash
 import numpy as np
 from PIL import Image
 
-from common.core.errors import UnreadableImageError
-from common.core.parallel import pmap
-from common.data.datasets.base import ImageCollection
-from common.data.dicom import domain_window
-from common.data.imageio import read_gray
+from fedscan.common.core.errors import UnreadableImageError
+from fedscan.common.core.parallel import pmap
+from fedscan.common.data.datasets.base import ImageCollection
+from fedscan.common.data.dicom import domain_window
+from fedscan.common.data.imageio import read_gray
 
 THUMB = 32
 VERSION = 1

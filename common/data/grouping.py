@@ -24,8 +24,8 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from common.data.datasets.base import ImageCollection
-from common.data.fingerprint import Fingerprints
+from fedscan.common.data.datasets.base import ImageCollection
+from fedscan.common.data.fingerprint import Fingerprints
 
 
 def connected_labels(n: int, pairs: np.ndarray) -> np.ndarray:

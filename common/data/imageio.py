@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from common.core.errors import UnreadableImageError
-from common.data.dicom import CT_WINDOWS, decode_dicom, looks_like_dicom
+from fedscan.common.core.errors import UnreadableImageError
+from fedscan.common.data.dicom import CT_WINDOWS, decode_dicom, looks_like_dicom
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from common.core.errors import ConfigError, DataError
-from common.core.registry import Registry
+from fedscan.common.core.errors import ConfigError, DataError
+from fedscan.common.core.registry import Registry
 
 DRAWS = 20  # random draws a skewed partitioner may take to give every site its minimum
 

@@ -13,15 +13,15 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from common.core.errors import ConfigError, DataError
-from common.core.paths import cache_root, data_root
-from common.core.settings import typed
-from common.data.cache import ImageCache, PreprocessSpec, build_cache
-from common.data.datasets import ImageCollection, load_dataset
-from common.data.datasets.synthetic import SYNTHETIC_LABEL
-from common.data.dicom import domain_window
-from common.data.fingerprint import Fingerprints, compute_fingerprints
-from common.data.splits import Splits, make_splits
+from fedscan.common.core.errors import ConfigError, DataError
+from fedscan.common.core.paths import cache_root, data_root
+from fedscan.common.core.settings import typed
+from fedscan.common.data.cache import ImageCache, PreprocessSpec, build_cache
+from fedscan.common.data.datasets import ImageCollection, load_dataset
+from fedscan.common.data.datasets.synthetic import SYNTHETIC_LABEL
+from fedscan.common.data.dicom import domain_window
+from fedscan.common.data.fingerprint import Fingerprints, compute_fingerprints
+from fedscan.common.data.splits import Splits, make_splits
 
 log = logging.getLogger(__name__)
 

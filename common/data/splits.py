@@ -22,10 +22,10 @@ import numpy as np
 import sklearn
 from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 
-from common.core.errors import ConfigError, DataError
-from common.data.datasets.base import ImageCollection
-from common.data.fingerprint import Fingerprints
-from common.data.grouping import leakage_groups, scan_groups
+from fedscan.common.core.errors import ConfigError, DataError
+from fedscan.common.data.datasets.base import ImageCollection
+from fedscan.common.data.fingerprint import Fingerprints
+from fedscan.common.data.grouping import leakage_groups, scan_groups
 
 
 @dataclass(frozen=True)

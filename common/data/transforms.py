@@ -13,8 +13,8 @@ from __future__ import annotations
 import kornia.augmentation as K
 import torch
 
-from common.core.errors import ConfigError
-from common.core.options import AUGMENT_PRESETS
+from fedscan.common.core.errors import ConfigError
+from fedscan.common.core.options import AUGMENT_PRESETS
 
 PRESETS = AUGMENT_PRESETS
 

@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.core.errors import ConfigError
-from common.data.transforms import to_float
-from common.learn.models.staged import StagedModel
-from common.learn.training import autocast
+from fedscan.common.core.errors import ConfigError
+from fedscan.common.data.transforms import to_float
+from fedscan.common.learn.models.staged import StagedModel
+from fedscan.common.learn.training import autocast
 
 BN_KIND = "bn"  # the statistics round's kind on the wire, beside fed3r / fedncm
 COUNT = "bn.count"

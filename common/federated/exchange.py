@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.learn.models.staged import StagedModel
+from fedscan.common.learn.models.staged import StagedModel
 
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
 

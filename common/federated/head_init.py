@@ -30,11 +30,11 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from common.core.errors import ConfigError, DataError
-from common.core.options import HEAD_INITS
-from common.data.transforms import to_float
-from common.learn.models.staged import StagedModel
-from common.learn.training import autocast
+from fedscan.common.core.errors import ConfigError, DataError
+from fedscan.common.core.options import HEAD_INITS
+from fedscan.common.data.transforms import to_float
+from fedscan.common.learn.models.staged import StagedModel
+from fedscan.common.learn.training import autocast
 
 STAT_KEYS = {"fed3r": ("gram", "cross"), "fedncm": ("class_sums", "class_counts")}
 

@@ -36,13 +36,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from common.core.errors import ConfigError
-from common.core.settings import from_section
-from common.data.transforms import to_float
-from common.federated.wire import NUM_EXAMPLES
-from common.learn.models.staged import StagedModel
-from common.learn.settings import TrainSettings
-from common.learn.training import loss_function, make_optimizer, place_model
+from fedscan.common.core.errors import ConfigError
+from fedscan.common.core.settings import from_section
+from fedscan.common.data.transforms import to_float
+from fedscan.common.federated.wire import NUM_EXAMPLES
+from fedscan.common.learn.models.staged import StagedModel
+from fedscan.common.learn.settings import TrainSettings
+from fedscan.common.learn.training import loss_function, make_optimizer, place_model
 
 # Two warnings every site repeated in every round, both known and documented:
 # Opacus runs without secure_mode (README, "Differential privacy"), and torch's

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from common.core.errors import ConfigError
+from fedscan.common.core.errors import ConfigError
 
 NAMES = ("off", "secaggplus")
 # The statistics round under SecAgg+ quantises finer than training rounds: 2**30 levels

@@ -14,10 +14,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from common.core.config import config_dir
-from common.core.errors import ConfigError
-from common.core.options import HEAD_INITS
-from common.core.settings import from_section
+from fedscan.common.core.config import config_dir
+from fedscan.common.core.errors import ConfigError
+from fedscan.common.core.options import HEAD_INITS
+from fedscan.common.core.settings import from_section
 
 # The sites' validation metrics that can pick best.pt (example-weighted over the sites)
 BEST_METRICS = ("val_macro_f1", "val_accuracy", "val_loss")

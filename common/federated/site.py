@@ -17,15 +17,15 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from common.core.errors import ConfigError, DataError
-from common.core.paths import cache_root
-from common.data.partition import min_training_samples, partition
-from common.data.pipeline import PreparedData
-from common.data.splits import group_holdout
-from common.federated.wire import COUNT_PREFIX, DATA_PATH, PARTITION_ID
-from common.learn.features import mirrored_features
-from common.learn.prepare import PreparedRun, prepare_run
-from common.learn.training import MirroredRows
+from fedscan.common.core.errors import ConfigError, DataError
+from fedscan.common.core.paths import cache_root
+from fedscan.common.data.partition import min_training_samples, partition
+from fedscan.common.data.pipeline import PreparedData
+from fedscan.common.data.splits import group_holdout
+from fedscan.common.federated.wire import COUNT_PREFIX, DATA_PATH, PARTITION_ID
+from fedscan.common.learn.features import mirrored_features
+from fedscan.common.learn.prepare import PreparedRun, prepare_run
+from fedscan.common.learn.training import MirroredRows
 
 log = logging.getLogger("fedscan.site")
 

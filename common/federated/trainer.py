@@ -24,19 +24,24 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from common.core.errors import DataError
-from common.data.transforms import Augment
-from common.federated.bn_stats import BN_KIND, site_bn_statistics
-from common.federated.exchange import exchanged_keys, get_exchanged, local_keys, set_exchanged
-from common.federated.head_init import classifier_features, linear_head, site_statistics
-from common.federated.privacy import PrivacyLedger, dp_settings, dp_site_round
-from common.federated.scaffold import correction, site_variate
-from common.federated.settings import federation_settings
-from common.federated.site import SiteData, load_site, site_file
-from common.federated.wire import NO_SITE, NUM_EXAMPLES, SITE_ID, node_site
-from common.learn.models.staged import StagedModel
-from common.learn.settings import TrainSettings, train_settings
-from common.learn.training import (
+from fedscan.common.core.errors import DataError
+from fedscan.common.data.transforms import Augment
+from fedscan.common.federated.bn_stats import BN_KIND, site_bn_statistics
+from fedscan.common.federated.exchange import (
+    exchanged_keys,
+    get_exchanged,
+    local_keys,
+    set_exchanged,
+)
+from fedscan.common.federated.head_init import classifier_features, linear_head, site_statistics
+from fedscan.common.federated.privacy import PrivacyLedger, dp_settings, dp_site_round
+from fedscan.common.federated.scaffold import correction, site_variate
+from fedscan.common.federated.settings import federation_settings
+from fedscan.common.federated.site import SiteData, load_site, site_file
+from fedscan.common.federated.wire import NO_SITE, NUM_EXAMPLES, SITE_ID, node_site
+from fedscan.common.learn.models.staged import StagedModel
+from fedscan.common.learn.settings import TrainSettings, train_settings
+from fedscan.common.learn.training import (
     Batches,
     MirroredRows,
     evaluate_model,

@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from common.core.paths import cache_root
-from common.core.progress import progress
-from common.data.pipeline import PreparedData
-from common.data.transforms import to_float
-from common.learn.models.staged import StagedModel
-from common.learn.training import MirroredRows, place_model, prefix_autocast, prefix_dtype
+from fedscan.common.core.paths import cache_root
+from fedscan.common.core.progress import progress
+from fedscan.common.data.pipeline import PreparedData
+from fedscan.common.data.transforms import to_float
+from fedscan.common.learn.models.staged import StagedModel
+from fedscan.common.learn.training import MirroredRows, place_model, prefix_autocast, prefix_dtype
 
 
 def prefix_digest(model: StagedModel, cut: int) -> str:

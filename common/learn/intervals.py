@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import DegenerateDataWarning, bootstrap
 
-from common.core.errors import ConfigError
+from fedscan.common.core.errors import ConfigError
 
 MIN_RESAMPLES = 100
 

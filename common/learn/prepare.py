@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from common.data.pipeline import PreparedData, prepare_data
-from common.learn.features import model_inputs
-from common.learn.models import StagedModel, build_model
-from common.learn.training import select_device
+from fedscan.common.data.pipeline import PreparedData, prepare_data
+from fedscan.common.learn.features import model_inputs
+from fedscan.common.learn.models import StagedModel, build_model
+from fedscan.common.learn.training import select_device
 
 
 @dataclass

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from common.learn.intervals import IntervalSettings, group_bootstrap
-from common.learn.metrics import classification_metrics
+from fedscan.common.learn.intervals import IntervalSettings, group_bootstrap
+from fedscan.common.learn.metrics import classification_metrics
 
 RULE = "argmax of the mean of the scan's slice probabilities"
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-from common.core.errors import ConfigError
-from common.core.options import AUGMENT_PRESETS as PRESETS
-from common.core.settings import from_section
+from fedscan.common.core.errors import ConfigError
+from fedscan.common.core.options import AUGMENT_PRESETS as PRESETS
+from fedscan.common.core.settings import from_section
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -18,16 +18,16 @@ import torch
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
-from common.core.errors import ConfigError
-from common.core.parallel import available_cpus
-from common.core.progress import progress
-from common.data.transforms import Augment, to_float
-from common.learn.intervals import IntervalSettings, group_bootstrap
-from common.learn.losses import BalancedSoftmaxLoss
-from common.learn.metrics import classification_metrics
-from common.learn.models import PREFIX_PRECISIONS, StagedModel
-from common.learn.scans import scan_metrics
-from common.learn.settings import TrainSettings
+from fedscan.common.core.errors import ConfigError
+from fedscan.common.core.parallel import available_cpus
+from fedscan.common.core.progress import progress
+from fedscan.common.data.transforms import Augment, to_float
+from fedscan.common.learn.intervals import IntervalSettings, group_bootstrap
+from fedscan.common.learn.losses import BalancedSoftmaxLoss
+from fedscan.common.learn.metrics import classification_metrics
+from fedscan.common.learn.models import PREFIX_PRECISIONS, StagedModel
+from fedscan.common.learn.scans import scan_metrics
+from fedscan.common.learn.settings import TrainSettings
 
 
 def select_device(preference: str = "auto", num_threads: int | None = None) -> torch.device:

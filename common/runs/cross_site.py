@@ -19,8 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from common.federated.wire import SITE_ID
-from common.runs.plots import _save
+from fedscan.common.federated.wire import SITE_ID
+from fedscan.common.runs.plots import _save
 
 FILE = "cross_site.png"
 

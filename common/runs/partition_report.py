@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.federated.wire import COUNT_PREFIX, NO_SITE, NODE_ID, SITE_ID
-from common.runs.plots import plot_site_histogram
+from fedscan.common.federated.wire import COUNT_PREFIX, NO_SITE, NODE_ID, SITE_ID
+from fedscan.common.runs.plots import plot_site_histogram
 
 
 def counts_from_sites(

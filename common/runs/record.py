@@ -32,12 +32,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from common.core.errors import DataError
-from common.federated.settings import federation_settings
-from common.federated.wire import COUNT_PREFIX, NUM_EXAMPLES
-from common.runs import cross_site
-from common.runs.partition_report import counts_from_sites, write_partition_report
-from common.runs.plots import plot_confusion, plot_round_curves
+from fedscan.common.core.errors import DataError
+from fedscan.common.federated.settings import federation_settings
+from fedscan.common.federated.wire import COUNT_PREFIX, NUM_EXAMPLES
+from fedscan.common.runs import cross_site
+from fedscan.common.runs.partition_report import counts_from_sites, write_partition_report
+from fedscan.common.runs.plots import plot_confusion, plot_round_curves
 
 log = logging.getLogger("fedscan.run")
 

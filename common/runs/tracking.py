@@ -37,7 +37,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from common.core.errors import ConfigError
+from fedscan.common.core.errors import ConfigError
 
 log = logging.getLogger("fedscan.tracking")
 
@@ -272,7 +272,7 @@ def start_tracking(cfg: DictConfig, run_dir: Path, *, kind: str) -> Tracker:
 def track_finished(cfg: DictConfig, run_dir: Path) -> None:
     """Mirror a finished centralised, pooled or local run folder: its per-epoch
     history at each epoch, its test metrics at the last step."""
-    from common.runs.record import read_run
+    from fedscan.common.runs.record import read_run
 
     if tracking_name(cfg) == "none":
         return

@@ -16,29 +16,33 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from common.core.errors import ConfigError
-from common.data.partition import check_partition_config
-from common.data.pipeline import check_dataset_config, prepare_data
-from common.federated.bn_stats import check_bn_refit
-from common.federated.head_init import linear_head
-from common.federated.privacy import (
+from fedscan.common.core.errors import ConfigError
+from fedscan.common.data.partition import check_partition_config
+from fedscan.common.data.pipeline import check_dataset_config, prepare_data
+from fedscan.common.federated.bn_stats import check_bn_refit
+from fedscan.common.federated.head_init import linear_head
+from fedscan.common.federated.privacy import (
     PRIVACY_NAMES,
     CentralDPSettings,
     DPSGDSettings,
     central_dp_settings,
     dp_settings,
 )
-from common.federated.secure import (
+from fedscan.common.federated.secure import (
     SecureAggregationSettings,
     check_combination,
     secure_settings,
 )
-from common.federated.settings import FederationSettings, check_strategy, federation_settings
-from common.federated.site import site_indices
-from common.learn.intervals import IntervalSettings, interval_settings
-from common.learn.models import build_model, check_model_config
-from common.learn.settings import TrainSettings, train_settings
-from common.runs.tracking import tracking_name
+from fedscan.common.federated.settings import (
+    FederationSettings,
+    check_strategy,
+    federation_settings,
+)
+from fedscan.common.federated.site import site_indices
+from fedscan.common.learn.intervals import IntervalSettings, interval_settings
+from fedscan.common.learn.models import build_model, check_model_config
+from fedscan.common.learn.settings import TrainSettings, train_settings
+from fedscan.common.runs.tracking import tracking_name
 
 METHODS = ("federated", "local", "pooled")
 # What is being started: the centralised baseline, one `fedscan simulate` method,

@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from common.data.datasets.base import ImageCollection
-from common.data.datasets.registry import DATASETS
+from fedscan.common.data.datasets.base import ImageCollection
+from fedscan.common.data.datasets.registry import DATASETS
 
 
 def load_dataset(
@@ -22,6 +22,6 @@ def load_dataset(
 
 
 # Registration side effects; keep at the bottom.
-from common.data.datasets import brain_mri, lung_ct, site_folder, synthetic  # noqa: E402, F401
+from fedscan.common.data.datasets import brain_mri, lung_ct, site_folder, synthetic  # noqa: E402, F401
 
 __all__ = ["DATASETS", "ImageCollection", "load_dataset"]

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from common.core.errors import ConfigError, DataError
-from common.data.datasets.base import ImageCollection
+from fedscan.common.core.errors import ConfigError, DataError
+from fedscan.common.data.datasets.base import ImageCollection
 
 _NUMBER = re.compile(r"\((\d+)\)\s*$")
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common.core.errors import DataError
-from common.data.classes import canonical_class
-from common.data.dicom import looks_like_dicom
-from common.data.imageio import DICOM_SUFFIXES, IMAGE_SUFFIXES
+from fedscan.common.core.errors import DataError
+from fedscan.common.data.classes import canonical_class
+from fedscan.common.data.dicom import looks_like_dicom
+from fedscan.common.data.imageio import DICOM_SUFFIXES, IMAGE_SUFFIXES
 
 
 @dataclass(frozen=True)

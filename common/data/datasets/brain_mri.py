@@ -6,11 +6,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from common.core.errors import DataError
-from common.data.classes import BRAIN_CLASSES
-from common.data.datasets._layout import assemble, resolve_root
-from common.data.datasets.base import ImageCollection, class_folders, list_images
-from common.data.datasets.registry import DATASETS
+from fedscan.common.core.errors import DataError
+from fedscan.common.data.classes import BRAIN_CLASSES
+from fedscan.common.data.datasets._layout import assemble, resolve_root
+from fedscan.common.data.datasets.base import ImageCollection, class_folders, list_images
+from fedscan.common.data.datasets.registry import DATASETS
 
 SPLIT_FOLDERS = {"Training": "train", "Testing": "test"}
 

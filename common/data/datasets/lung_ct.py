@@ -10,10 +10,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from common.data.classes import LUNG_CLASSES
-from common.data.datasets._layout import assemble, resolve_root
-from common.data.datasets.base import ImageCollection, class_folders, list_images
-from common.data.datasets.registry import DATASETS
+from fedscan.common.data.classes import LUNG_CLASSES
+from fedscan.common.data.datasets._layout import assemble, resolve_root
+from fedscan.common.data.datasets.base import ImageCollection, class_folders, list_images
+from fedscan.common.data.datasets.registry import DATASETS
 
 
 @DATASETS.register("lung_ct")

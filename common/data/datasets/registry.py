@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from common.core.registry import Registry
-from common.data.datasets.base import ImageCollection
+from fedscan.common.core.registry import Registry
+from fedscan.common.data.datasets.base import ImageCollection
 
 DatasetLoader = Callable[..., ImageCollection]
 DATASETS: Registry[DatasetLoader] = Registry("dataset", "dataset.name")

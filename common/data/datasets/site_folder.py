@@ -10,11 +10,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from common.core.errors import ConfigError, DataError
-from common.data.classes import CLASSES, canonical_class
-from common.data.datasets._layout import assemble
-from common.data.datasets.base import ImageCollection, class_folders, list_images
-from common.data.datasets.registry import DATASETS
+from fedscan.common.core.errors import ConfigError, DataError
+from fedscan.common.data.classes import CLASSES, canonical_class
+from fedscan.common.data.datasets._layout import assemble
+from fedscan.common.data.datasets.base import ImageCollection, class_folders, list_images
+from fedscan.common.data.datasets.registry import DATASETS
 
 
 def read_site_folder(

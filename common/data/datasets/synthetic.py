@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from common.core.errors import ConfigError
-from common.data.classes import CLASSES
-from common.data.datasets.base import ImageCollection
-from common.data.datasets.registry import DATASETS
-from common.data.datasets.site_folder import read_site_folder
+from fedscan.common.core.errors import ConfigError
+from fedscan.common.data.classes import CLASSES
+from fedscan.common.data.datasets.base import ImageCollection
+from fedscan.common.data.datasets.registry import DATASETS
+from fedscan.common.data.datasets.site_folder import read_site_folder
 
 GENERATOR_VERSION = 2
 SYNTHETIC_LABEL = "SYNTHETIC embedded default (not medical data)"

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from common.core.errors import ConfigError
-from common.learn.models.dp import make_dp_compatible
-from common.learn.models.registry import MODELS
-from common.learn.models.staged import (
+from fedscan.common.core.errors import ConfigError
+from fedscan.common.learn.models.dp import make_dp_compatible
+from fedscan.common.learn.models.registry import MODELS
+from fedscan.common.learn.models.staged import (
     MODES,
     StagedModel,
     batchnorm_to_groupnorm,
@@ -67,7 +67,7 @@ def build_model(cfg: Mapping[str, Any], num_classes: int) -> StagedModel:
 
 
 # Registration side effects; keep at the bottom.
-from common.learn.models import efficientnet_lite, paper_cnn, resnet  # noqa: E402, F401
+from fedscan.common.learn.models import efficientnet_lite, paper_cnn, resnet  # noqa: E402, F401
 
 __all__ = [
     "MODELS",

@@ -8,8 +8,8 @@ match. Only the trainable stages change: the frozen trunk keeps its BatchNorm
 
 from __future__ import annotations
 
-from common.core.errors import ConfigError
-from common.learn.models.staged import StagedModel, batchnorm_to_groupnorm
+from fedscan.common.core.errors import ConfigError
+from fedscan.common.learn.models.staged import StagedModel, batchnorm_to_groupnorm
 
 
 def make_dp_compatible(model: StagedModel) -> StagedModel:

@@ -13,9 +13,9 @@ import timm
 import torch
 from torch import nn
 
-from common.core.errors import ConfigError
-from common.learn.models.registry import MODELS
-from common.learn.models.staged import InputAdapter, StagedModel
+from fedscan.common.core.errors import ConfigError
+from fedscan.common.learn.models.registry import MODELS
+from fedscan.common.learn.models.staged import InputAdapter, StagedModel
 
 
 def imagenet_lite0() -> nn.Module:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from common.core.errors import ConfigError
-from common.learn.models.registry import MODELS
-from common.learn.models.staged import InputAdapter, StagedModel
+from fedscan.common.core.errors import ConfigError
+from fedscan.common.learn.models.registry import MODELS
+from fedscan.common.learn.models.staged import InputAdapter, StagedModel
 
 WIDTHS = (32, 64, 128, 256)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from common.core.registry import Registry
-from common.learn.models.staged import StagedModel
+from fedscan.common.core.registry import Registry
+from fedscan.common.learn.models.staged import StagedModel
 
 ModelFactory = Callable[..., StagedModel]
 MODELS: Registry[ModelFactory] = Registry("model", "model.name")

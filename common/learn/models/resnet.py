@@ -6,9 +6,9 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models import resnet18 as tv_resnet18
 
-from common.core.errors import ConfigError
-from common.learn.models.registry import MODELS
-from common.learn.models.staged import InputAdapter, StagedModel
+from fedscan.common.core.errors import ConfigError
+from fedscan.common.learn.models.registry import MODELS
+from fedscan.common.learn.models.staged import InputAdapter, StagedModel
 
 
 @MODELS.register("resnet18")

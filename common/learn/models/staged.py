@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from common.core.errors import ConfigError
+from fedscan.common.core.errors import ConfigError
 
 MODES = ("scratch", "features", "finetune")
 
