@@ -47,6 +47,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.overrides)  # a bad key fails here, before torch is imported
     _check_values(cfg)
+    from fedscan.common.core.recipes import log_recipe
+
+    log_recipe(cfg)
     from fedscan.simulations.centralised import run_centralised
 
     run_dir = run_centralised(cfg)
