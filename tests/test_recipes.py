@@ -175,3 +175,14 @@ def test_a_fraction_of_the_sites_needs_min_nodes_at_or_below_it() -> None:
     ok = ["num_sites=10", "federation.fraction_train=0.5", "federation.min_nodes=5"]
     validate(load_config(ok), "federated")
     validate(load_config(["num_sites=4", "federation.fraction_evaluate=0"]), "federated")
+
+
+def test_every_recipe_records_its_own_name_and_flwr_run_can_pick_one() -> None:
+    """config.yaml names the recipe a run used: each file sets `recipe: <its name>`."""
+    from fedscan.common.core.config import overrides_from_run_config
+
+    for name in group_options()["recipe"]:
+        assert load_config([f"recipe={name}"]).recipe == name
+    picked = overrides_from_run_config({"recipe": "skew", "overrides": "num_sites=5"})
+    assert load_config(picked).rounds == 10 and load_config(picked).num_sites == 5
+    assert overrides_from_run_config({"recipe": ""}) == []  # empty: the tree's default

@@ -189,6 +189,7 @@ ALIASES = {"federation.num_sites": "num_sites", "federation.rounds": "rounds"}
 
 # Flower run-config keys (pyproject [tool.flwr.app.config]) -> config-tree overrides.
 RUN_CONFIG_KEYS = {
+    "recipe": "recipe",
     "dataset": "dataset",
     "model": "model",
     "strategy": "strategy",
