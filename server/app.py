@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from fedscan.common.core.config import load_config, overrides_from_run_config
 from fedscan.common.core.errors import ConfigError
+from fedscan.common.core.recipes import log_recipe
 from fedscan.common.data.splits import groups_are_scans
 from fedscan.common.federated.bn_stats import BN_KIND, check_bn_refit, install_bn
 from fedscan.common.federated.exchange import exchanged_keys, get_exchanged, set_exchanged
@@ -417,6 +418,8 @@ def make_server_app(overrides: tuple[str, ...] = (), *, announce: bool = True) -
         logging.getLogger("flwr").propagate = False
         logging.getLogger("httpx").setLevel(logging.WARNING)
         cfg = load_config([*overrides_from_run_config(dict(context.run_config)), *overrides])
+        if announce:  # fedscan simulate has said it already
+            log_recipe(cfg)
         run_dir = run_server(grid, cfg)
         if announce:
             print(f"fedscan: results in {run_dir}", flush=True)

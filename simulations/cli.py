@@ -47,6 +47,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.overrides)  # a bad key fails here, before torch is imported
     _check_values(cfg)
+    from fedscan.common.core.recipes import log_recipe
+
+    log_recipe(cfg)
     from fedscan.simulations.centralised import run_centralised
 
     run_dir = run_centralised(cfg)
@@ -228,14 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="a run's global model as a self-describing package")
     e.add_argument("run_dir", help="a run folder from fedscan train / simulate / flwr run")
-    e.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    e.add_argument(
+        "--format",
+        choices=("onnx", "torchscript"),
+        default="onnx",
+        help="the package's runtime format",
+    )
     e.add_argument("--out", help="package folder (default RUN_DIR/export-FORMAT)")
     e.set_defaults(fn=_cmd_export)
 
     runtimes = ("onnx", "torchscript")
     pr = sub.add_parser("predict", help="classify JPEG / PNG / DICOM files with a package")
     pr.add_argument("model", help="a package folder written by fedscan export")
-    pr.add_argument("files", nargs="+")
+    pr.add_argument("files", nargs="+", help="JPEG, PNG or DICOM files")
     pr.add_argument("--json", action="store_true", help="machine-readable output")
     pr.add_argument("--explain", metavar="DIR", help="write Grad-CAM overlays into DIR")
     pr.add_argument("--runtime", choices=runtimes, help="default: the package's own format")
@@ -243,9 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="HTTP inference API and upload page for a package")
     sv.add_argument("model", help="a package folder written by fedscan export")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--max-upload-mb", type=float, default=20.0)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sv.add_argument("--port", type=int, default=8000, help="port to listen on")
+    sv.add_argument(
+        "--max-upload-mb", type=float, default=20.0, help="largest upload accepted, in MB"
+    )
     sv.add_argument("--runtime", choices=runtimes, help="default: the package's own format")
     sv.set_defaults(fn=_cmd_serve)
 
@@ -282,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     ce.set_defaults(fn=_cmd_certs)
 
     c = sub.add_parser("config", help="print the resolved config for some overrides")
-    c.add_argument("overrides", nargs="*")
+    c.add_argument("overrides", nargs="*", help="e.g. recipe=skew num_sites=5")
     c.set_defaults(fn=_cmd_config)
 
     fr = sub.add_parser(
@@ -295,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run-status",
         help="a Flower run's final status; exit 0 completed, 1 failed/stopped, 3 not finished",
     )
-    rs.add_argument("run_id", type=int)
+    rs.add_argument("run_id", type=int, help="the run ID `flwr run` printed")
     rs.add_argument("superlink", nargs="?", default=None, help="SuperLink connection name")
     rs.set_defaults(fn=_cmd_run_status)
     return p

@@ -63,25 +63,23 @@ METHODS = {
         "federation.head_refit=fed3r",
         "federation.head_ridge=0.01",
     ],
-    "fed3r+fedavg": ["strategy=fedavg", "federation.head_init=fed3r"],
+    # the head before FedAvg: measured at the ridge default of the time, 1.0 (today's
+    # default in fine-tune mode is 0.01, model.head_ridge), pinned so the page reproduces
+    "fed3r+fedavg": [
+        "strategy=fedavg",
+        "federation.head_init=fed3r",
+        "federation.head_ridge=1.0",
+    ],
     # + the balanced softmax at each site (train.loss): the fine-tuned blocks drift
     # under skew because each site's loss pushes down the classes it lacks
     "fed3r+fedavg+bsm": [
         "strategy=fedavg",
         "federation.head_init=fed3r",
+        "federation.head_ridge=1.0",
         "train.loss=balanced_softmax",
     ],
-    # + frozen BatchNorm statistics (model.freeze_bn): a site's one-class batches no
-    # longer normalise away the class signal, nor do averaged site statistics
-    "fedavg+fbn": ["strategy=fedavg", "model.freeze_bn=true"],
-    # the Fed3R head kept fixed (federation.head_freeze) while the blocks fine-tune,
-    # with frozen BatchNorm statistics: only the blocks' weights can drift
-    "fed3r+fedavg+fhead+fbn": [
-        "strategy=fedavg",
-        "federation.head_init=fed3r",
-        "federation.head_freeze=true",
-        "model.freeze_bn=true",
-    ],
+    # (the cells with BatchNorm held at its ImageNet statistics, fedavg+fbn and
+    # fed3r+fedavg+fhead+fbn, went with model.freeze_bn in 0.2.0: CHANGELOG.md)
 }
 
 
@@ -209,9 +207,7 @@ def write_page(
         "after every round; `s` is the round's wall time (training, the sites' validation "
         "and the server's test evaluation) on this machine (2 CPU cores, no GPU). Round 0 "
         "of Fed3R + FedAvg is the one-shot head on the pretrained blocks; `+bsm`: each site "
-        "trains with the balanced softmax (`train.loss=balanced_softmax`); `+fbn`: BatchNorm "
-        "keeps its stored statistics while the blocks train (`model.freeze_bn=true`); "
-        "`+fhead`: the one-shot head stays fixed (`federation.head_freeze=true`); `+refit`: "
+        "trains with the balanced softmax (`train.loss=balanced_softmax`); `+refit`: "
         "after the last round the head is re-solved from the sites' Fed3R sums of the final "
         "model's features (`federation.head_refit=fed3r`; the last round's row is the "
         "refitted model, the row before it the same model before the refit); `+bnrefit`: "

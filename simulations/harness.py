@@ -20,6 +20,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from fedscan.common.core.config import expand_sweep, load_config
+from fedscan.common.core.recipes import log_recipe
 from fedscan.common.runs.validate import METHODS, check_sites, validate
 
 log = logging.getLogger("fedscan.simulate")
@@ -53,7 +54,9 @@ def validate_overrides(overrides: Sequence[str]) -> DictConfig:
 
 
 def run_one(overrides: Sequence[str]) -> Path:
+    """One run of any method; the first thing it logs is what its recipe set, if any."""
     cfg = validate_overrides(overrides)
+    log_recipe(cfg)
     method = str(cfg.method)
     if method == "local":
         from fedscan.simulations.baselines import run_local

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from fedscan.common.core.config import load_config
 from fedscan.common.core.errors import DataError
@@ -168,10 +169,14 @@ def test_a_folder_without_metrics_is_named(tmp_path: Path) -> None:
         (
             "federated",
             ["federation.head_init=fed3r", "federation.head_freeze=true"],
-            "fed3r(frozen)+fedavg",
+            "fed3r_frozen+fedavg",
         ),
-        ("federated", ["federation.head_freeze=true"], "init(frozen)+fedavg"),
+        ("federated", ["federation.head_freeze=true"], "fedavg+fedbabu"),
         ("federated", ["federation.freeze_bn_from=3"], "fedavg+fixbn(3)"),
+        ("federated", ["remedy=fedbn"], "fedavg+fedbn"),
+        ("federated", ["remedy=balanced_softmax"], "fedavg+balanced_softmax"),
+        ("federated", ["recipe=skew"], "fedavg+refit(bn,fed3r)"),
+        ("local", ["remedy=fixbn"], "local"),  # FixBN is federated only
         ("pooled", ["federation.head_init=fed3r", "rounds=0"], "pooled+fed3r"),
         ("pooled", ["federation.head_init=fed3r"], "pooled+fed3r+ft"),
         ("local", [], "local"),
@@ -185,3 +190,46 @@ def test_unlike_runs_get_unlike_method_labels(
 
     record = RunRecord(dir=tmp_path, kind=kind, cfg=_cfg(tmp_path, *overrides), doc={})
     assert record.method == method
+
+
+def _pooled_run(tmp_path: Path, name: str, seed: int, **old_keys: object) -> Path:
+    """A pooled run folder; ``old_keys`` (``freeze_bn=False``) are written into its
+    ``model`` section as a fedscan that still had them wrote it, and the keys added
+    since then are taken out."""
+    cfg = _cfg(tmp_path, f"seed={seed}", f"run_name={name}")
+    run_dir = new_run_dir(cfg, "pooled")
+    write_config(run_dir, cfg)
+    if old_keys:
+        saved = OmegaConf.load(run_dir / "config.yaml")
+        saved.model.update(old_keys)
+        del saved.model["head_ridge"], saved["recipe"]
+        OmegaConf.save(saved, run_dir / "config.yaml")
+    final = {"val": split_metrics(0.5), "test_grouped": split_metrics(0.8 + seed / 100)}
+    write_centralised(
+        run_dir,
+        kind="pooled",
+        label="L",
+        synthetic=True,
+        dataset="synthetic",
+        history=[],
+        final=final,
+    )
+    return run_dir
+
+
+def test_old_run_folders_with_removed_keys_still_read_and_compare(tmp_path: Path) -> None:
+    """A folder from before model.freeze_bn was removed (REMOVED) reads as a run of today
+    when it held today's behaviour (false), and `fedscan report` averages it with a new
+    run; one that held the removed setting (true) keeps it, in a row of its own."""
+    from fedscan.common.commands.report import aggregate, load_run
+
+    old = _pooled_run(tmp_path, "old", 0, freeze_bn=False)
+    new = _pooled_run(tmp_path, "new", 1)
+    frozen = _pooled_run(tmp_path, "frozen", 2, freeze_bn=True)
+    assert "freeze_bn" in OmegaConf.load(old / "config.yaml").model
+    assert "freeze_bn" not in read_run(old).cfg.model
+    assert read_run(frozen).cfg.model.freeze_bn is True
+    rows = [r for d in (old, new, frozen) for r in load_run(d) if r["split"] == "test_grouped"]
+    table = {r["method"]: r for r in aggregate(rows)}
+    assert sorted(table) == ["pooled [model.freeze_bn=-]", "pooled [model.freeze_bn=True]"]
+    assert table["pooled [model.freeze_bn=-]"]["seeds"] == 2

@@ -47,10 +47,17 @@ NOT_COMPARED = (
     "federation.engine",
     "federation.round_timeout_s",
     "federation.wait_for_nodes_s",
+    # how many sites a round waits for; it follows num_sites unless set, and a fraction
+    # of the sites needs it at or below that fraction (validate), so it never changes
+    # which sites train in a simulation
+    "federation.min_nodes",
     # the dataset's default for train.label_smoothing, which is compared (and which
     # folders from before this key hold without it)
     "dataset.label_smoothing",
     "dataset.cached_flips",  # likewise for train.cached_flips
+    "model.head_ridge",  # likewise for federation.head_ridge (the model's value by mode)
+    # the recipe's name: a recipe's run and the same keys set one by one are one row
+    "recipe",
 )
 
 

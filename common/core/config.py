@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
@@ -123,6 +124,30 @@ def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
     return [list(run) for batch in batches for run in batch]
 
 
+# Keys removed from the tree: the value that reproduces today's behaviour (an old run
+# folder holding it reads as if it did not have the key) and why it went, with what
+# replaced it. An override of one is refused with that reason; old folders still read
+# (common/runs/record.py). CHANGELOG.md records each removal with its figure.
+REMOVED: dict[str, tuple[Any, str]] = {
+    "model.freeze_bn": (
+        False,
+        "removed in fedscan 0.2.0: every BatchNorm held at its ImageNet statistics was "
+        "measured only to harm (brain, Dirichlet 0.1, finetune_blocks=4: 43.7 / 31.4 % "
+        "test_official after rounds 1-2 against FedAvg's 69.8 / 75.7 %; docs/skew.md). To "
+        "hold the federation's own statistics from a later round use remedy=fixbn (FixBN)",
+    ),
+}
+
+
+def refuse_removed(overrides: Sequence[str]) -> None:
+    """A ConfigError for the first override naming a removed key (:data:`REMOVED`): the
+    reason and its replacement, not Hydra's "key not in struct" and a near spelling."""
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key in REMOVED:
+            raise ConfigError(key, REMOVED[key][1])
+
+
 def load_config(overrides: Sequence[str] = ()) -> DictConfig:
     """Compose ``configs/config.yaml`` with ``overrides`` and apply the data fallback.
 
@@ -130,6 +155,7 @@ def load_config(overrides: Sequence[str] = ()) -> DictConfig:
     dataset of the same domain is used instead (with a warning); ``dataset.*``
     overrides still apply to it.
     """
+    refuse_removed(overrides)
     overrides = [
         ALIASES.get(o.split("=", 1)[0], o.split("=", 1)[0]) + o[o.find("=") :] if "=" in o else o
         for o in overrides
@@ -163,6 +189,7 @@ ALIASES = {"federation.num_sites": "num_sites", "federation.rounds": "rounds"}
 
 # Flower run-config keys (pyproject [tool.flwr.app.config]) -> config-tree overrides.
 RUN_CONFIG_KEYS = {
+    "recipe": "recipe",
     "dataset": "dataset",
     "model": "model",
     "strategy": "strategy",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from fedscan.common.core.config import config_dir
 from fedscan.common.core.errors import ConfigError
@@ -128,6 +129,17 @@ class FederationSettings:
 
 def federation_settings(cfg: DictConfig) -> FederationSettings:
     """The ``federation`` group of ``cfg``, typed and validated."""
+    try:  # by default the model's ridge for its mode (model.head_ridge.<mode>)
+        cfg.federation.head_ridge  # noqa: B018 - resolves the interpolation
+    except OmegaConfBaseException:
+        mode = OmegaConf.select(cfg, "model.mode", default=None)
+        modes = list(OmegaConf.select(cfg, "model.head_ridge", default=None) or [])
+        raise ConfigError(
+            "model.mode",
+            f"'{mode}': model '{OmegaConf.select(cfg, 'model.name', default='?')}' has no "
+            f"federation.head_ridge default for it (model.head_ridge has {modes}); use one "
+            "of those modes or set federation.head_ridge",
+        ) from None
     return from_section(FederationSettings, cfg.federation, "federation")
 
 

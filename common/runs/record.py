@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fedscan.common.core.config import REMOVED
 from fedscan.common.core.errors import DataError
 from fedscan.common.federated.settings import federation_settings
 from fedscan.common.federated.wire import COUNT_PREFIX, NUM_EXAMPLES
@@ -135,7 +136,6 @@ def write_local(
 # if it had it, so a study continues across the change instead of re-running everything.
 ADDED_LATER = {
     "train.loss": "cross_entropy",
-    "model.freeze_bn": False,
     "secure_aggregation.name": "off",
     "federation.head_refit": "none",
     "federation.freeze_bn_from": 0,
@@ -401,27 +401,43 @@ class RunRecord:
 
     @property
     def method(self) -> str:
-        """``pooled``, ``local``, ``centralised``, or the strategy with its parameters;
-        a one-shot head comes first: ``fed3r one-shot``, ``fed3r+fedavg``,
-        ``fed3r(frozen)+fedavg``, ``init(frozen)+fedavg`` (the initial head held fixed),
-        ``pooled+fed3r`` (closed form), ``pooled+fed3r+ft``; ``fedavg+fixbn(3)`` holds the
-        BatchNorm statistics from round 3; a
-        head re-solved after training comes last: ``fedavg+refit(fed3r)``, after the BatchNorm
-        statistics round ``fedavg+refit(bn,fed3r)``."""
+        """The run's label, keyed by the names of what it ran: ``pooled``, ``local``,
+        ``centralised``, or the strategy with the parameter the study varies
+        (``fedprox(mu=0.1)``); a one-shot head comes first (``fed3r+fedavg``, or alone,
+        ``fed3r one-shot``; baselines ``pooled+fed3r``, ``pooled+fed3r+ft``), the
+        remedies applied while training after the strategy, each as its name in
+        ``configs/remedy/`` (``fedavg+fedbabu``, ``fedavg+fixbn(3)``, ``fedavg+fedbn``,
+        ``fedavg+balanced_softmax``, ``fed3r_frozen+fedavg``), and what is re-estimated
+        after the last round last: ``fedavg+refit(bn,fed3r)``."""
         parts = ["bn"] if self.bn_refit else []
         parts += [] if self.head_refit == "none" else [self.head_refit]
         return self._method() + (f"+refit({','.join(parts)})" if parts else "")
 
+    def _remedies(self) -> list[str]:
+        """The remedies applied while training, by their configs/remedy/ names."""
+        fed, train = self.cfg.federation, self.cfg.get("train") or {}
+        names = []
+        if bool(fed.get("head_freeze", False)) and self.head_init == "none":
+            names.append("fedbabu")  # the initial head held fixed
+        if self.kind == "federated" and bool(fed.get("fedbn", False)):
+            names.append("fedbn")
+        fixbn = int(fed.get("freeze_bn_from", 0))
+        if self.kind == "federated" and fixbn:  # BatchNorm statistics held from this round
+            names.append(f"fixbn({fixbn})")
+        if str(train.get("loss", "cross_entropy")) == "balanced_softmax":
+            names.append("balanced_softmax")
+        return names
+
     def _method(self) -> str:
         head = self.head_init
-        fed = self.cfg.federation
-        if bool(fed.get("head_freeze", False)):  # none: the initial head kept (FedBABU)
-            head = f"{'init' if head == 'none' else head}(frozen)"
+        if head != "none" and bool(self.cfg.federation.get("head_freeze", False)):
+            head = f"{head}_frozen"  # the solved head held fixed (remedy=fed3r_frozen)
         trained = int(self.cfg.rounds) > 0
+        remedies = "".join(f"+{r}" for r in self._remedies()) if trained else ""
         if self.kind != "federated":
             if head == "none":
-                return self.kind
-            return f"{self.kind}+{head}" + ("+ft" if trained else "")
+                return self.kind + remedies
+            return f"{self.kind}+{head}" + ("+ft" if trained else "") + remedies
         if head != "none" and not trained:
             return f"{head} one-shot"
         params = ",".join(
@@ -430,9 +446,7 @@ class RunRecord:
             if k == "mu"  # the parameter the study varies; the others are fixed defaults
         )
         name = f"{self.strategy}({params})" if params else self.strategy
-        fixbn = int(fed.get("freeze_bn_from", 0))
-        if fixbn:  # BatchNorm statistics held from this round on
-            name = f"{name}+fixbn({fixbn})"
+        name += remedies
         return name if head == "none" else f"{head}+{name}"
 
     @property
@@ -531,4 +545,16 @@ def read_run(run_dir: Path | str) -> RunRecord:
     for key, value in ADDED_LATER.items():
         if OmegaConf.select(cfg, key, default=None) is None and key.split(".")[0] in cfg:
             OmegaConf.update(cfg, key, value, force_add=True)
+    drop_removed(cfg)
     return RunRecord(dir=run_dir, kind=doc["kind"], cfg=cfg, doc=doc)
+
+
+def drop_removed(cfg: DictConfig) -> None:
+    """Delete each removed key (:data:`REMOVED`) an old ``config.yaml`` holds at the value
+    that is today's behaviour, so the run reads and compares as a run of today; at any
+    other value (an ``model.freeze_bn=true`` run) it is kept, and reports show it."""
+    for key, (value, _) in REMOVED.items():
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+        if isinstance(node, DictConfig) and leaf in node and node[leaf] == value:
+            del node[leaf]

@@ -141,7 +141,27 @@ def validate(cfg: DictConfig, kind: str) -> Settings:
         raise ConfigError(
             "federation.min_nodes", f"{fed.min_nodes} is more than the {fed.num_sites} sites"
         )
+    if kind == "federated":
+        check_sampling(fed)
     return settings
+
+
+def check_sampling(fed: FederationSettings) -> None:
+    """A fraction of the sites per round needs ``min_nodes`` at or below it: Flower samples
+    max(fraction x sites, min_nodes), and min_nodes follows num_sites unless set, so
+    ``fraction_train=0.5`` alone would still train every site, silently."""
+    for key, fraction in (
+        ("fraction_train", fed.fraction_train),
+        ("fraction_evaluate", fed.fraction_evaluate),
+    ):
+        sampled = int(fraction * fed.num_sites)
+        if 0 < fraction < 1 and fed.min_nodes > max(sampled, 1):
+            raise ConfigError(
+                "federation.min_nodes",
+                f"{fed.min_nodes} sites are sampled every round whatever federation.{key}="
+                f"{fraction:g} says (Flower samples at least min_nodes); for {sampled} of the "
+                f"{fed.num_sites} sites set federation.min_nodes={max(sampled, 1)} or lower",
+            )
 
 
 def check_sites(cfg: DictConfig) -> None:

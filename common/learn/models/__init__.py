@@ -40,15 +40,6 @@ def check_model_config(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(
             "model.prefix_precision", f"use one of {PREFIX_PRECISIONS}, got '{precision}'"
         )
-    freeze_bn = cfg.get("freeze_bn", False)
-    if not isinstance(freeze_bn, bool):
-        raise ConfigError("model.freeze_bn", f"use true or false, got '{freeze_bn}'")
-    if freeze_bn and not pretrained:
-        raise ConfigError(
-            "model.freeze_bn",
-            "needs pretrained BatchNorm statistics (model.mode=features or finetune); "
-            "a model trained from scratch has none to keep",
-        )
 
 
 def build_model(cfg: Mapping[str, Any], num_classes: int) -> StagedModel:
@@ -60,7 +51,6 @@ def build_model(cfg: Mapping[str, Any], num_classes: int) -> StagedModel:
     if str(cfg.get("norm", "batch")) == "group":
         batchnorm_to_groupnorm(model)
     model = set_trainable(model, cut_index(model, mode, int(cfg.get("finetune_blocks", 1))))
-    model.bn_frozen = bool(cfg.get("freeze_bn", False)) and str(cfg.get("norm")) != "group"
     if cfg.get("dp_compatible", False):  # set by privacy=dp_sgd
         model = make_dp_compatible(model)
     return model

@@ -45,7 +45,7 @@ class StagedModel(nn.Module):
         self.stage_names = [n for n, _ in stages]
         self.stages = nn.ModuleList([m for _, m in stages])
         self.frozen_until = 0  # stages[:frozen_until] are frozen
-        self.bn_frozen = False  # True: every BatchNorm keeps its stored statistics (freeze_bn)
+        self.bn_frozen = False  # True: every BatchNorm keeps its stored statistics (FixBN)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_from(x, 0)
