@@ -86,3 +86,16 @@ def test_the_installed_wheel_runs_beside_an_unrelated_common_module(
         run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
         assert run.stdout.strip() == f"fedscan {fedscan.__version__}"
+
+
+def test_pyproject_is_a_valid_flower_app() -> None:
+    """``flwr run .`` validates pyproject.toml first (a dynamic ``version`` is refused there,
+    as are component references that do not import); the same check, in a second."""
+    import tomllib
+
+    from flwr.common.config import validate_config
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    ok, errors, _ = validate_config(config, check_module=True, project_dir=ROOT)
+    assert ok, errors
+    assert config["project"]["version"] == fedscan.__version__
