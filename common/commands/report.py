@@ -51,6 +51,9 @@ NOT_COMPARED = (
     # folders from before this key hold without it)
     "dataset.label_smoothing",
     "dataset.cached_flips",  # likewise for train.cached_flips
+    # SecAgg+'s masks cancel exactly: which generator drew them changes what a site's masked
+    # vector reveals, not the aggregate (folders from before it used Flower's)
+    "secure_aggregation.mask_generator",
 )
 
 
