@@ -3,11 +3,11 @@
 Why: every mask of Flower 1.42's SecAgg+ (a site's private mask from its 32-byte
 seed, each pairwise mask from an ECDH-derived key) comes from ``pseudo_rand_gen``
 (``flwr/common/secure_aggregation/secaggplus_utils.py``), which XOR-folds the secret
-to 32 bits and expands it with numpy's Mersenne Twister. A coordinator holding a
-site's masked vector can try all 2**32 folded seeds of its private mask and keep the
-one that leaves a plausible update, and Mersenne Twister is not a cryptographic
-generator anyway. Reported upstream as flwrlabs/flower issue 7522; a fix is proposed
-in PR 7570, not released in flwr 1.42.0 (:data:`FLWR_CHECKED`).
+to 32 bits and expands it with numpy's Mersenne Twister: each mask is one of at most
+2**32 streams (a 256-bit secret buys 32 bits), few enough to tabulate, from a
+generator that is not cryptographic, where the protocol's security argument (Bell et
+al. 2020) assumes a cryptographic PRG. Reported upstream as flwrlabs/flower issue
+7522; a fix is proposed in PR 7570, not released in flwr 1.42.0 (:data:`FLWR_CHECKED`).
 ``tests/test_masks.py`` fails when the installed flwr changes, so whoever upgrades
 re-checks whether Flower's own generator is fixed and this patch can go.
 
