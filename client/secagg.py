@@ -19,6 +19,7 @@ import logging
 from flwr.app import Context, Message
 from flwr.client.mod import secaggplus_mod
 from flwr.client.mod.secure_aggregation.secaggplus_mod import _collect_masked_vectors
+from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from fedscan.common.core.errors import ConfigError
@@ -33,7 +34,7 @@ def install_site_masks() -> None:
     masks.install(_collect_masked_vectors, "flwr's secaggplus_mod._collect_masked_vectors")
 
 
-def pinned_secaggplus_mod(msg: Message, context: Context, call_next) -> Message:
+def pinned_secaggplus_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """``secaggplus_mod`` with fedscan's masks; refuses a server on another generator
     at the setup stage (an error reply naming the setting, before any key is made)."""
     install_site_masks()
