@@ -39,16 +39,24 @@ SEED = bytes(range(32))
 # generate(SEED, 2**bits, ...)'s first five values, computed once and kept: a change of the
 # construction (label, encoding, word size) must fail here and get a new GENERATOR name
 KNOWN = {
-    40: [370100284052, 250980322137, 905530936500, 146044761945, 539681961684],
-    32: [1739007446, 1253523150, 2967708986, 1981332043, 4191533206],
+    40: [370100284052, 873386228393, 957412437911, 918477911155, 384948101330],  # 5-byte words
+    32: [1739007446, 1253523150, 2967708986, 1981332043, 4191533206],  # 4-byte words
+    20: [40982, 483509, 595454, 395263, 575352],  # 3-byte words
+    63: [  # 8-byte words
+        7704373697090719669,
+        2263463468739860251,
+        8128289603314952111,
+        2357465164964781247,
+        7229086821073122639,
+    ],
 }
 
 
 def _independent(seed: bytes, bits: int, count: int) -> list[int]:
     """The construction from its description, with hashlib and int.from_bytes only:
     SHAKE-256 of label || NUL || bits || len(seed) (8 bytes LE) || seed, read as
-    little-endian words of the smallest of 1/2/4/8 bytes, low ``bits`` bits kept."""
-    width = next(w for w in (1, 2, 4, 8) if 8 * w >= bits)
+    little-endian words of ceil(bits / 8) bytes, low ``bits`` bits kept."""
+    width = (bits + 7) // 8
     absorbed = (
         b"fedscan/secaggplus/mask/shake256/v1\x00"
         + bytes([bits])

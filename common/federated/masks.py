@@ -15,7 +15,8 @@ re-checks whether Flower's own generator is fixed and this patch can go.
 202, from ``hashlib``) of a domain-separation label, the mask width and the *whole*
 secret (keyed by prefix, as KMAC and the SHAKE-based PRFs of FIPS 203/204 are; no
 folding): one squeeze for all arrays of a vector, cut into little-endian words of
-1, 2, 4 or 8 bytes, each keeping its low log2(num_range) bits. ``num_range`` (the
+ceil(log2(num_range) / 8) bytes (5 for fedscan's 2**40: no squeezed byte wasted,
+the XOF is the cost), each keeping its low log2(num_range) bits. ``num_range`` (the
 SecAgg+ modulus) is a power of two, so every value in [0, num_range) is equally
 likely (Flower's draws [0, num_range - 1)). Anything else is refused.
 
@@ -82,15 +83,21 @@ def generate(
             f"got {type(seed).__name__} of length {len(seed) if hasattr(seed, '__len__') else '?'}"
         )
     bits = _bits(num_range)
-    width = next(w for w in (1, 2, 4, 8) if 8 * w >= bits)
+    width = -(-bits // 8)  # bytes per value
     shapes = [tuple(int(n) for n in d) for d in dimensions_list]
     sizes = [math.prod(s) for s in shapes]
-    stream = hashlib.shake_256(stream_input(bytes(seed), bits)).digest(width * sum(sizes))
-    if width == 8:  # int64 words: keeping the low `bits` (<= 63) bits makes them non-negative
-        values = np.frombuffer(stream, dtype="<i8") & np.int64(int(num_range) - 1)
-    else:
+    total = sum(sizes)
+    stream = hashlib.shake_256(stream_input(bytes(seed), bits)).digest(width * total)
+    if width in (1, 2, 4):
         words = np.frombuffer(stream, dtype=f"<u{width}")
         values = (words & words.dtype.type(int(num_range) - 1)).astype(np.int64)
+    elif width == 8:  # int64 words: keeping the low `bits` (<= 63) bits makes them >= 0
+        values = np.frombuffer(stream, dtype="<i8") & np.int64(int(num_range) - 1)
+    else:  # 3, 5, 6 or 7 bytes: each word zero-extended to an int64
+        padded = np.zeros((total, 8), dtype=np.uint8)
+        padded[:, :width] = np.frombuffer(stream, dtype=np.uint8).reshape(total, width)
+        values = padded.view("<i8").ravel()
+        values &= np.int64(int(num_range) - 1)
     out, start = [], 0
     for shape, size in zip(shapes, sizes, strict=True):
         out.append(values[start : start + size].reshape(shape))
