@@ -27,7 +27,6 @@ import zlib
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.client.mod import secaggplus_mod
 from flwr.common import (
     Code,
     EvaluateRes,
@@ -39,6 +38,7 @@ from flwr.common import (
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
+from fedscan.client.secagg import pinned_secaggplus_mod
 from fedscan.common.federated.secure import scaled_statistics, weighted_peak
 from fedscan.common.federated.wire import (
     ARRAYS,
@@ -195,11 +195,11 @@ def legacy_evaluate(msg: Message, context: Context, call_next) -> Message:
 
 def secure_mod(msg: Message, context: Context, call_next) -> Message:
     """Route SecAgg+ train messages through Flower's ``secaggplus_mod`` (setup, key
-    sharing, masked update, unmasking) and legacy evaluate messages through the
-    adapter; every other message passes untouched."""
+    sharing, masked update, unmasking; fedscan's masks: ``client/secagg.py``) and legacy
+    evaluate messages through the adapter; every other message passes untouched."""
     content = msg.content if msg.has_content() else RecordDict()
     if RECORD_KEY_CONFIGS in content.config_records:
-        return secaggplus_mod(msg, context, lambda m, c: legacy_train(m, c, call_next))
+        return pinned_secaggplus_mod(msg, context, lambda m, c: legacy_train(m, c, call_next))
     if EVALUATE_INS in content.array_records:
         return legacy_evaluate(msg, context, call_next)
     return call_next(msg, context)

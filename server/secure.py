@@ -36,7 +36,7 @@ from flwr.server import LegacyContext, ServerConfig, SimpleClientManager
 from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.strategy import Strategy as LegacyStrategy
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid
 
 from fedscan.common.federated.privacy import CentralDPSettings
@@ -59,6 +59,7 @@ from fedscan.common.federated.wire import (
     STATISTICS_KEYS,
     STATISTICS_SCALE,
 )
+from fedscan.server.secagg import PinnedSecAggPlusWorkflow
 
 log = logging.getLogger("fedscan.server")
 
@@ -309,7 +310,7 @@ def _workflow(
         client_manager=WaitingClientManager(fed.wait_for_nodes_s),
     )
     DefaultWorkflow(
-        fit_workflow=SecAggPlusWorkflow(
+        fit_workflow=PinnedSecAggPlusWorkflow(
             num_shares=settings.num_shares,
             reconstruction_threshold=settings.reconstruction_threshold,
             clipping_range=settings.clipping_range,
@@ -317,6 +318,7 @@ def _workflow(
             modulus_range=settings.modulus_range,
             max_weight=settings.max_weight,
             timeout=timeout,
+            mask_generator=settings.mask_generator,
         )
     )(grid, context)
 

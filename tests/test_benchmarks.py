@@ -146,7 +146,10 @@ def test_secure_aggregation_benchmark_runs() -> None:
             *SMALL,
         ]
     )
-    assert "| features | off |" in out.stdout and "| features | secaggplus |" in out.stdout
+    assert "| features | off |" in out.stdout
+    for masks in ("flower", "shake256"):  # both generators, side by side
+        assert f"| features | secaggplus | {masks} | 1 |" in out.stdout
+    assert "features: SecAgg+ s per round, shake256" in out.stdout
 
 
 def test_site_scale_runs(tmp_path: Path) -> None:

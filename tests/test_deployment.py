@@ -110,20 +110,22 @@ def _processes_mentioning(path: Path) -> list[str]:
 
 @pytest.mark.parametrize("secure", [False, True], ids=["plain", "secaggplus"])
 def test_tls_federation_with_authenticated_sites_survives_a_killed_site(loopback, secure) -> None:
-    """``secure``: the same run under SecAgg+ (3 shares, threshold 2); site-c dies after
-    it has shared its keys (at its third train message of round 1: setup, key sharing,
-    masked update), so the two others' shares rebuild what its masks hid."""
+    """``secure``: the same run under SecAgg+ with a fourth site, site-d (4 shares, so
+    every site holds a share of every other's secrets; threshold 2). In round 1 site-d
+    dies at its first train message, before sharing its keys: the round goes on
+    without it instead of halting at unmasking; site-c dies after it has shared its
+    keys (at its third train message: setup, key sharing, masked update), so the two
+    others' shares rebuild what its masks hid."""
     procs, tmp, env = loopback
     # Step 1 of the runbook: keys. Three hospitals, plus a machine nobody registered.
     pki = tmp / "pki"
-    make_dev_pki(
-        pki, sites=["site-a", "site-b", "site-c", "intruder", "plaintext"], hosts=["127.0.0.1"]
-    )
+    sites = ["site-a", "site-b", "site-c", *(["site-d"] if secure else [])]
+    make_dev_pki(pki, sites=[*sites, "intruder", "plaintext"], hosts=["127.0.0.1"])
+    sizes = {"site-a": 20, "site-b": 15, "site-c": 15, "site-d": 10, "intruder": 5}
     data = {
-        "site-a": generate(tmp / "data" / "site-a", "brain_mri", per_class=20, size=64, seed=11),
-        "site-b": generate(tmp / "data" / "site-b", "brain_mri", per_class=15, size=64, seed=12),
-        "site-c": generate(tmp / "data" / "site-c", "brain_mri", per_class=15, size=64, seed=13),
-        "intruder": generate(tmp / "data" / "intruder", "brain_mri", per_class=5, size=64, seed=14),
+        site: generate(tmp / "data" / site, "brain_mri", per_class=n, size=64, seed=11 + i)
+        for i, (site, n) in enumerate(sizes.items())
+        if site in (*sites, "intruder")
     }
     port = _free_port()
     home = Path(env["FLWR_HOME"])
@@ -147,7 +149,7 @@ def test_tls_federation_with_authenticated_sites_survives_a_killed_site(loopback
     )  # fmt: skip
     _wait_for(lambda: "Uvicorn running" in procs.log("superlink"), 60, "the SuperLink")
     # Step 3: register the three hospitals' public keys.
-    for site in ("site-a", "site-b", "site-c", "plaintext"):
+    for site in (*sites, "plaintext"):
         out = subprocess.run(
             ["flwr", "supernode", "register", str(pki / "sites" / site / f"{site}.pub"), "fedscan"],
             env=env, capture_output=True, text=True, timeout=60,
@@ -182,7 +184,7 @@ def test_tls_federation_with_authenticated_sites_survives_a_killed_site(loopback
     assert intruder.returncode != 0
     assert "Failed to activate SuperNode" in procs.log("intruder")
     ids = {}
-    for site in ("site-a", "site-b", "site-c"):
+    for site in sites:
         _wait_for(lambda s=site: "SuperNode ID:" in procs.log(s), 90, f"{site} to connect")
         ids[site] = int(re.search(r"SuperNode ID: (\d+)", procs.log(site)).group(1))
     listing = subprocess.run(
@@ -196,7 +198,7 @@ def test_tls_federation_with_authenticated_sites_survives_a_killed_site(loopback
     nodes = {int(n["node-id"]): n["status"] for n in json.loads(listing.stdout)["nodes"]}
     online = {i for i, status in nodes.items() if status == "online"}
     assert online == set(ids.values())  # neither the intruder nor the plaintext node
-    assert len(nodes) == 4  # the three sites and the registered-but-never-connected one
+    assert len(nodes) == len(sites) + 1  # the sites and the registered-never-connected one
 
     # Step 5: submit the run; site-c dies as soon as its first training starts.
     runs = tmp / "runs"
@@ -204,11 +206,16 @@ def test_tls_federation_with_authenticated_sites_survives_a_killed_site(loopback
         f"dataset='synthetic' num-rounds=2 runs-dir='{runs}' "
         "overrides='model.mode=features train.lr=0.01 federation.local_epochs=3 "
         "federation.min_nodes=2 federation.round_timeout_s=240"
-        + (" secure_aggregation=secaggplus'" if secure else "'")
+        + (" secure_aggregation=secaggplus secure_aggregation.num_shares=4'" if secure else "'")
     )
     run = procs.start(
         "flwr-run", "flwr", "run", str(ROOT), "fedscan", "--stream", "--run-config", run_config
     )
+    if secure:  # site-d: gone at its first train message (setup), before sharing its keys
+        _wait_for(
+            lambda: "Receiving: train message" in procs.log("site-d"), 240, "round 1 at site-d"
+        )
+        procs.kill("site-d")
     messages = 3 if secure else 1
     _wait_for(
         lambda: procs.log("site-c").count("Receiving: train message") >= messages,
@@ -231,6 +238,10 @@ def test_tls_federation_with_authenticated_sites_survives_a_killed_site(loopback
     assert rounds[-1]["global"]["test_grouped"]["accuracy"] >= 0.8
     if secure:  # both rounds ran the protocol; round 1 rebuilt the lost site's masks
         assert text.count("Secure aggregation completed.") == 2, text[-4000:]
+        before = rf"site\(s\) {ids['site-d']} left SecAgg\+ at the (setup|share keys) stage"
+        assert re.search(before, text), text[-4000:]
+        assert f"site(s) {ids['site-c']} dropped after sharing their keys" in text
+        assert "halted" not in text
         return
     assert f"no update from site(s) {ids['site-c']}" in text
     assert "Node Unavailable" in text

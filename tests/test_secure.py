@@ -10,7 +10,7 @@ import pytest
 import torch
 from flwr.app import Context, Message
 from flwr.common import bytes_to_ndarray, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 
 import fedscan.client.secure
@@ -23,6 +23,7 @@ from fedscan.common.federated.secure import (
     statistics_bound,
     weighted_peak,
 )
+from fedscan.common.federated.wire import MASK_GENERATOR
 from fedscan.common.runs.validate import validate
 from fedscan.simulations.federated import run_federated
 from tests.conftest import SIM_BASE
@@ -116,6 +117,7 @@ def test_the_server_sees_only_the_masked_sum(tmp_path, monkeypatch) -> None:
         (["privacy=central", "privacy.side=server"], "privacy.side"),
         (["privacy=central", "privacy.clipping=adaptive"], "privacy.clipping"),
         (["secure_aggregation.modulus_range=1000"], "secure_aggregation.modulus_range"),
+        (["secure_aggregation.mask_generator=flower"], "secure_aggregation.mask_generator"),
     ],
 )
 def test_bad_secure_settings_fail_before_training(extra, key) -> None:
@@ -189,6 +191,114 @@ def test_a_site_lost_after_sharing_its_keys_leaves_a_correct_mean_of_the_rest(
     )
     rows = torch.load(run_dir / "last.pt", weights_only=False)["rounds"][-1]["sites"]["train"]
     assert sorted(r["partition-id"] for r in rows) == [0, 2]  # the lost site is not counted
+
+
+def _site_1_leaves_before_its_keys(stage: str, seen: dict[str, int]):
+    """An outermost site mod: at ``stage``, site 1 either fails (share keys: it dies
+    before sharing its keys) or answers as a site on another mask generator would
+    (setup: its reply announces none, as an older fedscan or plain Flower site)."""
+
+    def mod(msg: Message, context: Context, call_next) -> Message:
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
+        if int(context.node_config["partition-id"]) != 1 or configs is None:
+            return call_next(msg, context)
+        if configs.get(Key.STAGE) != stage:
+            return call_next(msg, context)
+        seen["node"] = int(context.node_id)
+        if stage == Stage.SHARE_KEYS:
+            raise RuntimeError("site 1 lost before sharing its keys")
+        reply = call_next(msg, context)
+        del reply.content.config_records[RECORD_KEY_CONFIGS][MASK_GENERATOR]
+        return reply
+
+    return mod
+
+
+@pytest.mark.parametrize("stage", [Stage.SETUP, Stage.SHARE_KEYS])
+def test_a_site_that_leaves_before_sharing_its_keys_leaves_a_correct_mean_of_the_rest(
+    tmp_path, monkeypatch, caplog, stage
+) -> None:
+    """Site 1 leaves before any key of it reaches another site: refused by the server
+    at setup (it announces no mask generator) or lost at the key-sharing stage. Flower
+    alone halts such a round at unmasking (it asks the others for shares of a site
+    that never sent any); here the round completes with the two others, named in the
+    log, and their mean is right."""
+    truth: dict[int, tuple[int, np.ndarray, dict]] = {}
+    real = fedscan.client.secure.legacy_train
+
+    def spy(msg: Message, context: Context, call_next) -> Message:
+        reply = real(msg, context, call_next)
+        fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+        flat = np.concatenate([u.ravel() for u in parameters_to_ndarrays(fitres.parameters)])
+        start = {k: v.numpy().copy() for k, v in msg.content["arrays"].items()}
+        truth[int(context.node_config["partition-id"])] = (fitres.num_examples, flat, start)
+        return reply
+
+    monkeypatch.setattr(fedscan.client.secure, "legacy_train", spy)
+    seen: dict[str, int] = {}
+    caplog.set_level("INFO", logger="fedscan")
+    run_dir = run_federated(
+        [*BASE, "rounds=1", f"runs_dir={tmp_path}"],
+        client_mods=[_site_1_leaves_before_its_keys(stage, seen)],
+    )
+    assert sorted(truth) == [0, 2]
+    weights = [truth[s][0] for s in (0, 2)]
+    expected = sum(truth[s][0] * truth[s][1].astype(np.float64) for s in (0, 2)) / sum(weights)
+    start = truth[0][2]
+    final = torch.load(run_dir / "last.pt", weights_only=False)
+    got = np.concatenate(
+        [(final["arrays"][k].double().numpy() - start[k].astype(np.float64)).ravel() for k in start]
+    )
+    bound = quantization_bound(secure_settings(load_config(BASE).secure_aggregation), weights)
+    assert np.abs(got - expected).max() <= bound
+    rows = final["rounds"][-1]["sites"]["train"]
+    assert sorted(r["partition-id"] for r in rows) == [0, 2]
+    text = "\n".join(r.getMessage() for r in caplog.records if r.name == "fedscan.server")
+    name = "setup" if stage == Stage.SETUP else "share keys"
+    assert f"site(s) {seen['node']} left SecAgg+ at the {name} stage, before sharing keys" in text
+    if stage == Stage.SETUP:
+        assert f"SecAgg+ refuses site {seen['node']}: " in text
+        assert "announces no mask generator" in text and "mask_generator" in text
+    assert "halted" not in text
+
+
+def test_sites_refuse_a_server_on_another_generator_and_the_round_halts_by_name(
+    tmp_path, monkeypatch, caplog
+) -> None:
+    """A server that announces no mask generator (an older fedscan, or plain Flower):
+    every site refuses at setup, before making a key; the server logs the halted round
+    with each site and its reason, and the global model is unchanged."""
+    trained: list[int] = []
+    real = fedscan.client.secure.legacy_train
+    monkeypatch.setattr(
+        fedscan.client.secure,
+        "legacy_train",
+        lambda m, c, n: trained.append(1) or real(m, c, n),
+    )
+    nodes: set[int] = set()
+
+    def old_server(msg: Message, context: Context, call_next) -> Message:
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
+        if configs is not None and configs.get(Key.STAGE) == Stage.SETUP:
+            nodes.add(int(context.node_id))
+            del configs[MASK_GENERATOR]
+        return call_next(msg, context)
+
+    caplog.set_level("INFO", logger="fedscan")
+    run_dir = run_federated([*BASE, "rounds=1", f"runs_dir={tmp_path}"], client_mods=[old_server])
+    assert trained == [] and len(nodes) == 3
+    halted = [
+        r.getMessage()
+        for r in caplog.records
+        if "SecAgg+ halted at the setup stage" in r.getMessage()
+    ]
+    assert len(halted) == 1
+    for node in nodes:
+        assert f"site {node}: " in halted[0]
+    assert "secure_aggregation.mask_generator" in halted[0]
+    assert "the server announces no mask generator" in halted[0]
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1] and "train" not in rounds[0]["sites"]
 
 
 def test_a_resumed_secure_run_equals_an_uninterrupted_one(tmp_path) -> None:

@@ -58,6 +58,9 @@ NOT_COMPARED = (
     "model.head_ridge",  # likewise for federation.head_ridge (the model's value by mode)
     # the recipe's name: a recipe's run and the same keys set one by one are one row
     "recipe",
+    # SecAgg+'s masks cancel exactly: which generator drew them changes what a site's masked
+    # vector reveals, not the aggregate (folders from before it used Flower's)
+    "secure_aggregation.mask_generator",
 )
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from fedscan.common.core.errors import ConfigError
+from fedscan.common.federated.masks import GENERATORS
 
 NAMES = ("off", "secaggplus")
 # The statistics round under SecAgg+ quantises finer than training rounds: 2**30 levels
@@ -43,6 +44,7 @@ class SecureAggregationSettings:
     max_weight: float
     statistics_scale: float
     timeout_s: float | None
+    mask_generator: str  # what derives the masks (masks.py); announced to and checked by sites
 
     def __post_init__(self) -> None:
         checks = [
@@ -63,6 +65,12 @@ class SecureAggregationSettings:
             ("max_weight", self.max_weight > 0, "must be > 0"),
             ("statistics_scale", self.statistics_scale > 0, "must be > 0"),
             ("timeout_s", self.timeout_s is None or self.timeout_s > 0, "must be > 0 or null"),
+            (
+                "mask_generator",
+                self.mask_generator in GENERATORS,
+                f"must be one of {list(GENERATORS)} (the SecAgg+ mask generators this "
+                "fedscan implements)",
+            ),
         ]
         for key, ok, msg in checks:
             if not ok:
@@ -92,6 +100,7 @@ def secure_settings(section: Mapping[str, Any] | None) -> SecureAggregationSetti
             ) from None
     timeout = section.get("timeout_s")
     values["timeout_s"] = None if timeout is None else float(timeout)
+    values["mask_generator"] = section.get("mask_generator")
     return SecureAggregationSettings(**values)
 
 

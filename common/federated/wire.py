@@ -30,6 +30,10 @@ STATISTICS_SCALE = "statistics-scale"  # the statistics round under SecAgg+: sum
 MAX_WEIGHT = "max-weight"  # ... sent with this num-examples: every site weighs the same
 CLIPPING_RANGE = "clipping-range"  # ... must stay within SecAgg+'s clipping range
 STATISTICS_KEYS = "statistics-keys"  # reply metric: the statistics' names, in order (JSON)
+# SecAgg+'s mask generator (common/federated/masks.py), in the setup stage's protocol
+# config (server -> site) and in a site's setup reply (site -> server): each refuses the other
+# on a mismatch, before any key is shared
+MASK_GENERATOR = "fedscan-mask-generator"
 
 # Reply metrics, site -> server
 NUM_EXAMPLES = "num-examples"  # Flower's weighting key; 0 = "do not average me"
