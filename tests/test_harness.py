@@ -144,12 +144,13 @@ def _fake_run(
 
 
 def _write_config(d: Path, *overrides: str) -> None:
-    """A run folder's config.yaml as the tree resolves it (data_root set: no fallback)."""
+    """A run folder's config.yaml as the tree resolves it (data_root set: no fallback;
+    composed only, the folder holds no dataset)."""
     from omegaconf import OmegaConf
 
     from fedscan.common.core.config import load_config
 
-    cfg = load_config([f"data_root={d}", *overrides])
+    cfg = load_config([f"data_root={d}", *overrides], check_data=False)
     (d / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
