@@ -405,7 +405,8 @@ def estimate_round(c: ImageCollection, ok: np.ndarray, cfg: Mapping[str, Any]) -
         return time.perf_counter() - t
 
     model.train()
-    step()  # warm-up: allocator and kernel selection
+    warm = step()  # warm-up: allocator and kernel selection
+    log.info("site check: warm-up step %.1f s; two timed steps ...", warm)
     train_s = min(step() for _ in range(2)) / batch
     with torch.inference_mode():
         model.eval()
