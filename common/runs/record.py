@@ -33,7 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fedscan.common.core.errors import DataError
-from fedscan.common.federated.settings import federation_settings
+from fedscan.common.federated.settings import BEST_METRIC_NAMES, federation_settings
 from fedscan.common.federated.wire import COUNT_PREFIX, NUM_EXAMPLES
 from fedscan.common.runs import cross_site
 from fedscan.common.runs.partition_report import counts_from_sites, write_partition_report
@@ -244,13 +244,20 @@ class FederatedRun:
         chosen on the test split would make that split's figure optimistic. A round
         the sites did not evaluate (``federation.fraction_evaluate=0``) is never best.
         """
-        score = site_weighted_mean(sites.get("evaluate", []), self.best_metric)
+        rows = [r for r in sites.get("evaluate", []) if self.best_metric in r]
+        score = site_weighted_mean(rows, self.best_metric)
         if score is None:
             return False
         signed = -score if self.best_metric.endswith("loss") else score
         if signed > self.best_score:
             self.best_score = signed
-            self.best = {"round": rnd, "metric": self.best_metric, "score": score}
+            self.best = {
+                "round": rnd,
+                "metric": self.best_metric,
+                "score": score,
+                "images": int(sum(float(r[NUM_EXAMPLES]) for r in rows)),  # validation images
+                "sites": len(rows),
+            }
             if refitted:  # the model after federation.bn_refit / head_refit
                 self.best["refitted"] = True
             self._write()
@@ -307,13 +314,16 @@ class FederatedRun:
             held = row.get("global") if b.get("refitted") else row.get("before_refit")
             held = held or row.get("global") or {}
             tests = ", ".join(f"{n} {m['accuracy']:.4f}" for n, m in held.items())
+            pooled = f" over {b['images']} images at {b['sites']} sites" if "images" in b else ""
             log.info(
-                "best.pt: round %d%s, chosen on the sites' %s %.4f%s",
+                "best.pt: round %d%s, chosen on the sites' %s %.4f (%s%s)%s",
                 b["round"],
                 " (refitted)" if b.get("refitted") else "",
-                b["metric"],
+                BEST_METRIC_NAMES.get(b["metric"], b["metric"]),
                 b["score"],
-                f" (its test accuracy: {tests})" if tests else "",
+                b["metric"],
+                pooled,
+                f"; its test accuracy: {tests}" if tests else "",
             )
         title = f"{self.label} | {self.cfg.strategy.name} | {self.cfg.model.name}"
         plot_round_curves(self.rounds, self.dir / "curves.png", title=title)
