@@ -9,6 +9,7 @@ shapes differ from what the server sent), naming the site.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -215,9 +216,11 @@ def site_metrics(records: list[RecordDict], weighting_metric_name: str) -> Metri
                 out[key] = out.get(key, 0) + value
             else:
                 rates.setdefault(key, []).append((float(value), w))
-    for key, pairs in rates.items():  # over the sites that report it (a site reports the
-        total = sum(w for _, w in pairs) or 1.0  # recall of the classes it holds only)
-        out[key] = sum(v * w for v, w in pairs) / total
+    for key, pairs in rates.items():  # over the sites where it is defined: a site's recall
+        pairs = [(v, w) for v, w in pairs if math.isfinite(v)]  # of a class it has no
+        if pairs:  # validation image of is NaN
+            total = sum(w for _, w in pairs) or 1.0
+            out[key] = sum(v * w for v, w in pairs) / total
     return out
 
 
