@@ -86,3 +86,12 @@ def test_the_installed_wheel_runs_beside_an_unrelated_common_module(
         run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
         assert run.stdout.strip() == f"fedscan {fedscan.__version__}"
+
+
+def test_flower_accepts_the_app_and_its_version_is_fedscans() -> None:
+    """``flwr run`` validates pyproject.toml before anything runs: a dynamic version
+    (no ``version`` in [project]) made every ``flwr run .`` fail at once."""
+    from flwr.cli.config_utils import load_and_validate
+
+    config, _ = load_and_validate(ROOT / "pyproject.toml", check_module=False)
+    assert config["project"]["version"] == fedscan.__version__
