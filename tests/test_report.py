@@ -65,10 +65,14 @@ def test_report_shows_the_shipped_models_figures_and_names_its_round(tmp_path: P
     it; no best.pt: last.pt, the last round."""
     best2 = _federated(tmp_path, "a", {1: 0.5, 2: 0.9, 3: 0.7}, best={"round": 2})
     assert _figure(best2) == ("best.pt, round 2", 0.9)
-    refitted = {"round": 3, "refitted": True}
-    assert _figure(_federated(tmp_path, "b", {1: 0.5, 2: 0.6, 3: 0.7}, best=refitted, refit=0.8))[
-        1
-    ] == pytest.approx(0.8)
+    refitted = _federated(
+        tmp_path, "b", {1: 0.5, 2: 0.6, 3: 0.7}, best={"round": 3, "refitted": True}, refit=0.8
+    )
+    assert _figure(refitted) == ("best.pt, round 3 (refitted)", 0.8)
+    # the curve is the training (round 3 before its refit); the refit is a point apart
+    row = next(r for r in load_run(refitted) if r["split"] == "test_grouped")
+    assert [(x, acc) for x, acc, _ in row["curve"]] == [(1, 0.5), (2, 0.6), (3, 0.7)]
+    assert row["refit_point"][:2] == (3, 0.8)
     before = _federated(tmp_path, "c", {1: 0.5, 2: 0.6, 3: 0.7}, best={"round": 3}, refit=0.8)
     assert _figure(before) == ("best.pt, round 3", 0.7)
     last = _federated(tmp_path, "d", {1: 0.5, 2: 0.6}, best=None, refit=0.65)
