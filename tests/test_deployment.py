@@ -289,7 +289,7 @@ def test_the_rehearsal_script_runs_as_written_and_leaves_no_process_behind(
     for said in ("the SuperLink: ready after", "SuperNode hospital-b: ready after", "all stopped"):
         assert said in text, said
     assert "status finished:completed" in text
-    (run,) = (rehearsal / "runs").iterdir()
+    (run,) = [d for d in (rehearsal / "runs").iterdir() if not d.name.startswith(".")]
     rounds = json.loads((run / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
     assert _rehearsal_processes(rehearsal) == []
