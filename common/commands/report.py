@@ -580,14 +580,15 @@ def _curve_panels(mine: list[dict], splits: list[str], ds: str, path: Path) -> P
                 lw=1,
                 label=f"{method} (one model on all data{seeds})",
             )
-        ax_a.set(xlabel="round", ylabel="accuracy", title=f"{ds}: global accuracy ({split})")
-        ax_l.set(xlabel="round", ylabel="loss", title=f"{ds}: global loss ({split})")
+        ax_a.set(xlabel="round", ylabel="accuracy", title=f"accuracy on {split}")
+        ax_l.set(xlabel="round", ylabel="loss", title=f"loss on {split}")
         for ax in (ax_a, ax_l):
             ax.grid(alpha=0.3)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         handles, labels = ax_a.get_legend_handles_labels()
         if handles:  # beside the panels, never over a curve
             ax_l.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(f"{ds}: the global model per round (federated: mean over seeds)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

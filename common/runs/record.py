@@ -401,7 +401,13 @@ class RunRecord:
 
     @property
     def dataset(self) -> str:
-        return str(self.doc["dataset"])
+        """The dataset's name; the synthetic set by its domain (``synthetic_brain_mri``),
+        as centralised, pooled and local runs record it (a federated folder says
+        ``synthetic``), so that every kind of run of one dataset lands in one table."""
+        name = str(self.doc["dataset"])
+        if name == "synthetic":
+            return f"synthetic_{self.cfg.dataset.get('domain', 'brain_mri')}"
+        return name
 
     @property
     def seed(self) -> int:
