@@ -138,3 +138,20 @@ def test_report_skips_folders_that_are_no_finished_run_with_one_line_each(
         write_report([running, empty], tmp_path / "r2")
     assert main(["report", str(running), "--out", str(tmp_path / "r3")]) == 2
     assert "no finished run folder" in capsys.readouterr().err
+
+
+def test_a_synthetic_federation_and_its_centralised_reference_share_one_table(
+    tmp_path: Path,
+) -> None:
+    """A federated folder records the dataset as ``synthetic``, a centralised one as
+    ``synthetic_brain_mri`` (the collection's name): one table, the reference beside."""
+    fed = _federated(tmp_path, "fed", {1: 0.5, 2: 0.6}, best={"round": 2})
+    cent = tmp_path / "cent"
+    cent.mkdir()
+    _write_config(cent, "dataset=synthetic")
+    final = {"test_grouped": split_metrics(0.9)}
+    doc = {**_header("centralised", "synthetic_brain_mri"), "history": [{}], "final": final}
+    (cent / "metrics.json").write_text(json.dumps(doc))
+    (cent / "model.pt").write_bytes(b"")
+    datasets = {r["dataset"] for d in (fed, cent) for r in load_run(d)}
+    assert datasets == {"synthetic_brain_mri"}
