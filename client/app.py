@@ -24,6 +24,7 @@ from fedscan.common.federated.trainer import SiteState, SiteTrainer
 from fedscan.common.federated.wire import (
     ARRAYS,
     CONFIG,
+    DATA_PATH,
     HEAD_INIT,
     METRICS,
     NUM_EXAMPLES,
@@ -60,8 +61,16 @@ def _site_logging() -> None:
 
 
 def _config(context: Context, overrides: Sequence[str]) -> DictConfig:
+    """The run's config as this site composes it. A deployed site (a ``data-path`` in its
+    node config) reads its own folder: the coordinator's dataset and data root name the
+    dataset's settings (image size, classes) but are not folders on this machine, so
+    they are not checked here."""
     _site_logging()
-    return load_config([*overrides_from_run_config(dict(context.run_config)), *overrides])
+    deployed = bool(context.node_config.get(DATA_PATH))
+    return load_config(
+        [*overrides_from_run_config(dict(context.run_config)), *overrides],
+        check_data=not deployed,
+    )
 
 
 def _load_state(context: Context) -> SiteState:

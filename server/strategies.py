@@ -9,6 +9,7 @@ shapes differ from what the server sent), naming the site.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -205,8 +206,8 @@ def site_metrics(records: list[RecordDict], weighting_metric_name: str) -> Metri
     """
     metrics = [next(iter(r.metric_records.values())) for r in records]
     weights = [float(m[weighting_metric_name]) for m in metrics]
-    total = sum(weights) or 1.0
     out = MetricRecord()
+    rates: dict[str, list[tuple[float, float]]] = {}
     for m, w in zip(metrics, weights, strict=True):
         for key, value in m.items():
             if key in (SITE_ID, NODE_ID) or isinstance(value, list):
@@ -214,7 +215,12 @@ def site_metrics(records: list[RecordDict], weighting_metric_name: str) -> Metri
             if key == weighting_metric_name or key.startswith(COUNT_PREFIX):
                 out[key] = out.get(key, 0) + value
             else:
-                out[key] = out.get(key, 0.0) + float(value) * w / total
+                rates.setdefault(key, []).append((float(value), w))
+    for key, pairs in rates.items():  # over the sites where it is defined: a site's recall
+        pairs = [(v, w) for v, w in pairs if math.isfinite(v)]  # of a class it has no
+        if pairs:  # validation image of is NaN
+            total = sum(w for _, w in pairs) or 1.0
+            out[key] = sum(v * w for v, w in pairs) / total
     return out
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedscan import __version__
-from fedscan.common.core.errors import ConfigError, FedscanError
+from fedscan.common.core.errors import ConfigError, DataError, FedscanError
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -74,33 +74,49 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
+    path = Path(args.path).expanduser().resolve()
+    if not path.is_dir():  # answered at once, before anything heavy loads
+        raise DataError(path, "no such folder")
     from fedscan.common.commands.audit import audit, format_report
     from fedscan.common.core.paths import cache_root
 
-    report = audit(Path(args.path).expanduser().resolve(), cache_root(None))
+    report = audit(path, cache_root(None))
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 
 def _cmd_site_check(args: argparse.Namespace) -> int:
+    path = Path(args.data_path).expanduser().resolve()
+    if not path.is_dir():  # answered at once, before anything heavy loads
+        raise ConfigError("--data-path", f"{path}: no such folder")
+    from fedscan.common.core.config import load_config
+
+    cfg = load_config(["dataset=site", *args.overrides])  # a site reads its own folder
+    log = logging.getLogger("fedscan.sitecheck")
+    log.info("site check of %s: loading the checks (torch) ...", path)
     from omegaconf import OmegaConf
 
-    from fedscan.common.commands.sitecheck import format_site_report, site_check
-    from fedscan.common.core.config import load_config
+    from fedscan.common.commands.sitecheck import domain_of_folder, format_site_report, site_check
     from fedscan.common.core.paths import cache_root
     from fedscan.common.runs.validate import validate
 
-    cfg = load_config(["dataset=site", *args.overrides])  # a site reads its own folder
     validate(cfg, "site")
     domain = args.domain
     if domain is None and any(o.startswith("dataset.domain=") for o in args.overrides):
         domain = str(cfg.dataset.domain)
+    estimate = None
+    if not args.no_estimate:
+        # timed as the federation trains this domain: its dataset's image size (brain 160 px)
+        shape = load_config(
+            [f"dataset={domain or domain_of_folder(path)}", *args.overrides], check_data=False
+        )
+        estimate = OmegaConf.to_container(shape, resolve=True)
     report = site_check(
-        Path(args.data_path).expanduser().resolve(),
+        path,
         cache_root=cache_root(cfg.cache_dir),
         domain=domain,
         on_unreadable=str(cfg.dataset.on_unreadable),
-        estimate=None if args.no_estimate else OmegaConf.to_container(cfg, resolve=True),
+        estimate=estimate,
     )
     print(json.dumps(report, indent=2) if args.json else format_site_report(report))
     if not report["usable"]:
@@ -140,7 +156,8 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
     from fedscan.common.core.config import load_config
 
-    print(OmegaConf.to_yaml(load_config(args.overrides)))
+    # the tree as composed; folders are checked by the commands that read them
+    print(OmegaConf.to_yaml(load_config(args.overrides, check_data=False)))
     return 0
 
 

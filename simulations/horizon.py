@@ -47,7 +47,7 @@ def horizon_rows(
     curves: dict[str, dict[int, float]] = {}
     pooled: dict[int, float] = {}
     for run in runs:
-        for row in load_run(run):
+        for row in load_run(run, figures="last"):
             if row["split"] != split:
                 continue
             if row["method"] == "pooled":
@@ -90,7 +90,7 @@ def to_markdown(table: Sequence[dict[str, Any]]) -> str:
 def plot_horizon(runs: Sequence[Path], split: str, path: Path, *, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for run in runs:
-        for row in load_run(run):
+        for row in load_run(run, figures="last"):
             if row["split"] != split:
                 continue
             if row["curve"] is not None:
@@ -155,7 +155,7 @@ def run_horizon(
 
 
 def write_page(runs: Sequence[Path], args: argparse.Namespace, docs: Path) -> str:
-    first = load_run(runs[0])
+    first = load_run(runs[0], figures="last")
     dataset = first[0]["dataset"]
     splits = [r["split"] for r in first]
     figures = docs.parent / "results"

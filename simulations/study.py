@@ -315,8 +315,9 @@ NOTUMOR_CAVEAT = (
 def write_results(runs: list[Path], meta: dict, args: argparse.Namespace, docs: Path) -> None:
     """``docs/results.md``: the command, wall times, tuned mu, the table, a few plots."""
     report_dir = Path(args.out) / "report"
-    files = write_report(runs, report_dir)
-    table = aggregate(row for r in runs for row in load_run(r))
+    # methods compared after the same rounds (the last), as the page's figures always were
+    files = write_report(runs, report_dir, figures="last")
+    table = aggregate(row for r in runs for row in load_run(r, figures="last"))
     figures = docs.parent / "results"
     figures.mkdir(parents=True, exist_ok=True)
     keep = [k for k in files if k.startswith("curves_") or k.startswith("partition_")]

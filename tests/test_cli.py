@@ -145,3 +145,78 @@ def test_a_bad_command_line_option_is_called_an_option() -> None:
 
     assert str(ConfigError("--out", "x")) == "option '--out': x"
     assert str(ConfigError("train.epochs", "x")) == "config key 'train.epochs': x"
+
+
+def test_a_named_dataset_never_silently_becomes_synthetic(monkeypatch) -> None:
+    """Without data, naming no dataset gives the SYNTHETIC default; naming one (brain,
+    lung, a dataset.path) is an error that says which setting to set."""
+    monkeypatch.delenv("FEDSCAN_DATA", raising=False)
+    assert load_config([]).dataset.name == "synthetic"
+    assert load_config(["dataset.image_size=32"]).dataset.name == "synthetic"
+    for named in (["dataset=brain_mri"], ["dataset=lung_ct"], ["dataset.path=brain-tumor-mri"]):
+        with pytest.raises(ConfigError, match=r"'data_root'.*FEDSCAN_DATA=.*data_root="):
+            load_config(named)
+    # composed only (a deployed site, `fedscan config`): the named dataset, never synthetic
+    assert load_config(["dataset=lung_ct"], check_data=False).dataset.name == "lung_ct"
+
+
+def test_a_deployed_site_composes_the_coordinators_dataset_without_its_folders(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """``flwr run`` sends the coordinator's dataset and data root to every site; a deployed
+    site (a data-path) reads its own folder, so neither is an error there, and it trains at
+    the named dataset's image size (not the synthetic default's). A simulated site (no
+    data-path) reads the named dataset and fails like the server would."""
+    from flwr.app import Context, RecordDict
+
+    from fedscan.client.app import _config
+
+    monkeypatch.delenv("FEDSCAN_DATA", raising=False)
+    run_config = {"dataset": "brain_mri", "data-root": str(tmp_path / "coordinator-only")}
+
+    def context(node_config: dict) -> Context:
+        return Context(1, 1, node_config, RecordDict(), run_config)
+
+    cfg = _config(context({"data-path": str(tmp_path)}), ())
+    assert cfg.dataset.name == "brain_mri" and cfg.dataset.image_size == 160
+    with pytest.raises(ConfigError, match="data_root"):
+        _config(context({"partition-id": 0, "num-partitions": 2}), ())
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "setting"),
+    [
+        (["train", "data_root=/nonexistent/fedscan-data"], {}, "config key 'data_root'"),
+        (["train"], {"FEDSCAN_DATA": "/nonexistent/fedscan-data"}, "variable 'FEDSCAN_DATA'"),
+        (["simulate", "dataset=lung_ct"], {"FEDSCAN_DATA": "EMPTY"}, "variable 'FEDSCAN_DATA'"),
+        (["train", "dataset.path=/nonexistent/brain"], {}, "config key 'dataset.path'"),
+        (["site", "check", "--data-path", "/nonexistent/site"], {}, "option '--data-path'"),
+    ],
+    ids=["data_root", "FEDSCAN_DATA", "FEDSCAN_DATA-without-dataset", "dataset.path", "data-path"],
+)
+def test_a_bad_data_path_is_answered_in_2_s_naming_its_setting(
+    tmp_path: Path, argv: list[str], env: dict[str, str], setting: str
+) -> None:
+    """The command line (a fresh process) answers a missing data folder before torch or
+    Flower load, in under 2 s, naming the setting it came from."""
+    import subprocess
+    import sys
+    import time
+
+    env = {k: str(tmp_path) if v == "EMPTY" else v for k, v in env.items()}
+    full = {k: v for k, v in os.environ.items() if k != "FEDSCAN_DATA"} | env
+    code = (
+        "import sys; from fedscan.simulations.cli import main; rc = main(sys.argv[1:]); "
+        "print(rc, 'torch' in sys.modules or 'flwr' in sys.modules)"
+    )
+    start = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-c", code, *argv, f"runs_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        env=full,
+    )
+    seconds = time.monotonic() - start
+    assert out.stdout.split() == ["2", "False"], out.stdout + out.stderr
+    assert setting in out.stderr, out.stderr
+    assert seconds < 2.0, f"{seconds:.1f} s"

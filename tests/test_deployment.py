@@ -245,3 +245,87 @@ def test_tls_federation_with_authenticated_sites_survives_a_killed_site(loopback
         return
     assert f"no update from site(s) {ids['site-c']}" in text
     assert "Node Unavailable" in text
+
+
+def _rehearsal_processes(rehearsal_dir: Path) -> list[str]:
+    """Command lines of live processes the rehearsal started: they all inherit its
+    ``FLWR_HOME`` (the SuperLink, the SuperNodes, their flower-superexec, flwr-clientapp)."""
+    mark = f"FLWR_HOME={rehearsal_dir / 'flwr-home'}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if mark in (proc / "environ").read_bytes().split(b"\0"):
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:
+            continue
+    return found
+
+
+def _rehearsal(tmp_path: Path) -> tuple[list[str], dict[str, str], Path]:
+    """``bash deploy/rehearsal.sh`` as docs/deploy.md shows it, in ``tmp_path`` on free ports."""
+    port = _free_port()
+    while not all(_port_free(port + k) for k in range(3)):
+        port = _free_port()
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "REHEARSAL_DIR": str(tmp_path / "rehearsal"),
+        "REHEARSAL_PORT": str(port),
+        "REHEARSAL_TIMEOUT_S": "240",
+    }
+    env.pop("FEDSCAN_DATA", None)
+    return ["bash", str(ROOT / "deploy" / "rehearsal.sh")], env, tmp_path / "rehearsal"
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_the_rehearsal_script_runs_as_written_and_leaves_no_process_behind(
+    tmp_path: Path,
+) -> None:
+    """docs/deploy.md's rehearsal, as a user runs it: it waits for each service (no
+    fixed sleep), the federation completes, and every process it started is gone."""
+    cmd, env, rehearsal = _rehearsal(tmp_path)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-4000:]
+    for said in ("the SuperLink: ready after", "SuperNode hospital-b: ready after", "all stopped"):
+        assert said in text, said
+    assert "status finished:completed" in text
+    (run,) = [d for d in (rehearsal / "runs").iterdir() if not d.name.startswith(".")]
+    rounds = json.loads((run / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert _rehearsal_processes(rehearsal) == []
+
+
+def test_a_stopped_rehearsal_stops_every_process_it_started(tmp_path: Path) -> None:
+    """Stopped mid-round (a busy flwr-clientapp, the flower-superexec of the SuperLink and
+    of each SuperNode): nothing it started outlives it."""
+    cmd, env, rehearsal = _rehearsal(tmp_path)
+    log = open(tmp_path / "rehearsal.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(
+            lambda: any("flwr-clientapp" in c for c in _rehearsal_processes(rehearsal)),
+            600,
+            "a flwr-clientapp at work",
+        )
+        started = _rehearsal_processes(rehearsal)
+        assert any("flower-superexec" in c for c in started), started
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    text = _text(tmp_path / "rehearsal.log")
+    assert proc.returncode != 0 and "all stopped" in text, text[-3000:]
+    assert _rehearsal_processes(rehearsal) == []

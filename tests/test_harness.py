@@ -98,7 +98,8 @@ def test_local_and_pooled_baselines_share_the_partition(tmp_path: Path):
 def _fake_run(
     root: Path, name: str, *, seed: int, acc: float, method: str, sites=None, extra=(), ci=None
 ) -> Path:
-    """A federated or pooled run folder with chosen numbers (2 classes, 10 test images)."""
+    """A finished federated (2 rounds, best.pt of round 2) or pooled (model.pt) run folder
+    with chosen numbers (2 classes, 10 test images)."""
     d = root / name
     d.mkdir(parents=True)
     _write_config(
@@ -109,6 +110,7 @@ def _fake_run(
         "strategy.mu=0.01",
         "partition=dirichlet",
         "partition.alpha=0.1",
+        "rounds=2",
         *extra,
     )
     correct = round(acc * 10)
@@ -136,20 +138,29 @@ def _fake_run(
             {"round": 1, "global": {"test_grouped": {**m, "accuracy": 0.5}}, "sites": {}},
             {"round": 2, "global": {"test_grouped": m}, "sites": {"evaluate": sites or []}},
         ]
-        metrics = {**_header("federated", "lung_ct"), "rounds": rounds}
+        best = {"round": 2, "metric": "val_accuracy", "score": 0.5}
+        metrics = {**_header("federated", "lung_ct"), "rounds": rounds, "best": best}
+        (d / "best.pt").write_bytes(b"")  # what export ships; the report reads metrics.json
     else:
-        metrics = {**_header("pooled", "lung_ct"), "final": {"test_grouped": m, "val": m}}
+        history = [{"epoch": 1}, {"epoch": 2}]
+        metrics = {
+            **_header("pooled", "lung_ct"),
+            "history": history,
+            "final": {"test_grouped": m, "val": m},
+        }
+        (d / "model.pt").write_bytes(b"")
     (d / "metrics.json").write_text(json.dumps(metrics))
     return d
 
 
 def _write_config(d: Path, *overrides: str) -> None:
-    """A run folder's config.yaml as the tree resolves it (data_root set: no fallback)."""
+    """A run folder's config.yaml as the tree resolves it (data_root set: no fallback;
+    composed only, the folder holds no dataset)."""
     from omegaconf import OmegaConf
 
     from fedscan.common.core.config import load_config
 
-    cfg = load_config([f"data_root={d}", *overrides])
+    cfg = load_config([f"data_root={d}", *overrides], check_data=False)
     (d / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
@@ -191,9 +202,13 @@ def test_report_on_tiny_run_folders_gives_the_right_numbers(tmp_path: Path, caps
     assert "### lung_ct, test split `test_grouped`" in md
     # pooled first, one seed; fedprox: mean 70.0 +- std 10.0 over two seeds,
     # worst-site accuracy the mean of each run's worst site (60 and 70)
+    # each row says what its run trained with and which model its figures are of
     lines = [line for line in md.splitlines() if line.startswith("| pooled") or "fedprox" in line]
-    assert lines[0].startswith("| pooled | - | 1 | 90.0 |")
-    assert lines[1].startswith("| fedprox(mu=0.01) | dirichlet(alpha=0.1) | 2 | 70.0 ± 10.0 |")
+    assert lines[0].startswith("| pooled | - | 1 | 2 epochs | model.pt | 90.0 |")
+    assert lines[1].startswith(
+        "| fedprox(mu=0.01) | dirichlet(alpha=0.1) | 2 | 2 sites, 2 rounds | best.pt, round 2 "
+        "| 70.0 ± 10.0 |"
+    )
     assert lines[1].endswith("| 70.0 ± 10.0 | 100.0 ± 0.0 | 65.0 ± 5.0 |")
     with open(out / "report.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -201,7 +216,8 @@ def test_report_on_tiny_run_folders_gives_the_right_numbers(tmp_path: Path, caps
     assert float(fed["accuracy_mean"]) == pytest.approx(0.7)
     assert float(fed["accuracy_std"]) == pytest.approx(0.1)
     assert float(fed["worst_site_accuracy_mean"]) == pytest.approx(0.65)
-    assert (out / "curves_lung_ct.png").exists() and (out / "confusion_lung_ct_0.png").exists()
+    assert (out / "curves_lung_ct.png").exists()
+    assert (out / "confusion_lung_ct_test_grouped_0.png").exists()
     with pytest.raises(DataError, match="not a fedscan run folder"):
         write_report([tmp_path / "report"], tmp_path / "r2")
 
@@ -219,15 +235,15 @@ def test_report_prints_intervals_beside_the_figures(tmp_path: Path) -> None:
     lines = [line for line in md.splitlines() if line.startswith("| ")]
     pooled = next(line for line in lines if line.startswith("| pooled"))
     fed = next(line for line in lines if "fedprox" in line)
-    assert pooled.startswith("| pooled | - | 1 | 90.0 [85.0, 95.0] | 90.0 |")
+    assert pooled.startswith("| pooled | - | 1 | 2 epochs | model.pt | 90.0 [85.0, 95.0] | 90.0 |")
     # ends (0.7, 0.9) and (0.4, 0.8) averaged: [55.0, 85.0]
-    assert "| 2 | 70.0 ± 10.0 [55.0, 85.0] | 70.0 ± 10.0 |" in fed
+    assert "| best.pt, round 2 | 70.0 ± 10.0 [55.0, 85.0] | 70.0 ± 10.0 |" in fed
     # the recall columns are the classes, intervals beside them, no column of their own
     head = next(line for line in md.splitlines() if line.startswith("| method"))
     assert head.count("recall") == 2 and "_ci" not in head
     assert "| 100.0 [95.0, 100.0] |" in pooled and "| 90.0 |" in pooled
     files = write_report(runs, tmp_path / "report")  # the plots too
-    assert files["confusion_lung_ct_0"].stat().st_size > 0
+    assert files["confusion_lung_ct_test_grouped_0"].stat().st_size > 0
     plain = to_markdown(
         aggregate(load_run(_fake_run(tmp_path, "d", seed=0, acc=0.5, method="pooled")))
     )

@@ -114,6 +114,37 @@ def test_best_pt_is_chosen_on_the_sites_validation_never_on_a_test_split(
     assert not fed.is_best(4, {"train": [], "evaluate": []})
 
 
+def test_best_pt_is_chosen_by_default_on_the_pooled_validation_accuracy_and_says_so(
+    tmp_path: Path, caplog
+) -> None:
+    """The default best_metric is the sites' validation accuracy weighted by their sizes:
+    the accuracy over all their validation images, a figure a reader can set beside the
+    test accuracy; the log line names it and how many images and sites it rests on."""
+    import logging
+
+    cfg = _cfg(tmp_path, "rounds=1")
+    assert cfg.federation.best_metric == "val_accuracy"
+    run_dir = new_run_dir(cfg, "federated")
+    fed = FederatedRun(run_dir, cfg, label="L", synthetic=False, classes=["glioma", "notumor"])
+    sites = {"train": [], "evaluate": [_val(0.9, 0.9, 0.5, n=30), _val(0.5, 0.6, 0.5)]}
+    fed.record(1, {"test_grouped": split_metrics(0.75)}, sites)
+    assert fed.is_best(1, sites)
+    with caplog.at_level(logging.INFO, logger="fedscan.run"):
+        fed.finish()
+    assert (
+        "best.pt: round 1, chosen on the sites' pooled validation accuracy 0.8000 "
+        "(val_accuracy over 40 images at 2 sites); its test accuracy: test_grouped 0.7500"
+    ) in caplog.text
+    doc = json.loads((fed.dir / "metrics.json").read_text())
+    assert doc["best"] == {
+        "round": 1,
+        "metric": "val_accuracy",
+        "score": pytest.approx(0.8),
+        "images": 40,
+        "sites": 2,
+    }
+
+
 def test_a_test_metric_cannot_pick_best_pt(tmp_path: Path) -> None:
     from fedscan.common.core.errors import ConfigError
     from fedscan.common.federated.settings import federation_settings

@@ -254,3 +254,54 @@ def test_one_pass_names_every_layout_problem_beside_the_bad_files(tmp_path: Path
         "what": "class folder 'malignant' holds no JPEG, PNG or DICOM file",
         "blocking": False,
     } in findings
+
+
+def test_a_sub_folder_inside_a_class_folder_is_named_not_counted_silently(
+    tmp_path: Path, capsys
+) -> None:
+    """Training reads class folders recursively, so ``pituitary/old_exports/`` counts as
+    pituitary: the check says so, as it names stray top-level folders."""
+    root = tmp_path / "site"
+    for k, cls in enumerate(["glioma", "meningioma", "notumor", "pituitary"]):
+        for i in range(6):
+            save_gray(root / cls / f"{i}.png", noise(100 * k + i, 72))
+    for i in range(3):
+        save_gray(root / "pituitary" / "old_exports" / "2019" / f"{i}.png", noise(900 + i, 72))
+    args = ["site", "check", "--data-path", str(root), "--no-estimate"]
+    assert main([*args, "--json"]) == 0  # a warning, not a problem (DICOM series nest too)
+    r = json.loads(capsys.readouterr().out)
+    assert r["classes"]["pituitary"] == 9
+    found = [f for f in r["layout"] if f["path"] == "pituitary/old_exports"]
+    assert len(found) == 1 and not found[0]["blocking"]
+    assert "3 image(s) are read as pituitary" in found[0]["what"]
+    assert main(args) == 0
+    assert "warning: pituitary/old_exports: a sub-folder inside class folder" in (
+        capsys.readouterr().out
+    )
+
+
+def test_the_estimate_uses_the_domains_image_size_and_progress_is_logged(
+    tmp_path: Path, capsys, caplog
+) -> None:
+    """A brain federation trains at brain_mri's image size (160 px), a lung one at
+    lung_ct's (224 px), not the generic site default; each phase says what it does."""
+    import logging
+
+    brain, lung = tmp_path / "brain", tmp_path / "lung"
+    _good(lung)
+    for k, cls in enumerate(["glioma", "meningioma", "notumor", "pituitary"]):
+        for i in range(6):
+            save_gray(brain / cls / f"{i}.png", noise(100 * k + i, 72))
+    args = ["--json", "model=paper_cnn", "train.batch_size=4"]
+    sizes = {}
+    with caplog.at_level(logging.INFO, logger="fedscan.sitecheck"):
+        for name, root in (("brain", brain), ("lung", lung)):
+            assert main(["site", "check", "--data-path", str(root), *args]) == 0
+            sizes[name] = json.loads(capsys.readouterr().out)["estimate"]["image_size"]
+    assert sizes == {"brain": 160, "lung": 224}
+    said = [r.getMessage() for r in caplog.records if r.name == "fedscan.sitecheck"]
+    for phase in ("loading the checks", "24 files in 4 class folders", "timing training steps"):
+        assert any(phase in m for m in said), (phase, said)
+    # an override still wins
+    assert main(["site", "check", "--data-path", str(brain), *args, "dataset.image_size=64"]) == 0
+    assert json.loads(capsys.readouterr().out)["estimate"]["image_size"] == 64

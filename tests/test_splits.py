@@ -158,3 +158,22 @@ def test_a_small_site_holds_out_whole_groups_when_folds_cannot_be_made():
     assert sorted(np.concatenate([rest, held]).tolist()) == idx.tolist()
     with pytest.raises(DataError, match="only 1 groups"):
         group_holdout(idx[:10], labels, groups, 0.15, 0, "site val", few_groups_ok=True)
+
+
+def test_a_class_smaller_than_the_folds_is_held_out_without_a_library_warning() -> None:
+    """6 images of a class and 7 folds (a 15 % holdout): scikit-learn warns "The least
+    populated class in y has only 6 members"; the split is still by whole groups, so
+    fedscan keeps that off the user's log, and leaves the global warning filters alone."""
+    import warnings
+
+    from fedscan.common.data.splits import group_holdout
+
+    labels = np.array([0] * 30 + [1] * 6)
+    idx, groups = np.arange(36), np.arange(36)
+    before = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        rest, held = group_holdout(idx, labels, groups, 0.15, 0, "site val")
+    assert [str(w.message) for w in seen] == []
+    assert warnings.filters == before
+    assert sorted([*rest, *held]) == list(idx) and 0 < len(held) < 10

@@ -165,3 +165,19 @@ def test_aggregated_site_metrics_sum_counts_drop_ids_and_average_rates() -> None
 
     out = dict(site_metrics([reply(10, 0, 7, 0.5), reply(30, 1, 20, 0.9)], "num-examples"))
     assert out == {"num-examples": 40, "n_train_glioma": 27, "val_accuracy": pytest.approx(0.8)}
+
+
+def test_aggregated_site_metrics_average_a_rate_over_the_sites_that_report_it() -> None:
+    """A site's recall of a class its validation split has no image of is NaN; the
+    aggregate of glioma's recall is over the sites that have glioma, not diluted (or
+    made NaN) by those that have none."""
+    from flwr.app import MetricRecord, RecordDict
+
+    from fedscan.server.strategies import site_metrics
+
+    with_glioma = {"num-examples": 10, "val_accuracy": 0.5, "val_recall_glioma": 0.6}
+    without = {"num-examples": 30, "val_accuracy": 0.9, "val_recall_glioma": float("nan")}
+    records = [RecordDict({"metrics": MetricRecord(m)}) for m in (with_glioma, without)]
+    out = dict(site_metrics(records, "num-examples"))
+    assert out["val_recall_glioma"] == pytest.approx(0.6)
+    assert out["val_accuracy"] == pytest.approx(0.8)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -148,3 +150,26 @@ def test_cached_flips_reach_a_fine_tune_site_and_change_its_update() -> None:
     c = plain.train(sent, rnd=1, state=SiteState()).arrays
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_site_scores_only_the_classes_its_validation_split_holds() -> None:
+    """A site of one class (pathological, one class per site) reports that class's recall
+    only and a macro-F1 over it, not over four classes three of which it has no image of
+    (a macro-F1 of a quarter beside a high accuracy read as a contradiction)."""
+    base = [o for o in SIM_BASE if not o.startswith("federation.")]
+    one_class = ["num_sites=4", "partition=pathological", "partition.classes_per_site=1"]
+    cfg = load_config([*base, *one_class])
+    trainer = SiteTrainer.for_node(cfg, {"partition-id": 0, "num-partitions": 4})
+    site = trainer.site
+    held = sorted({site.run.classes[i] for i in site.labels[site.val]})
+    assert len(held) == 1
+    m = trainer.evaluate(_global(trainer), state=SiteState())
+    assert m["val_classes"] == 1
+    recalls = {k[len("val_recall_") :]: v for k, v in m.items() if k.startswith("val_recall_")}
+    assert sorted(recalls) == sorted(site.run.classes)  # every site sends every key
+    assert sorted(c for c, v in recalls.items() if not math.isnan(v)) == held
+    recall = recalls[held[0]]
+    # one class: every image is of it, so precision is 1 where anything is predicted as it
+    f1 = 2 * recall / (1 + recall) if recall else 0.0
+    assert m["val_macro_f1"] == pytest.approx(f1)
+    assert m["val_accuracy"] == pytest.approx(recall)

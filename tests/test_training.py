@@ -87,16 +87,15 @@ def test_brain_defaults_to_label_smoothing_and_balanced_softmax_says_what_to_add
     from fedscan.common.core.config import load_config
     from fedscan.common.learn.settings import train_settings
 
-    named = "data_root=/named-so-no-synthetic-fallback"  # composed only: nothing is read
-    brain = load_config(["dataset=brain_mri", named])
+    def compose(*overrides: str):  # composed only: no folder is looked at, nothing read
+        return load_config(list(overrides), check_data=False)
+
+    brain = compose("dataset=brain_mri")
     assert brain.train.label_smoothing == brain.dataset.label_smoothing == 0.1
-    assert load_config(["dataset=lung_ct", named]).train.label_smoothing == 0.0
-    assert (
-        load_config(["dataset=brain_mri", named, "train.label_smoothing=0"]).train.label_smoothing
-        == 0
-    )
+    assert compose("dataset=lung_ct").train.label_smoothing == 0.0
+    assert compose("dataset=brain_mri", "train.label_smoothing=0").train.label_smoothing == 0
     with pytest.raises(ConfigError, match=r"add train\.label_smoothing=0"):
-        train_settings(load_config(["dataset=brain_mri", named, "train.loss=balanced_softmax"]))
+        train_settings(compose("dataset=brain_mri", "train.loss=balanced_softmax"))
 
 
 def test_unknown_loss_names_the_key():

@@ -12,6 +12,7 @@ recorded.
 from __future__ import annotations
 
 import csv
+import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -25,6 +26,8 @@ from fedscan.common.core.errors import DataError
 from fedscan.common.runs import cross_site
 from fedscan.common.runs.plots import plot_confusion, plot_site_histogram
 from fedscan.common.runs.record import ADDED_LATER, read_run
+
+log = logging.getLogger("fedscan.report")
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall", "macro_f1")
 CI_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")  # with a bootstrap interval
@@ -149,6 +152,9 @@ def _one_shot_rows(run: Any, base: dict[str, Any]) -> list[dict[str, Any]]:
         "method": f"{run.head_init} one-shot",
         "config": one_shot_config(base["config"]),
         "from_round_0": True,
+        "model": "round 0 (one-shot head)",
+        "rounds": 0,
+        "refit_point": None,
     }
     return [
         {
@@ -177,9 +183,24 @@ def with_scans(final: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
-def load_run(run_dir: Path) -> list[dict[str, Any]]:
-    """One row per test split of the run in ``run_dir`` (read through :func:`read_run`)."""
+FIGURES = ("shipped", "last")  # which model a federated row shows (see load_run)
+
+
+def load_run(run_dir: Path, *, figures: str = "shipped") -> list[dict[str, Any]]:
+    """One row per test split of the run in ``run_dir`` (read through :func:`read_run`).
+
+    ``figures="shipped"`` (``fedscan report``): a federated row shows the model
+    ``fedscan export`` ships (``best.pt``'s round, see :meth:`RunRecord.shipped`), and an
+    unfinished run (running, interrupted) or one without a shipped model is a
+    :class:`DataError`. ``"last"`` (the study drivers, whose pages compare methods after
+    the same number of rounds): the last evaluated round, whatever has been recorded.
+    Every row names its model (``model``), the sites and rounds it used.
+    """
+    if figures not in FIGURES:
+        raise ValueError(f"figures must be one of {FIGURES}, not {figures!r}")
     run = read_run(run_dir)
+    if figures == "shipped" and (why := run.unfinished()):
+        raise DataError(run.dir, why)
     base = {
         "dataset": run.dataset,
         "method": run.method,
@@ -188,32 +209,16 @@ def load_run(run_dir: Path) -> list[dict[str, Any]]:
         "synthetic": run.synthetic,
         "run": str(run.dir),
         "config": compared_config(run.cfg),
-        "rounds": int(run.cfg.get("rounds", 0)),
+        "sites": run.used_sites(),
+        **_budget(run),
     }
     if base["method"].endswith(" one-shot"):
         base["config"] = one_shot_config(base["config"])
     rows = []
-    if run.kind == "federated" and run.head_init != "none" and base["rounds"] > 0:
+    if run.kind == "federated" and run.head_init != "none" and int(run.cfg.rounds) > 0:
         rows += _one_shot_rows(run, base)
     if run.kind == "federated":
-        site_acc = [s["val_accuracy"] for s in run.site_rows("evaluate")]
-        evaluated = run.evaluated_rounds
-        for split, m in with_scans(run.final()).items():
-            rows.append(
-                {
-                    **base,
-                    "split": split,
-                    **_summary(m),
-                    "worst_site_accuracy": min(site_acc) if site_acc else None,
-                    "confusion_matrix": m["confusion_matrix"],
-                    "curve": None
-                    if split.endswith(PER_SCAN)
-                    else [
-                        (r["round"], r["global"][split]["accuracy"], r["global"][split]["loss"])
-                        for r in evaluated
-                    ],
-                }
-            )
+        rows += _federated_rows(run, base, figures)
     elif run.kind == "local":  # the average site, and the worst one
         finals = [with_scans(s["final"]) for s in run.sites]
         for split in finals[0]:
@@ -227,6 +232,7 @@ def load_run(run_dir: Path) -> list[dict[str, Any]]:
             rows.append(
                 {
                     **base,
+                    "model": "one per site (none shipped)",
                     "split": split,
                     **mean,
                     "worst_site_accuracy": min(p["accuracy"] for p in per_site),
@@ -235,10 +241,12 @@ def load_run(run_dir: Path) -> list[dict[str, Any]]:
                 }
             )
     else:  # pooled / centralised
+        model = run.shipped().label if figures == "shipped" else "final"
         for split, m in with_scans(run.final()).items():
             rows.append(
                 {
                     **base,
+                    "model": model,
                     "split": split,
                     **_summary(m),
                     "worst_site_accuracy": None,
@@ -247,6 +255,61 @@ def load_run(run_dir: Path) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+def _budget(run: Any) -> dict[str, int | None]:
+    """``rounds`` a federated run recorded (round 0, a one-shot head, not counted) or the
+    ``epochs`` a baseline trained (a local site: rounds x local epochs, each)."""
+    if run.kind == "federated":
+        return {"rounds": max((r["round"] for r in run.rounds), default=0), "epochs": None}
+    if run.kind == "local":
+        return {"rounds": None, "epochs": run.epoch_budget}
+    history = run.doc.get("history")  # the epochs trained, else the configured ones
+    planned = run.epoch_budget if run.kind == "pooled" else int(run.cfg.train.epochs)
+    return {"rounds": None, "epochs": len(history) if history else planned}
+
+
+def _federated_rows(run: Any, base: dict[str, Any], figures: str) -> list[dict[str, Any]]:
+    """A federated run's rows: the figures of the shipped (or the last evaluated) model,
+    the accuracy / loss curve over the rounds (before any refit) and the refit apart."""
+    if figures == "shipped":
+        shipped = run.shipped()
+        tests, model = shipped.tests, shipped.label
+    else:
+        tests = run.final()
+        model = f"round {run.evaluated_rounds[-1]['round']}"
+    site_acc = [s["val_accuracy"] for s in run.site_rows("evaluate") if "val_accuracy" in s]
+    rows = []
+    for split, m in with_scans(tests).items():
+        curve, refit = (None, None) if split.endswith(PER_SCAN) else _curve(run, split)
+        rows.append(
+            {
+                **base,
+                "model": model,
+                "split": split,
+                **_summary(m),
+                "worst_site_accuracy": min(site_acc) if site_acc else None,
+                "confusion_matrix": m["confusion_matrix"],
+                "curve": curve,
+                "refit_point": refit,
+            }
+        )
+    return rows
+
+
+def _curve(run: Any, split: str) -> tuple[list[tuple], tuple | None]:
+    """(round, accuracy, loss) of ``split`` per evaluated round, the refitted round at its
+    value *before* the refit; and the refit's own point (or None). A refit is no training
+    step: drawn on the line it would read as one from the last round."""
+    points, refit = [], None
+    for r in run.evaluated_rounds:
+        before = r.get("before_refit")
+        g = before if before else r["global"]
+        if split in g:
+            points.append((r["round"], g[split]["accuracy"], g[split]["loss"]))
+        if before and split in r["global"]:
+            refit = (r["round"], r["global"][split]["accuracy"], r["global"][split]["loss"])
+    return points, refit
 
 
 def _without_duplicates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -289,7 +352,15 @@ def aggregate(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             "partition": part,
             "seeds": len(rs),
             "synthetic": any(r["synthetic"] for r in rs),
+            "training": _joined(_training(r) for r in rs),
+            "model": _joined(r.get("model", "-") for r in rs),
         }
+        for k in ("sites", "rounds", "epochs"):  # one value, or each seed's
+            row[k] = (
+                _joined(r.get(k) for r in rs) if any(r.get(k) is not None for r in rs) else None
+            )
+            if isinstance(row[k], str) and row[k].isdigit():
+                row[k] = int(row[k])
         for k in keys:
             vals = [r[k] for r in rs if r.get(k) is not None]
             row[f"{k}_mean"] = float(np.mean(vals)) if vals else None
@@ -309,6 +380,23 @@ def aggregate(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         )
     )
     return out
+
+
+def _joined(values: Iterable[Any]) -> str:
+    """One value, or every seed's in seed order: ``best.pt, round 7 | best.pt, round 8``."""
+    vals = ["-" if v is None else str(v) for v in values]
+    return vals[0] if len(set(vals)) == 1 else " | ".join(vals)
+
+
+def _training(r: dict[str, Any]) -> str:
+    """What a row's run trained with: ``5 sites, 10 rounds``, ``5 sites alone, 20 epochs
+    each``, ``20 epochs`` (one model on all the data)."""
+    sites, rounds, epochs = r.get("sites"), r.get("rounds"), r.get("epochs")
+    if rounds is not None:
+        return f"{sites} sites, {rounds} rounds"
+    if sites is not None:
+        return f"{sites} sites alone, {epochs} epochs each"
+    return f"{epochs} epochs" if epochs is not None else "-"
 
 
 def _partition_order(label: str) -> tuple:
@@ -332,6 +420,18 @@ def _pm(row: dict, key: str, pct: bool = True) -> str:
     return text
 
 
+MODEL_NOTE = (
+    "`model`: the model each figure is of, the one `fedscan export` ships from the run "
+    "folder: `model.pt` (centralised, pooled), `best.pt, round N` (federated: the round "
+    "the sites' validation picked, `federation.best_metric`; `(refitted)` after "
+    "`federation.bn_refit` / `head_refit`), `last.pt, round N` (no best.pt). With "
+    "several seeds, each seed's."
+)
+LAST_NOTE = (
+    "`model`: federated rows show the last evaluated round (`round N`), so that methods "
+    "compare after the same number of rounds; `fedscan report` shows the model "
+    "`fedscan export` ships instead."
+)
 INTERVALS_NOTE = (
     "`[low, high]`: the 95 % interval of the figure from a bootstrap over the test "
     "split's leakage groups (duplicate groups, scan groups; `bootstrap.*`), so it says "
@@ -347,6 +447,11 @@ def to_markdown(table: Sequence[dict[str, Any]]) -> str:
     by: dict[tuple, list[dict]] = defaultdict(list)
     for r in table:
         by[(r["dataset"], r["split"])].append(r)
+    models = " ".join(str(r.get("model", "")) for r in table)
+    if ".pt" in models:
+        out.append(MODEL_NOTE + "\n")
+    elif "round " in models:
+        out.append(LAST_NOTE + "\n")
     if any(k.endswith("_ci_low") for r in table for k in r):
         out.append(INTERVALS_NOTE + "\n")
     for (dataset, split), rows in by.items():
@@ -357,12 +462,13 @@ def to_markdown(table: Sequence[dict[str, Any]]) -> str:
         )
         synthetic = " (SYNTHETIC data)" if any(r["synthetic"] for r in rows) else ""
         out.append(f"### {dataset}, test split `{split}`{synthetic}\n")
-        head = ["method", "partition", "seeds", "accuracy", "bal. acc.", "macro P", "macro R"]
-        head += ["macro F1", *[f"recall {c}" for c in recalls], "worst site acc."]
+        head = ["method", "partition", "seeds", "training", "model", "accuracy", "bal. acc."]
+        head += ["macro P", "macro R", "macro F1", *[f"recall {c}" for c in recalls]]
+        head.append("worst site acc.")
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "---|" * len(head))
         for r in rows:
-            cells = [r["method"], r["partition"], str(r["seeds"])]
+            cells = [r["method"], r["partition"], str(r["seeds"]), r["training"], r["model"]]
             cells += [_pm(r, k) for k in METRICS]
             cells += [_pm(r, f"recall_{c}") for c in recalls]
             cells.append(_pm(r, "worst_site_accuracy"))
@@ -371,15 +477,35 @@ def to_markdown(table: Sequence[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def write_report(run_dirs: Sequence[Path], out: Path) -> dict[str, Path]:
-    """``report.md``, ``report.csv`` and the plots for ``run_dirs`` into ``out``."""
-    rows = distinguish(_without_duplicates([row for d in run_dirs for row in load_run(d)]))
+def write_report(
+    run_dirs: Sequence[Path], out: Path, *, figures: str = "shipped"
+) -> dict[str, Path]:
+    """``report.md``, ``report.csv`` and the plots for ``run_dirs`` into ``out``.
+
+    A folder that is no finished run (no ``metrics.json`` or ``config.yaml`` yet, a
+    federation still running or interrupted, no evaluated round, no shipped model) is
+    skipped with one warning line naming it and why, and listed in ``report.md``:
+    ``fedscan report runs/*/`` reports the finished runs while others still run. Fails
+    only when no folder is left.
+    """
+    rows, skipped = [], []
+    for d in run_dirs:
+        try:
+            rows += load_run(d, figures=figures)
+        except DataError as exc:
+            skipped.append(f"{d}: {_reason(exc, d)}")
+            log.warning("report: skipped %s", skipped[-1])
     if not rows:
-        raise DataError(out, "no runs to report")
+        listing = "; ".join(skipped) or "none given"
+        raise DataError(out, f"no finished run folder to report ({listing})")
+    rows = distinguish(_without_duplicates(rows))
     table = aggregate(rows)
     out.mkdir(parents=True, exist_ok=True)
     files = {"markdown": out / "report.md", "csv": out / "report.csv"}
-    files["markdown"].write_text("# fedscan report\n\n" + to_markdown(table))
+    text = "# fedscan report\n\n" + to_markdown(table)
+    if skipped:
+        text += "\nSkipped (not finished runs):\n\n" + "".join(f"- {s}\n" for s in skipped)
+    files["markdown"].write_text(text)
     columns = sorted({k for r in table for k in r}, key=lambda k: (k not in _FIRST, k))
     with open(files["csv"], "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=sorted(columns, key=_csv_order))
@@ -389,7 +515,15 @@ def write_report(run_dirs: Sequence[Path], out: Path) -> dict[str, Path]:
     return files
 
 
-_FIRST = ("dataset", "split", "method", "partition", "seeds", "synthetic")
+def _reason(exc: DataError, run_dir: Path) -> str:
+    """The error without the folder's name when it is the folder (said once already)."""
+    text = str(exc)
+    for prefix in (f"{Path(run_dir).expanduser().resolve()}: ", f"{run_dir}: "):
+        text = text.removeprefix(prefix)
+    return text
+
+
+_FIRST = ("dataset", "split", "method", "partition", "seeds", "synthetic", "training", "model")
 
 
 def _csv_order(k: str) -> tuple:
@@ -400,23 +534,30 @@ def _slug(s: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in s)
 
 
-def _plots(rows: list[dict], out: Path) -> dict[str, Path]:
-    """Per dataset and first test split: accuracy/loss per round for every federated
-    method x partition (mean over seeds, pooled as a reference line), confusion
-    matrices summed over seeds, and the first seed's per-site class histogram."""
-    import matplotlib.pyplot as plt
+REFERENCES = ("pooled", "centralised")  # one model on all the data: drawn as levels
 
-    files: dict[str, Path] = {}
-    datasets = sorted({r["dataset"] for r in rows})
-    for ds in datasets:
-        mine = [r for r in rows if r["dataset"] == ds]
-        split = sorted({r["split"] for r in mine})[0]
-        mine = [r for r in mine if r["split"] == split]
-        fig, (ax_a, ax_l) = plt.subplots(1, 2, figsize=(11, 4))
+
+def _is_reference(method: str) -> bool:
+    return method.split("+")[0].split(" ")[0] in REFERENCES
+
+
+def _curve_panels(mine: list[dict], splits: list[str], ds: str, path: Path) -> Path:
+    """Accuracy and loss per round, one row of two panels per test split: each federated
+    method x partition (mean over seeds), its refit as a marker of its own at the last
+    round (no training step), each reference (centralised, pooled) as a level."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(len(splits), 2, figsize=(11, 3.6 * len(splits)), squeeze=False)
+    for (ax_a, ax_l), split in zip(axes, splits, strict=True):
+        here = [r for r in mine if r["split"] == split]
         curves: dict[tuple, list] = defaultdict(list)
-        for r in mine:
+        refits: dict[tuple, list] = defaultdict(list)
+        for r in here:
             if r["curve"]:
                 curves[(r["method"], r["partition"])].append(r["curve"])
+            if r.get("refit_point"):
+                refits[(r["method"], r["partition"])].append(r["refit_point"])
         for (method, part), cs in sorted(curves.items()):
             # Same config but for the seed, yet unequal lengths (a run stopped early):
             # the mean covers the common rounds and the legend says so.
@@ -425,32 +566,74 @@ def _plots(rows: list[dict], out: Path) -> dict[str, Path]:
             xs = [c[0] for c in cs[0][:n]]
             acc = np.mean([[p[1] for p in c[:n]] for c in cs], axis=0)
             loss = np.mean([[p[2] for p in c[:n]] for c in cs], axis=0)
-            ax_a.plot(xs, acc, "-o", ms=3, label=f"{method} {part}{note}")
-            ax_l.plot(xs, loss, "-o", ms=3, label=f"{method} {part}{note}")
-        pooled = [r["accuracy"] for r in mine if r["method"] in ("pooled", "centralised")]
-        if pooled:
-            ax_a.axhline(float(np.mean(pooled)), ls="--", c="k", label="pooled")
-        ax_a.set(xlabel="round", ylabel="accuracy", title=f"{ds}: global accuracy ({split})")
-        ax_l.set(xlabel="round", ylabel="loss", title=f"{ds}: global loss ({split})")
+            label = f"{method} {part}{note}".replace(" -", "")
+            (line,) = ax_a.plot(xs, acc, "-o", ms=3, label=label)
+            ax_l.plot(xs, loss, "-o", ms=3, color=line.get_color())
+            points = refits.get((method, part))
+            if points:
+                x = points[0][0]
+                style = {"marker": "*", "s": 110, "color": line.get_color(), "zorder": 3}
+                ax_a.scatter(
+                    [x], [np.mean([p[1] for p in points])], label=f"{label}: refit", **style
+                )
+                ax_l.scatter([x], [np.mean([p[2] for p in points])], **style)
+        levels: dict[str, list[float]] = defaultdict(list)
+        for r in here:
+            if _is_reference(r["method"]) and not r["curve"]:
+                levels[r["method"]].append(r["accuracy"])
+        for k, (method, accs) in enumerate(sorted(levels.items())):
+            seeds = f", mean of {len(accs)} seeds" if len(accs) > 1 else ""
+            ax_a.axhline(
+                float(np.mean(accs)),
+                ls=("--", ":", "-.")[k % 3],
+                c="k",
+                lw=1,
+                label=f"{method} (one model on all data{seeds})",
+            )
+        ax_a.set(xlabel="round", ylabel="accuracy", title=f"accuracy on {split}")
+        ax_l.set(xlabel="round", ylabel="loss", title=f"loss on {split}")
         for ax in (ax_a, ax_l):
             ax.grid(alpha=0.3)
-        ax_a.legend(fontsize=7)
-        fig.tight_layout()
-        files[f"curves_{ds}"] = out / f"curves_{_slug(ds)}.png"
-        fig.savefig(files[f"curves_{ds}"], dpi=110)
-        plt.close(fig)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        handles, labels = ax_a.get_legend_handles_labels()
+        if handles:  # beside the panels, never over a curve
+            ax_l.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(f"{ds}: the global model per round (federated: mean over seeds)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
-        cms: dict[str, np.ndarray] = {}
-        for r in mine:
-            key = f"{r['method']} {r['partition']}".replace(" -", "")
-            cms[key] = cms.get(key, 0) + np.asarray(r["confusion_matrix"])
-        classes = [k[7:] for k in mine[0] if k.startswith("recall_") and not k.endswith("_ci")]
-        for start in range(0, len(cms), 4):
-            chunk = dict(sorted(cms.items())[start : start + 4])
-            path = out / f"confusion_{_slug(ds)}_{start // 4}.png"
-            plot_confusion(chunk, classes, path, title=f"{ds} ({split}), summed over seeds")
-            files[f"confusion_{ds}_{start // 4}"] = path
 
+def _plots(rows: list[dict], out: Path) -> dict[str, Path]:
+    """Per dataset: accuracy/loss per round for every test split (federated methods as
+    curves, mean over seeds; references as levels), confusion matrices per test split
+    summed over seeds, the first seed's per-site class histogram, cross-site maps."""
+    files: dict[str, Path] = {}
+    datasets = sorted({r["dataset"] for r in rows})
+    for ds in datasets:
+        every = [r for r in rows if r["dataset"] == ds]
+        splits = sorted({r["split"] for r in every})
+        curve_splits = [s for s in splits if not s.endswith(PER_SCAN)] or splits
+        files[f"curves_{ds}"] = _curve_panels(
+            every, curve_splits, ds, out / f"curves_{_slug(ds)}.png"
+        )
+        for split in splits:
+            mine = [r for r in every if r["split"] == split]
+            cms: dict[str, np.ndarray] = {}
+            for r in mine:
+                key = f"{r['method']} {r['partition']}".replace(" -", "")
+                cms[key] = cms.get(key, 0) + np.asarray(r["confusion_matrix"])
+            classes = [k[7:] for k in mine[0] if k.startswith("recall_") and not k.endswith("_ci")]
+            for start in range(0, len(cms), 4):
+                chunk = dict(sorted(cms.items())[start : start + 4])
+                name = f"confusion_{_slug(ds)}_{_slug(split)}_{start // 4}"
+                plot_confusion(
+                    chunk, classes, out / f"{name}.png", title=f"{ds} ({split}), summed over seeds"
+                )
+                files[name] = out / f"{name}.png"
+
+        mine = [r for r in every if r["split"] == splits[0]]
         seen = set()
         for r in sorted(mine, key=lambda r: r["seed"]):
             part_csv = Path(r["run"]) / "partition.csv"

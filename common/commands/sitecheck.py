@@ -14,6 +14,7 @@ size and bit depth only.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -33,6 +34,8 @@ from fedscan.common.data.dicom import domain_window, looks_like_dicom
 from fedscan.common.data.fingerprint import Fingerprints, compute_fingerprints
 from fedscan.common.data.grouping import exact_duplicate_groups
 from fedscan.common.data.imageio import read_gray, resize_gray
+
+log = logging.getLogger("fedscan.sitecheck")
 
 # Below this a site cannot hold out its own validation split by groups and its
 # update is mostly noise; the check calls such a site unusable.
@@ -171,6 +174,16 @@ def survey_layout(
         for q in sorted(sub.rglob("*")):
             if q.is_symlink() and q.is_dir():
                 find(q, "a symbolic link to a folder: not followed (a loop or a mount?)", False)
+        # training reads class folders recursively: images in a sub-folder of one (an old
+        # export, a DICOM series) count as that class; name each, do not count silently
+        nested = Counter(sub / q.relative_to(sub).parts[0] for q in images if q.parent != sub)
+        for folder, n in sorted(nested.items()):
+            find(
+                folder,
+                f"a sub-folder inside class folder '{cls}': its {n} image(s) are read as {cls} "
+                "(move it out of the site folder if they are not)",
+                False,
+            )
         if not images:
             find(sub, f"class folder '{cls}' holds no JPEG, PNG or DICOM file", False)
         rows += [(q, cls, None) for q in images]
@@ -234,6 +247,12 @@ def site_check(
     c, findings = survey_layout(path, domain)
     if c is None:  # nothing to read: the findings are the report
         return _layout_only_report(path, domain, findings)
+    log.info(
+        "site check: %d files in %d class folders (%s); decoding each once ...",
+        len(c),
+        len(set(c.labels.tolist())),
+        c.domain,
+    )
     fp = compute_fingerprints(c, cache_root)
     rel = [c.relpath(i) for i in range(len(c))]
     ok = np.flatnonzero(fp.readable)
@@ -278,6 +297,15 @@ def site_check(
     if estimate is not None and len(ok):
         report["estimate"] = estimate_round(c, ok, estimate)
     return report
+
+
+def domain_of_folder(path: Path) -> str:
+    """The domain whose class names the most sub-folders of ``path`` match (the one
+    :func:`survey_layout` assumes when none is given); ``brain_mri`` for a folder that
+    does not exist (the check itself then names it)."""
+    entries = sorted(path.iterdir()) if path.is_dir() else []
+    folders = [p for p in entries if p.is_dir() and not p.is_symlink()]
+    return _domain_of([f for f in folders if not f.name.startswith(".")], None)
 
 
 def _layout_only_report(
@@ -332,7 +360,15 @@ def estimate_round(c: ImageCollection, ok: np.ndarray, cfg: Mapping[str, Any]) -
     batch = int(cfg["train"]["batch_size"])
     fed = from_section(FederationSettings, cfg["federation"], "federation")
     epochs, val_fraction = fed.local_epochs, fed.site_val_fraction
+    started = time.perf_counter()
     model = place_model(build_model(cfg["model"], len(c.classes)), device)
+    log.info(
+        "site check: %s built in %.1f s; timing training steps at %d px, batch %d ...",
+        model.name,
+        time.perf_counter() - started,
+        size,
+        batch,
+    )
     cut = model.frozen_until if cfg["model"].get("feature_cache", False) else 0
     precision = cfg["model"].get("prefix_precision", "auto")
 
@@ -369,13 +405,15 @@ def estimate_round(c: ImageCollection, ok: np.ndarray, cfg: Mapping[str, Any]) -
         return time.perf_counter() - t
 
     model.train()
-    step()  # warm-up: allocator and kernel selection
+    warm = step()  # warm-up: allocator and kernel selection
+    log.info("site check: warm-up step %.1f s; two timed steps ...", warm)
     train_s = min(step() for _ in range(2)) / batch
     with torch.inference_mode():
         model.eval()
         t = time.perf_counter()
         model.forward_from(x, cut)
         eval_s = (time.perf_counter() - t) / batch
+    log.info("site check: timing done in %.1f s", time.perf_counter() - started)
     n = len(ok)
     n_val = round(n * val_fraction)
     per_round = (n - n_val) * epochs * train_s + n_val * eval_s

@@ -1,8 +1,9 @@
 """Resolving settings from the one ``configs/`` tree (Hydra's compose API).
 
 The CLI and the Flower apps call :func:`load_config` with ``key=value``
-overrides, so there is exactly one source of defaults. A run with no data
-configured is switched to the synthetic dataset here, loudly.
+overrides, so there is exactly one source of defaults. A run that names no data
+at all is switched to the synthetic dataset here, loudly; a named dataset whose
+folder is missing is an error here, before anything heavy loads.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedscan.common.core.errors import ConfigError
-from fedscan.common.core.paths import data_root
+from fedscan.common.core.paths import ROOTED_DATASETS, check_dataset_folder, data_root
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -148,12 +149,20 @@ def refuse_removed(overrides: Sequence[str]) -> None:
             raise ConfigError(key, REMOVED[key][1])
 
 
-def load_config(overrides: Sequence[str] = ()) -> DictConfig:
-    """Compose ``configs/config.yaml`` with ``overrides`` and apply the data fallback.
+def load_config(overrides: Sequence[str] = (), *, check_data: bool = True) -> DictConfig:
+    """Compose ``configs/config.yaml`` with ``overrides``; check the data folders.
 
-    With no data root configured for a dataset that needs one, the synthetic
-    dataset of the same domain is used instead (with a warning); ``dataset.*``
-    overrides still apply to it.
+    The SYNTHETIC embedded default replaces the tree's default dataset only when the
+    user chose no data at all: no ``dataset=``, ``dataset.path=`` or ``data_root=``
+    override and no ``FEDSCAN_DATA`` (a warning says so; ``dataset.*`` overrides still
+    apply to it). A dataset the user named is never swapped for another: a missing
+    folder is a :class:`ConfigError` naming the setting to fix (``data_root``,
+    ``FEDSCAN_DATA`` or ``dataset.path``), raised here, before torch or Flower load.
+
+    ``check_data=False``: compose only, never look at folders (a deployed site reads
+    its own ``data-path``, not the coordinator's data root; ``fedscan config`` prints
+    the tree). The unnamed-data fallback still applies, so such a site composes the
+    same dataset settings an unconfigured coordinator does.
     """
     refuse_removed(overrides)
     overrides = [
@@ -164,23 +173,35 @@ def load_config(overrides: Sequence[str] = ()) -> DictConfig:
     for key in set(ALIASES.values()):
         if keys.count(key) > 1:
             raise ConfigError(key, "set twice (num_sites / rounds and their federation.* aliases)")
+    named = any(k.lstrip("+~") in NAMING_DATA for k in keys)
+    # dataset.* keys may exist only in the fallback (dataset.per_class): not in the probe
     probe = _compose([o for o in overrides if not o.startswith("dataset.")])
-    ds_path = str(probe.dataset.get("path") or "")
-    needs_root = probe.dataset.name in ("brain_mri", "lung_ct") and not Path(ds_path).is_absolute()
-    if needs_root and data_root(probe.data_root) is None:
+    fallback = (
+        not named
+        and probe.dataset.name in ROOTED_DATASETS
+        and not Path(str(probe.dataset.get("path") or "")).is_absolute()
+        and data_root(probe.data_root) is None
+    )
+    if fallback:
         if probe.dataset.domain not in _warned:  # once per process, not per message
             _warned.add(probe.dataset.domain)
             log.warning(
-                "No data configured (data_root / FEDSCAN_DATA): using the SYNTHETIC "
-                "embedded default for %s",
+                "No dataset named and no data configured (data_root / FEDSCAN_DATA): using "
+                "the SYNTHETIC embedded default for %s",
                 probe.dataset.domain,
             )
         overrides = [o for o in overrides if not o.startswith("dataset=")] + ["dataset=synthetic"]
         if not any(o.startswith("dataset.domain=") for o in overrides):
             overrides.append(f"dataset.domain={probe.dataset.domain}")
     cfg = _compose(overrides)
+    if check_data and not fallback:
+        check_dataset_folder(cfg.dataset, cfg.data_root)
     OmegaConf.set_readonly(cfg, False)
     return cfg
+
+
+# Overrides that choose the data: with any of them (or FEDSCAN_DATA) there is no fallback.
+NAMING_DATA = ("dataset", "dataset.path", "data_root")
 
 
 # federation.num_sites / federation.rounds are interpolations of the top-level keys;

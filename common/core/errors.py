@@ -14,7 +14,14 @@ class ConfigError(FedscanError):
 
     def __init__(self, key: str, message: str) -> None:
         self.key = key
-        what = "option" if key.startswith("-") else "config key"  # a CLI flag is no config key
+        # a CLI flag or an environment variable (FEDSCAN_DATA) is no config key
+        what = (
+            "option"
+            if key.startswith("-")
+            else "environment variable"
+            if key.isupper()
+            else "config key"
+        )
         super().__init__(f"{what} '{key}': {message}")
 
 

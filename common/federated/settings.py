@@ -20,8 +20,17 @@ from fedscan.common.core.errors import ConfigError
 from fedscan.common.core.options import HEAD_INITS
 from fedscan.common.core.settings import from_section
 
-# The sites' validation metrics that can pick best.pt (example-weighted over the sites)
-BEST_METRICS = ("val_macro_f1", "val_accuracy", "val_loss")
+# The sites' validation metrics that can pick best.pt (example-weighted over the sites),
+# and how the best.pt log line names each. Weighted by the sites' validation sizes,
+# accuracy and loss are those of all the sites' validation images pooled; a site's
+# macro-F1 covers the classes its own validation split holds, so their mean is no
+# pooled figure (under label skew it rewards a site of one class as much as a site of four).
+BEST_METRICS = ("val_accuracy", "val_loss", "val_macro_f1")
+BEST_METRIC_NAMES = {
+    "val_accuracy": "pooled validation accuracy",
+    "val_loss": "pooled validation loss",
+    "val_macro_f1": "validation macro-F1 (each site's over the classes it holds; mean)",
+}
 # What picked it until 2026-11-27: the server's first test split (no longer allowed)
 OLD_BEST_METRICS = ("macro_f1", "accuracy", "balanced_accuracy", "loss")
 # How ``fedscan simulate`` runs the sites (see simulations/engine.py)

@@ -375,9 +375,24 @@ class SiteTrainer:
         return out
 
     def _val_metrics(self, model: StagedModel) -> dict[str, float]:
+        """The model on this site's validation split. ``val_macro_f1`` covers only the
+        classes this split holds (``val_classes`` of them), and ``val_recall_<class>`` is
+        NaN (undefined, not 0) for a class it has no image of: under label skew a site
+        holding only notumor has no recall for glioma, and a macro-F1 over all four
+        classes would be a quarter of its one class's F1 (0.246 beside an accuracy of
+        0.972). Every site sends every key (Flower aggregates only replies of equal keys);
+        the aggregates and the best.pt choice skip NaN."""
         site = self.site
         batches = Batches(site.x, site.labels, site.val, batch_size=64)
         m = evaluate_model(model, batches, site.run.classes, device=self.device, start=site.start)
-        out = {"val_loss": m["loss"], "val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"]}
-        out.update({f"val_recall_{c}": v["recall"] for c, v in m["per_class"].items()})
-        return out
+        held = [v for v in m["per_class"].values() if v["support"] > 0]
+        return {
+            "val_loss": m["loss"],
+            "val_accuracy": m["accuracy"],
+            "val_classes": len(held),
+            "val_macro_f1": float(np.mean([v["f1"] for v in held])) if held else float("nan"),
+            **{
+                f"val_recall_{c}": v["recall"] if v["support"] > 0 else float("nan")
+                for c, v in m["per_class"].items()
+            },
+        }

@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import ConfusionMatrixDisplay
 
 
@@ -37,17 +38,28 @@ def _accuracy_loss(
     xlabel: str,
     title: str,
     prefix: str = "",
+    markers: dict[str, tuple[float, float, float]] | None = None,
 ) -> Path:
-    """Two panels, accuracy and loss; ``series`` maps label -> (x, accuracy, loss, style)."""
+    """Two panels, accuracy and loss; ``series`` maps label -> (x, accuracy, loss, style).
+    ``markers`` maps a series' label to one (x, accuracy, loss) drawn apart from its line
+    in its colour (a refit after the last round: no training step). Epochs and rounds
+    are whole numbers, and so are the ticks."""
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    markers = markers or {}
     for label, (xs, acc, loss, style) in series.items():
-        ax_acc.plot(xs, acc, style, label=label)
+        (line,) = ax_acc.plot(xs, acc, style, label=label)
         ax_loss.plot(xs, loss, style, label=label)
+        if label in markers:
+            x, a, lo = markers[label]
+            kw = {"marker": "*", "s": 120, "color": line.get_color(), "zorder": 3}
+            ax_acc.scatter([x], [a], label=f"{label} after the refit", **kw)
+            ax_loss.scatter([x], [lo], label=f"{label} after the refit", **kw)
     ax_acc.set(xlabel=xlabel, ylabel="accuracy", title=f"{prefix}accuracy".capitalize())
     ax_loss.set(xlabel=xlabel, ylabel="loss", title=f"{prefix}loss".capitalize())
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
         ax.legend()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return _save(fig, path, title=title)
 
 
@@ -80,19 +92,33 @@ def plot_confusion(
 
 
 def plot_round_curves(rounds: Sequence[dict], path: Path, *, title: str) -> Path:
-    """Global accuracy and loss per federated round, one line per test split."""
+    """Global accuracy and loss per federated round, one line per test split. A round
+    re-recorded by a refit (``before_refit``) is on the line with its figures before the
+    refit, and the refitted model is a marker of its own."""
     rounds = [r for r in rounds if r["global"]]  # rounds evaluated on the server
     xs = [r["round"] for r in rounds]
+    trained = [r.get("before_refit") or r["global"] for r in rounds]
     series = {
         split: (
             xs,
-            [r["global"][split]["accuracy"] for r in rounds],
-            [r["global"][split]["loss"] for r in rounds],
+            [g[split]["accuracy"] for g in trained],
+            [g[split]["loss"] for g in trained],
             "-o",
         )
         for split in rounds[-1]["global"]
+        if all(split in g for g in trained)
     }
-    return _accuracy_loss(series, path, xlabel="round", title=title, prefix="global ")
+    refit = next((r for r in reversed(rounds) if r.get("before_refit")), None)
+    markers = {}
+    if refit is not None:
+        markers = {
+            s: (refit["round"], m["accuracy"], m["loss"])
+            for s, m in refit["global"].items()
+            if s in series
+        }
+    return _accuracy_loss(
+        series, path, xlabel="round", title=title, prefix="global ", markers=markers
+    )
 
 
 def plot_site_histogram(
@@ -108,5 +134,6 @@ def plot_site_histogram(
     ax.set_xlabel("site")
     ax.set_ylabel("training samples")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8, ncols=min(4, len(classes)))
+    # beside the bars: inside the axes it covered the tallest one
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="class")
     return _save(fig, path)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,8 +35,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedscan.common.core.config import REMOVED
 from fedscan.common.core.errors import DataError
-from fedscan.common.federated.settings import federation_settings
-from fedscan.common.federated.wire import COUNT_PREFIX, NUM_EXAMPLES
+from fedscan.common.federated.settings import BEST_METRIC_NAMES, federation_settings
+from fedscan.common.federated.wire import COUNT_PREFIX, NODE_ID, NUM_EXAMPLES, SITE_ID
 from fedscan.common.runs import cross_site
 from fedscan.common.runs.partition_report import counts_from_sites, write_partition_report
 from fedscan.common.runs.plots import plot_confusion, plot_round_curves
@@ -156,7 +157,7 @@ REFITTED = "head_refit_done"
 def site_weighted_mean(rows: Sequence[dict], key: str) -> float | None:
     """``key`` over the sites' reply rows, weighted by their example counts; None when
     no row holds it (or they hold no examples)."""
-    rows = [r for r in rows if key in r]
+    rows = [r for r in rows if key in r and math.isfinite(float(r[key]))]  # NaN: undefined
     n = sum(float(r[NUM_EXAMPLES]) for r in rows)
     if n <= 0:
         return None
@@ -244,13 +245,24 @@ class FederatedRun:
         chosen on the test split would make that split's figure optimistic. A round
         the sites did not evaluate (``federation.fraction_evaluate=0``) is never best.
         """
-        score = site_weighted_mean(sites.get("evaluate", []), self.best_metric)
+        rows = [
+            r
+            for r in sites.get("evaluate", [])
+            if self.best_metric in r and math.isfinite(float(r[self.best_metric]))
+        ]
+        score = site_weighted_mean(rows, self.best_metric)
         if score is None:
             return False
         signed = -score if self.best_metric.endswith("loss") else score
         if signed > self.best_score:
             self.best_score = signed
-            self.best = {"round": rnd, "metric": self.best_metric, "score": score}
+            self.best = {
+                "round": rnd,
+                "metric": self.best_metric,
+                "score": score,
+                "images": int(sum(float(r[NUM_EXAMPLES]) for r in rows)),  # validation images
+                "sites": len(rows),
+            }
             if refitted:  # the model after federation.bn_refit / head_refit
                 self.best["refitted"] = True
             self._write()
@@ -307,13 +319,16 @@ class FederatedRun:
             held = row.get("global") if b.get("refitted") else row.get("before_refit")
             held = held or row.get("global") or {}
             tests = ", ".join(f"{n} {m['accuracy']:.4f}" for n, m in held.items())
+            pooled = f" over {b['images']} images at {b['sites']} sites" if "images" in b else ""
             log.info(
-                "best.pt: round %d%s, chosen on the sites' %s %.4f%s",
+                "best.pt: round %d%s, chosen on the sites' %s %.4f (%s%s)%s",
                 b["round"],
                 " (refitted)" if b.get("refitted") else "",
-                b["metric"],
+                BEST_METRIC_NAMES.get(b["metric"], b["metric"]),
                 b["score"],
-                f" (its test accuracy: {tests})" if tests else "",
+                b["metric"],
+                pooled,
+                f"; its test accuracy: {tests}" if tests else "",
             )
         title = f"{self.label} | {self.cfg.strategy.name} | {self.cfg.model.name}"
         plot_round_curves(self.rounds, self.dir / "curves.png", title=title)
@@ -350,6 +365,24 @@ def partition_label(cfg: DictConfig | dict) -> str:
 
 
 @dataclass(frozen=True)
+class Shipped:
+    """The model ``fedscan export`` ships from a run folder (:meth:`RunRecord.checkpoint`)
+    and the test figures the run recorded for exactly that model."""
+
+    file: str  # model.pt | best.pt | last.pt
+    round: int | None  # the federated round it holds; None for a centralised / pooled model
+    refitted: bool  # the model after federation.bn_refit / head_refit
+    tests: dict[str, dict[str, Any]]  # its test metrics per split
+
+    @property
+    def label(self) -> str:
+        """``best.pt, round 8``, ``last.pt, round 10 (refitted)``, ``model.pt``."""
+        if self.round is None:
+            return self.file
+        return f"{self.file}, round {self.round}" + (" (refitted)" if self.refitted else "")
+
+
+@dataclass(frozen=True)
 class RunRecord:
     """A run folder as read back: its kind, resolved config and metrics document."""
 
@@ -368,7 +401,13 @@ class RunRecord:
 
     @property
     def dataset(self) -> str:
-        return str(self.doc["dataset"])
+        """The dataset's name; the synthetic set by its domain (``synthetic_brain_mri``),
+        as centralised, pooled and local runs record it (a federated folder says
+        ``synthetic``), so that every kind of run of one dataset lands in one table."""
+        name = str(self.doc["dataset"])
+        if name == "synthetic":
+            return f"synthetic_{self.cfg.dataset.get('domain', 'brain_mri')}"
+        return name
 
     @property
     def seed(self) -> int:
@@ -481,8 +520,9 @@ class RunRecord:
         return list(self.doc["sites"])
 
     def final(self) -> dict[str, dict[str, Any]]:
-        """Test metrics per split of the run's model: the last evaluated round of a
-        federated run, the final model of a centralised / pooled one (``val`` left out)."""
+        """Test metrics per split at the end of training: the last evaluated round of a
+        federated run (after its refit, if any), the final model of a centralised /
+        pooled one (``val`` left out). The exported model's are :meth:`shipped`'s."""
         if self.kind == "federated":
             evaluated = self.evaluated_rounds
             if not evaluated:
@@ -490,6 +530,77 @@ class RunRecord:
             return dict(evaluated[-1]["global"])
         self._require("centralised", "pooled")
         return {k: v for k, v in self.doc["final"].items() if k != "val"}
+
+    def shipped(self) -> Shipped:
+        """The model ``fedscan export`` ships and its recorded test figures. Federated:
+        ``best.pt`` holds the round ``best`` in ``metrics.json`` names (refitted or not;
+        a refit re-records its round and keeps the figures before it as
+        ``before_refit``), else ``last.pt`` the last recorded round. A shipped round the
+        server did not evaluate (``federation.evaluate_every``) has no test figures: a
+        :class:`DataError` says so rather than showing another round's."""
+        path = self.checkpoint()
+        if self.kind != "federated":
+            return Shipped(path.name, None, False, self.final())
+        rnd, refitted = self._shipped_round(path)
+        row = next((r for r in self.rounds if r["round"] == rnd), None)
+        if row is None:
+            raise DataError(
+                self.dir / "metrics.json", f"{path.name} holds round {rnd}, not recorded"
+            )
+        tests = row["global"] if refitted or "before_refit" not in row else row["before_refit"]
+        if not tests:
+            every = self.cfg.federation.get("evaluate_every", 1)
+            raise DataError(
+                self.dir,
+                f"{path.name} holds round {rnd}, which was not evaluated on the test splits "
+                f"(federation.evaluate_every={every}): no figures of the shipped model",
+            )
+        return Shipped(path.name, rnd, refitted, dict(tests))
+
+    def _shipped_round(self, path: Path) -> tuple[int, bool]:
+        """(round, refitted) of the federated checkpoint ``path``."""
+        if not self.rounds:
+            raise DataError(self.dir / "metrics.json", "no round recorded yet")
+        best = self.doc.get("best")
+        if path.name == "best.pt" and best:
+            return int(best["round"]), bool(best.get("refitted", False))
+        if path.name == "last.pt":  # written after its round's record
+            row = self.rounds[-1]
+            return int(row["round"]), "before_refit" in row
+        # a best.pt from before metrics.json named its round: the checkpoint says
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # a truncated or foreign file: name it, do not crash
+            raise DataError(path, f"unreadable checkpoint ({type(exc).__name__})") from None
+        return int(state["round"]), bool(state.get(REFITTED, False))
+
+    def unfinished(self) -> str | None:
+        """Why a federated run is not finished (still running, or interrupted), or None.
+        The other kinds write ``metrics.json`` once, at the end."""
+        if self.kind != "federated":
+            return None
+        rows = self.rounds
+        done, wanted = max((r["round"] for r in rows), default=0), int(self.cfg.rounds)
+        resume = f"running, or interrupted (continue it: federation.resume={self.dir})"
+        if not rows or done < wanted:
+            return f"round {done} of {wanted} recorded: {resume}"
+        last = next(r for r in rows if r["round"] == done)
+        if federation_settings(self.cfg).refits and "before_refit" not in last:
+            return f"the refit after round {done} is not recorded: {resume}"
+        return None
+
+    def used_sites(self) -> int | None:
+        """How many sites the run trained with: the distinct sites in its records
+        (federated: every site that replied; local: one model per site); None for a run
+        that pools the data (centralised, pooled)."""
+        if self.kind == "local":
+            return len(self.sites)
+        if self.kind != "federated":
+            return None
+        phases = [rows for rnd in self.rounds for rows in rnd["sites"].values()]
+        seen = {(r.get(NODE_ID), r.get(SITE_ID)) for rows in phases for r in rows}
+        most = max((len(rows) for rows in phases), default=0)  # rows without ids
+        return max(len(seen - {(None, None)}), most) or int(self.cfg.federation.num_sites)
 
     def site_rows(self, phase: str, rnd: int = -1) -> list[dict[str, Any]]:
         """The sites' reply metrics of a federated round (``phase``: train | evaluate)."""
