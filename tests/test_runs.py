@@ -260,7 +260,12 @@ def test_old_run_folders_with_removed_keys_still_read_and_compare(tmp_path: Path
     assert "freeze_bn" in OmegaConf.load(old / "config.yaml").model
     assert "freeze_bn" not in read_run(old).cfg.model
     assert read_run(frozen).cfg.model.freeze_bn is True
-    rows = [r for d in (old, new, frozen) for r in load_run(d) if r["split"] == "test_grouped"]
+    rows = [
+        r
+        for d in (old, new, frozen)
+        for r in load_run(d, figures="last")
+        if r["split"] == "test_grouped"
+    ]
     table = {r["method"]: r for r in aggregate(rows)}
     assert sorted(table) == ["pooled [model.freeze_bn=-]", "pooled [model.freeze_bn=True]"]
     assert table["pooled [model.freeze_bn=-]"]["seeds"] == 2
