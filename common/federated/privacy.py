@@ -25,7 +25,8 @@ import json
 import logging
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -43,13 +44,6 @@ from fedscan.common.federated.wire import NUM_EXAMPLES
 from fedscan.common.learn.models.staged import StagedModel
 from fedscan.common.learn.settings import TrainSettings
 from fedscan.common.learn.training import loss_function, make_optimizer, place_model
-
-# Two warnings every site repeated in every round, both known and documented:
-# Opacus runs without secure_mode (README, "Differential privacy"), and torch's
-# full backward hook fires on module outputs because the cached-feature inputs
-# need no gradient (Opacus' per-sample hooks are unaffected).
-warnings.filterwarnings("ignore", message="Secure RNG turned off", module="opacus")
-warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients")
 
 log = logging.getLogger("fedscan.privacy")
 
@@ -371,6 +365,19 @@ def dp_local_fit(
     )
 
 
+@contextmanager
+def _known_warnings_quiet() -> Iterator[None]:
+    """Two warnings every site repeated in every round, both known and documented:
+    Opacus runs without secure_mode (README, "Differential privacy"), and torch's full
+    backward hook fires on module outputs because the cached-feature inputs need no
+    gradient (Opacus' per-sample hooks are unaffected). Silenced for the round only:
+    the process's own warning filters are left as they were."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off", module="opacus")
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients")
+        yield
+
+
 def dp_site_round(
     model: StagedModel,
     x: np.ndarray,
@@ -380,7 +387,7 @@ def dp_site_round(
     dp: DPSGDSettings,
     ledger: PrivacyLedger,
     *,
-    site: int,
+    site: str,
     rnd: int,
     **fit: Any,
 ) -> dict[str, float | int]:
@@ -391,9 +398,10 @@ def dp_site_round(
     the global model out of the average.
     """
     try:
-        r = dp_local_fit(model, x, labels, indices, settings, dp, ledger, **fit)
+        with _known_warnings_quiet():
+            r = dp_local_fit(model, x, labels, indices, settings, dp, ledger, **fit)
     except BudgetExhausted as exc:
-        log.warning("site %s: %s; not training in round %d", site, exc, rnd)
+        log.warning("%s: %s; not training in round %d", site, exc, rnd)
         delta = dp.site_delta(len(indices))
         return {
             NUM_EXAMPLES: 0,
