@@ -176,7 +176,27 @@ class SiteRecording:
                 server_round,
                 len(kept) - len(weighted),
             )
-        return super().aggregate_train(server_round, weighted)
+        arrays, metrics = super().aggregate_train(server_round, weighted)
+        return self._as_sent(arrays), metrics
+
+    def _as_sent(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
+        """The aggregate in the dtypes the server sent. Flower 1.42's FedAdam returns
+        float64 arrays (its bias-corrected step is a float64 numpy scalar times float32
+        arrays); sent on as the next global model, every site's float32 reply then failed
+        the dtype check above, and FedAdam stopped training after round 1. The sites and
+        the server's evaluation store the global model in these dtypes anyway, so the
+        cast changes no value they use."""
+        expected = getattr(self, "_expected", None)
+        if arrays is None or not expected:
+            return arrays
+        if all(a.dtype == expected[k][1] for k, a in arrays.items() if k in expected):
+            return arrays  # every other strategy: unchanged, not copied
+        return ArrayRecord(
+            {
+                k: Array(np.asarray(a.numpy(), dtype=expected[k][1])) if k in expected else a
+                for k, a in arrays.items()
+            }
+        )
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
         replies = [m for m in replies if not m.has_error()]

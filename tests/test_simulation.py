@@ -40,7 +40,7 @@ def test_two_round_simulation_writes_per_site_metrics(tmp_path: Path):
     assert (run / "cross_site.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("strategy", ["fedavg"])
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
 def test_resume_matches_an_uninterrupted_run(tmp_path: Path, strategy: str):
     """FedAdam: its moments come back from last.pt, and round 2 is round 2 to it after
     the resume too (its bias correction depends on the round number)."""

@@ -250,3 +250,23 @@ def test_a_renamed_flower_attribute_fails_loudly_at_build(monkeypatch) -> None:
     )
     with pytest.raises(RuntimeError, match=r"no attribute \['first_moment', 'second_moment'\]"):
         build_strategy({"name": "fedadam"}, FED)
+
+
+def test_fedadam_keeps_the_global_model_in_the_dtypes_it_was_sent(monkeypatch) -> None:
+    """Flower's FedAdam step returns float64 arrays; sent on as the global model, every
+    site's float32 update then failed the dtype check, so FedAdam trained in round 1
+    only. The aggregate keeps the sent dtypes, and round 2 aggregates both sites."""
+    from flwr.app import ConfigRecord
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_task_id", "_run_id", "_node_id"):  # set by the ServerApp runtime
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    s = build_strategy({"name": "fedadam"}, FED)
+    arrays = {"w": torch.zeros(3), "b": torch.ones(2)}
+    for rnd in (1, 2):
+        s.configure_train(rnd, ArrayRecord(arrays), ConfigRecord(), FakeGrid([1, 2]))
+        replies = [_named(n, {k: v + n for k, v in arrays.items()}) for n in (1, 2)]
+        new, _ = s.aggregate_train(rnd, replies)
+        assert new is not None and {a.dtype for a in new.values()} == {"float32"}
+        arrays = new.to_torch_state_dict()
+        assert [r["node_id"] for r in s.site_metrics[rnd]["train"]] == [1, 2]
