@@ -232,5 +232,5 @@ def test_tls_federation_with_authenticated_sites_survives_a_killed_site(loopback
     if secure:  # both rounds ran the protocol; round 1 rebuilt the lost site's masks
         assert text.count("Secure aggregation completed.") == 2, text[-4000:]
         return
-    assert f"no update from site(s) {ids['site-c']}" in text
+    assert f"no update from node {ids['site-c']}" in text  # no site-name: its node id
     assert "Node Unavailable" in text
