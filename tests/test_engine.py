@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from flwr.server.superlink.fleet.vce.backend import Backend, raybackend
+from flwr.server.superlink.fleet.vce.backend import raybackend
 
 import fedscan.simulations.engine as engine
 from fedscan.common.core.errors import ConfigError
@@ -43,28 +43,15 @@ def test_the_inprocess_engine_never_starts_ray(tmp_path: Path, monkeypatch) -> N
     assert raybackend.RayBackend.__name__ == "RayBackend"  # the swap is undone
 
 
-class OtherBackend(Backend):
+class OtherBackend(engine.InProcessBackend):
     """What Flower would build were it to stop reading ``raybackend.RayBackend`` at call
-    time: some backend that is not fedscan's (Ray's, in real life; a stub here, so the
-    test costs no Ray start)."""
+    time: some backend that is not the swapped-in one (Ray's, in real life; a stub
+    here, so the test costs no Ray start). Built, it tells no EngineCheck."""
 
     built = 0
 
-    def __init__(self, backend_config) -> None:
-        super().__init__(backend_config)
-
     def build(self, app_fn) -> None:
         OtherBackend.built += 1
-
-    @property
-    def num_workers(self) -> int:
-        return 1
-
-    def is_worker_idle(self) -> bool:
-        return True
-
-    def terminate(self) -> None:
-        return None
 
     def process_message(self, message, context):
         raise AssertionError("a site ran on a backend that is not fedscan's")
