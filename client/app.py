@@ -9,7 +9,6 @@ in the node's ``context.state``.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Sequence
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -20,6 +19,8 @@ from omegaconf import DictConfig
 
 from fedscan.client.secure import secure_mod
 from fedscan.common.core.config import load_config, overrides_from_run_config
+from fedscan.common.core.logs import configure_site_logging
+from fedscan.common.federated.site import SiteCache
 from fedscan.common.federated.trainer import SiteState, SiteTrainer
 from fedscan.common.federated.wire import (
     ARRAYS,
@@ -32,7 +33,9 @@ from fedscan.common.federated.wire import (
     RUN_KEY,
     SCAFFOLD_C,
     SCAFFOLD_DELTA,
+    SITE,
     SITE_ID,
+    SITE_NAME,
     round_number,
 )
 
@@ -41,31 +44,11 @@ LEDGER_STATE = "fedscan-privacy-ledger"  # the site's DP-SGD accountant history
 CONTROL_STATE = "fedscan-scaffold"  # the site's SCAFFOLD variate c_i
 
 
-def _site_logging() -> None:
-    """Show the site's progress lines where the ClientApp runs.
-
-    A simulated site runs in a Ray actor and a deployed one in a ``flwr-clientapp``
-    process; neither configures Python logging, so fedscan's INFO lines (training,
-    the frozen-trunk cache, data preparation) were dropped and a fine-tune round
-    looked like minutes of silence. Where the process already has handlers (the
-    driver, pytest), nothing changes.
-    """
-    fedscan = logging.getLogger("fedscan")
-    if logging.getLogger().handlers or fedscan.handlers:
-        return
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    fedscan.addHandler(handler)
-    fedscan.setLevel(logging.INFO)
-    fedscan.propagate = False  # a library that later configures the root (Opacus) doubles lines
-
-
 def _config(context: Context, overrides: Sequence[str]) -> DictConfig:
     """The run's config as this site composes it. A deployed site (a ``data-path`` in its
     node config) reads its own folder: the coordinator's dataset and data root name the
     dataset's settings (image size, classes) but are not folders on this machine, so
     they are not checked here."""
-    _site_logging()
     deployed = bool(context.node_config.get(DATA_PATH))
     return load_config(
         [*overrides_from_run_config(dict(context.run_config)), *overrides],
@@ -93,31 +76,44 @@ def _save_state(context: Context, state: SiteState) -> None:
         context.state[CONTROL_STATE] = ArrayRecord(state.control)
 
 
-def make_client_app(overrides: tuple[str, ...] = (), outer_mods: Sequence = ()) -> ClientApp:
-    """A ClientApp whose config is the tree + run config + ``overrides`` (tests, simulate).
+def _reply(content: RecordDict, trainer: SiteTrainer, msg: Message) -> Message:
+    """A reply, carrying the site's ``site-name`` when it has one (deployment): the
+    server names the site by it (a nameless deployed site by its node id)."""
+    if trainer.site_name:
+        content[SITE] = ConfigRecord({SITE_NAME: trainer.site_name})
+    return Message(content=content, reply_to=msg)
 
-    ``outer_mods`` wrap everything else, so they see exactly what leaves the site
-    (the egress test records replies with one).
-    """
 
-    def central_dp_mod(msg: Message, context: Context, call_next) -> Message:
+class _Site:
+    """The ClientApp's handlers: each message's config (tree + run config +
+    ``overrides``), its trainer (its data from ``cache``), and the reply."""
+
+    def __init__(self, overrides: tuple[str, ...], cache: SiteCache, entry_point: bool) -> None:
+        self.overrides, self.cache, self.entry_point = overrides, cache, entry_point
+
+    def trainer(self, context: Context) -> SiteTrainer:
+        if self.entry_point:
+            configure_site_logging()
+        cfg = _config(context, self.overrides)
+        return SiteTrainer.for_node(
+            cfg, context.node_config, cache=self.cache, node_id=context.node_id
+        )
+
+    def central_dp_mod(self, msg: Message, context: Context, call_next) -> Message:
         """``privacy=central``, client-side clipping: Flower's clipping mods, applied when
         the server's DP wrapper sent a clipping norm (it does on train messages)."""
         if KEY_CLIPPING_NORM not in msg.content.get(CONFIG, {}):
             return call_next(msg, context)
-        adaptive = str(_config(context, overrides).privacy.get("clipping", "fixed")) == "adaptive"
+        privacy = _config(context, self.overrides).privacy
+        adaptive = str(privacy.get("clipping", "fixed")) == "adaptive"
         mod = adaptiveclipping_mod if adaptive else fixedclipping_mod
         return mod(msg, context, call_next)
 
-    # secure_mod: SecAgg+ rounds (the server's secure_aggregation decides; sites need no key)
-    app = ClientApp(mods=[*outer_mods, secure_mod, central_dp_mod])
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
+    def train(self, msg: Message, context: Context) -> Message:
         config = msg.content[CONFIG]
         if HEAD_INIT in config:  # the statistics round under SecAgg+ (train messages only)
-            return statistics(msg, context)
-        trainer = SiteTrainer.for_node(_config(context, overrides), context.node_config)
+            return self.statistics(msg, context)
+        trainer = self.trainer(context)
         state = _load_state(context)
         control = msg.content.get(SCAFFOLD_C)  # sent by strategy=scaffold only
         update = trainer.train(
@@ -134,12 +130,12 @@ def make_client_app(overrides: tuple[str, ...] = (), outer_mods: Sequence = ()) 
         )
         if update.control_delta is not None:
             content[SCAFFOLD_DELTA] = ArrayRecord(update.control_delta)
-        return Message(content=content, reply_to=msg)
+        return _reply(content, trainer, msg)
 
-    @app.query()
-    def statistics(msg: Message, context: Context) -> Message:
-        """The one-shot statistics round (``federation.head_init``): sums only."""
-        trainer = SiteTrainer.for_node(_config(context, overrides), context.node_config)
+    def statistics(self, msg: Message, context: Context) -> Message:
+        """A statistics round (``federation.head_init``, ``bn_refit``, ``head_refit``):
+        sums only."""
+        trainer = self.trainer(context)
         kind = str(msg.content[CONFIG][HEAD_INIT])
         stats = trainer.statistics(
             msg.content[ARRAYS].to_torch_state_dict(), kind=kind, state=_load_state(context)
@@ -151,17 +147,38 @@ def make_client_app(overrides: tuple[str, ...] = (), outer_mods: Sequence = ()) 
                 METRICS: MetricRecord(metrics),
             }
         )
-        return Message(content=content, reply_to=msg)
+        return _reply(content, trainer, msg)
 
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        trainer = SiteTrainer.for_node(_config(context, overrides), context.node_config)
+    def evaluate(self, msg: Message, context: Context) -> Message:
+        trainer = self.trainer(context)
         metrics = trainer.evaluate(
             msg.content[ARRAYS].to_torch_state_dict(), state=_load_state(context)
         )
-        return Message(content=RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
+        return _reply(RecordDict({METRICS: MetricRecord(metrics)}), trainer, msg)
 
+
+def make_client_app(
+    overrides: tuple[str, ...] = (),
+    outer_mods: Sequence = (),
+    *,
+    entry_point: bool = False,
+    cache: SiteCache | None = None,
+) -> ClientApp:
+    """A ClientApp whose config is the tree + run config + ``overrides`` (tests, simulate).
+
+    ``outer_mods`` wrap everything else, so they see exactly what leaves the site
+    (the egress test records replies with one). ``entry_point``: the app is its
+    process's entry point (what ``flwr run`` loads; a simulation's Ray actor), so it
+    sets up the site's logging. ``cache``: what the app keeps between messages (its
+    sites' prepared data); one of its own by default.
+    """
+    site = _Site(tuple(overrides), SiteCache() if cache is None else cache, entry_point)
+    # secure_mod: SecAgg+ rounds (the server's secure_aggregation decides; sites need no key)
+    app = ClientApp(mods=[*outer_mods, secure_mod, site.central_dp_mod])
+    app.train()(site.train)
+    app.query()(site.statistics)
+    app.evaluate()(site.evaluate)
     return app
 
 
-app = make_client_app()
+app = make_client_app(entry_point=True)

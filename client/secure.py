@@ -1,5 +1,5 @@
 """The site's side of secure aggregation: Flower's ``secaggplus_mod``, and the thin
-adapter between the legacy messages it speaks and fedscan's train / evaluate.
+adapter between the legacy messages it speaks and fedscan's train.
 
 Flower's SecAgg+ runs on its legacy message format (``fitins.*`` / ``fitres.*``
 records, parameters as an ordered list of arrays). The adapter converts those to
@@ -29,7 +29,6 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import (
     Code,
-    EvaluateRes,
     FitRes,
     Status,
     ndarrays_to_parameters,
@@ -51,6 +50,8 @@ from fedscan.common.federated.wire import (
     NUM_EXAMPLES,
     PARAMETER_NAMES,
     PARTITION_ID,
+    SITE,
+    SITE_NAME,
     STATISTICS_KEYS,
     STATISTICS_SCALE,
     round_number,
@@ -59,7 +60,6 @@ from fedscan.common.federated.wire import (
 log = logging.getLogger("fedscan.site")
 
 FIT_INS = "fitins.parameters"
-EVALUATE_INS = "evaluateins.parameters"
 
 
 def _named(ins_parameters: list[np.ndarray], config: dict) -> tuple[list[str], dict]:
@@ -69,13 +69,10 @@ def _named(ins_parameters: list[np.ndarray], config: dict) -> tuple[list[str], d
     return names, dict(zip(names, ins_parameters, strict=True))
 
 
-def _as_message_api(msg: Message, prefix: str) -> tuple[list[str], dict[str, np.ndarray]]:
-    """Rewrite a legacy ``fitins`` / ``evaluateins`` message in place into the
-    ``arrays`` + ``config`` content fedscan's handlers read."""
-    if prefix == "fitins":
-        ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    else:
-        ins = compat.recorddict_to_evaluateins(msg.content, keep_input=True)
+def _as_message_api(msg: Message) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Rewrite a legacy ``fitins`` message in place into the ``arrays`` + ``config``
+    content fedscan's handlers read."""
+    ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     arrays = parameters_to_ndarrays(ins.parameters)
     names, named = _named(arrays, ins.config)
     config = {k: v for k, v in ins.config.items() if k != PARAMETER_NAMES}
@@ -88,10 +85,19 @@ def _as_message_api(msg: Message, prefix: str) -> tuple[list[str], dict[str, np.
     return names, named
 
 
+def _metrics(reply: Message) -> dict:
+    """The reply's metrics as a legacy result carries them, with the site's ``site-name``
+    (legacy metrics may hold text; the server names the site by it)."""
+    metrics = dict(reply.content[METRICS])
+    if SITE in reply.content and SITE_NAME in reply.content[SITE]:
+        metrics[SITE_NAME] = str(reply.content[SITE][SITE_NAME])
+    return metrics
+
+
 def legacy_train(msg: Message, context: Context, call_next) -> Message:
     """fitins -> fedscan train -> fitres carrying the update (new - received); or, for
     the statistics round, the site's sums scaled into the clipping range."""
-    names, received = _as_message_api(msg, "fitins")
+    names, received = _as_message_api(msg)
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
@@ -101,7 +107,7 @@ def legacy_train(msg: Message, context: Context, call_next) -> Message:
     update = [np.asarray(new[k].numpy(), dtype=np.float64) - received[k] for k in names]
     # float64: SecAgg+ shifts values by the clipping range before rounding, and at 256 a
     # float32 keeps only ~3e-5 (this array never leaves the site: the mod masks it)
-    metrics = dict(reply.content[METRICS])
+    metrics = _metrics(reply)
     _warn_if_clipped(update, int(metrics[NUM_EXAMPLES]), msg.content[CONFIG])
     _seed_rounding(msg, context)
     fitres = FitRes(
@@ -120,7 +126,7 @@ def _statistics_fitres(msg: Message, reply: Message, context: Context) -> Messag
     range are refused: :func:`scaled_statistics`). The site's real image count stays
     in its metrics (visible, as without SecAgg+)."""
     config = msg.content[CONFIG]
-    metrics = dict(reply.content[METRICS])
+    metrics = _metrics(reply)
     names, scaled = scaled_statistics(
         {k: a.numpy() for k, a in reply.content[ARRAYS].items()},
         scale=float(config[STATISTICS_SCALE]),
@@ -166,40 +172,32 @@ def _seed_rounding(msg: Message, context: Context) -> None:
     """Make SecAgg+'s stochastic rounding reproducible.
 
     ``secaggplus_mod`` quantises the update with stochastic rounding drawn from
-    numpy's *global* generator, right after this adapter returns; unseeded, two runs
-    of the same config (or a resumed run and an uninterrupted one) differ by up to a
-    quantisation step per value, which training then amplifies. Seeding it from the
-    round and the site makes them equal. The rounding is not a secret: the masks
-    come from the protocol's own seeds, untouched by this.
+    numpy's *global* generator (``flwr.common.secure_aggregation.quantization``),
+    right after this adapter returns; unseeded, two runs of the same config (or a
+    resumed run and an uninterrupted one) differ by up to a quantisation step per
+    value, which training then amplifies. Seeding it from the round and the site
+    here makes them equal; :func:`secure_mod` puts the generator's state back as soon
+    as the mod returns, so nothing else in the process (in a simulation: the server,
+    the other sites) draws from a reseeded generator. The rounding is not a secret:
+    the masks come from the protocol's own seeds, untouched by this.
     """
     rnd = round_number(msg.content[CONFIG])
     site = context.node_config.get(PARTITION_ID, NO_SITE)
     np.random.seed(zlib.crc32(f"fedscan-secagg-rounding:{rnd}:{site}".encode()))
 
 
-def legacy_evaluate(msg: Message, context: Context, call_next) -> Message:
-    """evaluateins -> fedscan evaluate -> evaluateres."""
-    _as_message_api(msg, "evaluateins")
-    reply = call_next(msg, context)
-    if reply.has_error():
-        return reply
-    metrics = dict(reply.content[METRICS])
-    res = EvaluateRes(
-        status=Status(Code.OK, ""),
-        loss=float(metrics.get("val_loss", 0.0)),
-        num_examples=int(metrics[NUM_EXAMPLES]),
-        metrics=metrics,
-    )
-    return Message(compat.evaluateres_to_recorddict(res), reply_to=msg)
-
-
 def secure_mod(msg: Message, context: Context, call_next) -> Message:
     """Route SecAgg+ train messages through Flower's ``secaggplus_mod`` (setup, key
-    sharing, masked update, unmasking; fedscan's masks: ``client/secagg.py``) and legacy
-    evaluate messages through the adapter; every other message passes untouched."""
+    sharing, masked update, unmasking; fedscan's masks: ``client/secagg.py``); every other
+    message (the sites' evaluation, which the server sends as Message-API evaluate messages)
+    passes untouched."""
     content = msg.content if msg.has_content() else RecordDict()
     if RECORD_KEY_CONFIGS in content.config_records:
-        return pinned_secaggplus_mod(msg, context, lambda m, c: legacy_train(m, c, call_next))
-    if EVALUATE_INS in content.array_records:
-        return legacy_evaluate(msg, context, call_next)
+        # numpy's global generator as it was before _seed_rounding, once the mod returns
+        # (fedscan's training draws from its own seeded generators, never this one)
+        saved = np.random.get_state()
+        try:
+            return pinned_secaggplus_mod(msg, context, lambda m, c: legacy_train(m, c, call_next))
+        finally:
+            np.random.set_state(saved)
     return call_next(msg, context)

@@ -1,14 +1,17 @@
-"""The coordinator's side of secure aggregation: Flower's ``SecAggPlusWorkflow``
-driving fedscan's rounds.
+"""The coordinator's side of secure aggregation: one round of Flower's
+``SecAggPlusWorkflow`` whenever the federation loop asks for an aggregate.
 
-Flower 1.42's SecAgg+ runs inside its legacy ``DefaultWorkflow`` with a legacy
-``Strategy``; the Message-API strategies do not plug into it. :class:`SecureMean`
-is that legacy strategy, kept as thin as the protocol allows: it samples sites
-and sends fedscan's train / evaluate configs (round, run key, FedProx's mu, the
-parameter names), and turns what the protocol hands it, the unmasked weighted
-mean of the sites' *updates*, into the next global weights. Everything else a
-round does (test metrics, the run folder, checkpoints, tracking) is the same
-``finish_round`` the Message-API path calls, so the two paths cannot drift.
+Flower 1.42's SecAgg+ runs on its legacy messages with a legacy ``Strategy`` in a
+``LegacyContext``; the Message-API strategies do not plug into it.
+:class:`SecureRounds` keeps one such context for the whole run and, per loop
+iteration, runs one SecAgg+ round on it: :class:`SecureMean` (the legacy strategy,
+kept as thin as the protocol allows) samples the sites, sends fedscan's train
+config, and adds what the protocol hands it, the unmasked weighted mean of the
+sites' *updates*, to the global weights. A statistics round is one more SecAgg+
+round, of :class:`SecureSums`. Everything else (the sites' evaluation by
+Message-API evaluate messages, test metrics, the run folder, checkpoints, tracking)
+is the plain path's (:class:`~fedscan.server.rounds.MessageRounds`,
+:class:`~fedscan.server.federation.Federation`), so the two paths cannot drift.
 
 What the server sees per site: its metrics and its sample count (not masked),
 never its update (see ``tests/test_secure.py``).
@@ -19,24 +22,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Context, RecordDict
-from flwr.common import (
-    EvaluateIns,
-    FitIns,
-    Parameters,
-    ndarrays_to_parameters,
-    parameters_to_ndarrays,
-)
+from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.common import FitIns, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
 from flwr.server import LegacyContext, ServerConfig, SimpleClientManager
+from flwr.server.compat.app_utils import start_update_client_manager_thread
 from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.strategy import Strategy as LegacyStrategy
-from flwr.server.workflow import DefaultWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
 
 from fedscan.common.federated.privacy import CentralDPSettings
@@ -53,17 +52,15 @@ from fedscan.common.federated.wire import (
     NODE_ID,
     PARAMETER_NAMES,
     PROXIMAL_MU,
-    ROUND_OFFSET,
     RUN_KEY,
     SERVER_ROUND,
     STATISTICS_KEYS,
     STATISTICS_SCALE,
 )
+from fedscan.server.rounds import Arrays, MessageRounds
 from fedscan.server.secagg import PinnedSecAggPlusWorkflow
 
 log = logging.getLogger("fedscan.server")
-
-FinishRound = Callable[[int, dict, dict, dict], dict]
 
 
 class WaitingClientManager(SimpleClientManager):
@@ -86,6 +83,11 @@ class WaitingClientManager(SimpleClientManager):
         )
 
 
+def _rows(results: list) -> list[dict]:
+    """The sites' reply rows of a SecAgg+ round (what they sent beside the masked vector)."""
+    return [{**dict(res.metrics), NODE_ID: int(proxy.node_id)} for proxy, res in results]
+
+
 class SecureMean(LegacyFedAvg):
     """Legacy FedAvg whose aggregate is the protocol's unmasked mean update, added
     to the global weights; per-site metrics recorded as the sites sent them."""
@@ -93,63 +95,43 @@ class SecureMean(LegacyFedAvg):
     def __init__(
         self,
         *,
-        initial: Mapping[str, torch.Tensor],
+        names: list[str],
         fed: FederationSettings,
         proximal_mu: float,
         run_key: str,
-        done: int,
-        finish_round: FinishRound,
         clipping_range: float,
         max_weight: float,
     ) -> None:
-        self.names = list(initial)
+        self.names = names
         self.clipping_range, self.max_weight = clipping_range, max_weight
-        self.current = [initial[k].detach().cpu().numpy() for k in self.names]
+        self.current: list[np.ndarray] = []
         super().__init__(
             fraction_fit=fed.fraction_train,
-            fraction_evaluate=fed.fraction_evaluate,
+            fraction_evaluate=0.0,  # the sites evaluate by Message-API messages
             min_fit_clients=fed.min_nodes,
-            min_evaluate_clients=fed.min_nodes,
             min_available_clients=fed.min_nodes,
-            initial_parameters=ndarrays_to_parameters(self.current),
         )
-        self.proximal_mu, self.run_key, self.done = proximal_mu, run_key, done
-        self.finish_round = finish_round
-        self.sites: dict[int, dict[str, list[dict]]] = {}
+        self.proximal_mu, self.run_key = proximal_mu, run_key
+        self.rows: dict[int, list[dict]] = {}
 
     def __repr__(self) -> str:
         return f"SecureMean(SecAgg+, {len(self.names)} arrays)"
 
-    def _config(self, server_round: int) -> dict[str, Any]:
-        config = {
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager):
+        # The global weights: with central DP they carry the noise its wrapper added
+        # to the last aggregate, so the update is added to those
+        self.current = parameters_to_ndarrays(parameters)
+        pairs = super().configure_fit(server_round, parameters, client_manager)
+        extra = {
             SERVER_ROUND: server_round,
-            ROUND_OFFSET: self.done,
             RUN_KEY: self.run_key,
             PARAMETER_NAMES: json.dumps(self.names),
             CLIPPING_RANGE: self.clipping_range,  # the site warns when its update is clipped
             MAX_WEIGHT: self.max_weight,
         }
         if self.proximal_mu:
-            config[PROXIMAL_MU] = self.proximal_mu
-        return config
-
-    def configure_fit(self, server_round: int, parameters: Parameters, client_manager):
-        # The workflow's global weights: with central DP they carry the noise its
-        # wrapper added to the last aggregate, so the update is added to those
-        self.current = parameters_to_ndarrays(parameters)
-        pairs = super().configure_fit(server_round, parameters, client_manager)
-        extra = self._config(server_round)
+            extra[PROXIMAL_MU] = self.proximal_mu
         return [(p, FitIns(ins.parameters, {**ins.config, **extra})) for p, ins in pairs]
-
-    def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager):
-        pairs = super().configure_evaluate(server_round, parameters, client_manager)
-        extra = self._config(server_round)
-        return [(p, EvaluateIns(ins.parameters, {**ins.config, **extra})) for p, ins in pairs]
-
-    def _rows(self, server_round: int, phase: str, results: list) -> None:
-        rows = self.sites.setdefault(server_round, {}).setdefault(phase, [])
-        for proxy, res in results:
-            rows.append({**dict(res.metrics), NODE_ID: int(proxy.node_id)})
 
     def aggregate_fit(self, server_round: int, results: list, failures: list):
         for failure in failures:
@@ -172,28 +154,11 @@ class SecureMean(LegacyFedAvg):
             else np.rint(g + u).astype(g.dtype)  # BatchNorm's batch counter
             for g, u in zip(self.current, mean, strict=True)
         ]
-        self._rows(server_round, "train", results)
+        self.rows[server_round] = _rows(results)
         return ndarrays_to_parameters(self.current), {}
 
-    def _finish(self, server_round: int) -> None:
-        state = {
-            k: torch.from_numpy(np.array(a)) for k, a in zip(self.names, self.current, strict=True)
-        }
-        self.finish_round(server_round + self.done, state, self.sites.pop(server_round, {}), {})
-
     def evaluate(self, server_round: int, parameters: Parameters):
-        """Centralised evaluation; the round is finished here unless the sites evaluate
-        it too (then in :meth:`aggregate_evaluate`, with their metrics)."""
-        if server_round > 0:
-            self.current = parameters_to_ndarrays(parameters)  # noised, under central DP
-            if self.fraction_evaluate == 0:
-                self._finish(server_round)
         return None
-
-    def aggregate_evaluate(self, server_round: int, results: list, failures: list):
-        self._rows(server_round, "evaluate", results)
-        self._finish(server_round)
-        return None, {}
 
 
 class SecureSums(LegacyFedAvg):
@@ -204,27 +169,17 @@ class SecureSums(LegacyFedAvg):
     stay well below the ridge ``lambda`` or it stops being positive definite."""
 
     def __init__(
-        self,
-        *,
-        arrays: Mapping[str, torch.Tensor],
-        kind: str,
-        scale: float,
-        clipping_range: float,
-        max_weight: float,
-        min_nodes: int,
+        self, *, names: list[str], kind: str, settings: SecureAggregationSettings, min_nodes: int
     ) -> None:
-        self.names = list(arrays)
+        self.names = names
         super().__init__(
             fraction_fit=1.0,
             fraction_evaluate=0.0,
             min_fit_clients=min_nodes,
             min_available_clients=min_nodes,
-            initial_parameters=ndarrays_to_parameters(
-                [arrays[k].detach().cpu().numpy() for k in self.names]
-            ),
         )
-        self.kind, self.scale, self.clipping_range = kind, scale, clipping_range
-        self.max_weight = max_weight
+        self.kind, self.scale = kind, settings.statistics_scale
+        self.clipping_range, self.max_weight = settings.clipping_range, settings.max_weight
         self.total: dict[str, np.ndarray] | None = None
         self.rows: list[dict] = []
 
@@ -250,118 +205,152 @@ class SecureSums(LegacyFedAvg):
             k: np.asarray(v, dtype=np.float64) * len(results) * self.scale
             for k, v in zip(names, mean, strict=True)
         }
-        for proxy, res in results:
-            row = {k: v for k, v in res.metrics.items() if k != STATISTICS_KEYS}
-            self.rows.append({**row, NODE_ID: int(proxy.node_id)})
+        rows = _rows(results)
+        self.rows = [{k: v for k, v in r.items() if k != STATISTICS_KEYS} for r in rows]
         return None, {}
 
     def evaluate(self, server_round: int, parameters: Parameters):
         return None
 
 
-def secure_statistics(
-    grid: Grid,
-    settings: SecureAggregationSettings,
-    fed: FederationSettings,
-    arrays: Mapping[str, torch.Tensor],
-    *,
-    kind: str,
-) -> tuple[dict[str, np.ndarray], list[dict]]:
-    """The summed ``kind`` statistics (fed3r | fedncm) from one SecAgg+ round, and the
-    sites' reply metrics; the server never holds one site's sums."""
-    strategy = SecureSums(
-        arrays=arrays,
-        kind=kind,
-        scale=settings.statistics_scale,
+def _workflow(settings: SecureAggregationSettings, timeout: float) -> PinnedSecAggPlusWorkflow:
+    """Flower's SecAgg+ workflow for ``settings`` (one round per call), with fedscan's
+    mask generator pinned (``server/secagg.py``)."""
+    return PinnedSecAggPlusWorkflow(
+        num_shares=settings.num_shares,
+        reconstruction_threshold=settings.reconstruction_threshold,
         clipping_range=settings.clipping_range,
+        quantization_range=settings.quantization_range,
+        modulus_range=settings.modulus_range,
         max_weight=settings.max_weight,
-        min_nodes=fed.min_nodes,
+        timeout=timeout,
+        mask_generator=settings.mask_generator,
     )
-    fine = dataclasses.replace(
-        settings,
-        quantization_range=STATISTICS_QUANTIZATION,
-        modulus_range=STATISTICS_MODULUS,
-    )
-    _workflow(grid, fine, fed, strategy, rounds=1)
-    if strategy.total is None:
-        raise RuntimeError(
-            "statistics round under SecAgg+: no aggregate (too few sites answered or kept "
-            "their shares; see the log above)"
-        )
-    return strategy.total, strategy.rows
 
 
-def _workflow(
-    grid: Grid,
-    settings: SecureAggregationSettings,
-    fed: FederationSettings,
-    strategy: LegacyStrategy,
-    *,
-    rounds: int,
-) -> None:
-    """``rounds`` rounds of Flower's DefaultWorkflow with SecAgg+ as its fit workflow."""
-    timeout = settings.timeout_s or fed.round_timeout_s
-    context = LegacyContext(
-        context=Context(
-            run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}
-        ),
-        config=ServerConfig(num_rounds=rounds, round_timeout=timeout),
-        strategy=strategy,
-        client_manager=WaitingClientManager(fed.wait_for_nodes_s),
-    )
-    DefaultWorkflow(
-        fit_workflow=PinnedSecAggPlusWorkflow(
-            num_shares=settings.num_shares,
-            reconstruction_threshold=settings.reconstruction_threshold,
+class SecureRounds:
+    """Training and statistics rounds under SecAgg+ (FedAvg or FedProx); the sites'
+    evaluation is ``evaluation``'s (Message-API evaluate messages, which the sites'
+    ``secure_mod`` passes through). With ``central_dp`` (client-side fixed clipping)
+    Flower's legacy DP wrapper adds the noise to the unmasked aggregate, as Flower's
+    ``fl-dp-sa`` example composes them."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        settings: SecureAggregationSettings,
+        fed: FederationSettings,
+        *,
+        names: list[str],
+        strategy_cfg: Mapping[str, Any],
+        central_dp: CentralDPSettings | None,
+        run_key: str,
+        evaluation: MessageRounds,
+    ) -> None:
+        self.grid, self.settings, self.fed, self.keys = grid, settings, fed, names
+        self.evaluation, self.names = evaluation, evaluation.names
+        self.timeout = settings.timeout_s or fed.round_timeout_s
+        self.mean = SecureMean(
+            names=names,
+            fed=fed,
+            proximal_mu=float(strategy_cfg.get("mu", 0.0) or 0.0),
+            run_key=run_key,
             clipping_range=settings.clipping_range,
-            quantization_range=settings.quantization_range,
-            modulus_range=settings.modulus_range,
             max_weight=settings.max_weight,
-            timeout=timeout,
-            mask_generator=settings.mask_generator,
         )
-    )(grid, context)
-
-
-def run_secure_rounds(
-    grid: Grid,
-    settings: SecureAggregationSettings,
-    fed: FederationSettings,
-    *,
-    strategy_cfg: Mapping[str, Any],
-    initial: Mapping[str, torch.Tensor],
-    done: int,
-    run_key: str,
-    finish_round: FinishRound,
-    central_dp: CentralDPSettings | None = None,
-) -> None:
-    """``fed.rounds - done`` rounds of FedAvg (or FedProx) under SecAgg+; with
-    ``central_dp`` (client-side fixed clipping), Flower's legacy DP wrapper adds the
-    noise to the unmasked aggregate, as Flower's ``fl-dp-sa`` example composes them."""
-    strategy = SecureMean(
-        initial=initial,
-        fed=fed,
-        proximal_mu=float(strategy_cfg.get("mu", 0.0) or 0.0),
-        run_key=run_key,
-        done=done,
-        finish_round=finish_round,
-        clipping_range=settings.clipping_range,
-        max_weight=settings.max_weight,
-    )
-    outer: LegacyStrategy = strategy
-    if central_dp is not None:
-        sampled = max(1, round(len(list(grid.get_node_ids())) * fed.fraction_train))
-        outer = DifferentialPrivacyClientSideFixedClipping(
-            strategy,
-            noise_multiplier=central_dp.noise_multiplier,
-            clipping_norm=central_dp.clipping_norm,
-            num_sampled_clients=sampled,
+        outer: LegacyStrategy = self.mean
+        if central_dp is not None:
+            outer = DifferentialPrivacyClientSideFixedClipping(
+                self.mean,
+                noise_multiplier=central_dp.noise_multiplier,
+                clipping_norm=central_dp.clipping_norm,
+                num_sampled_clients=max(
+                    1, round(len(list(grid.get_node_ids())) * fed.fraction_train)
+                ),
+            )
+            log.info("central DP under SecAgg+: %s", outer)
+        self.clients = WaitingClientManager(fed.wait_for_nodes_s)
+        self._thread, self._stop, registered = start_update_client_manager_thread(
+            grid, self.clients
         )
-        log.info("central DP under SecAgg+: %s", outer)
-    log.info(
-        "secure aggregation: SecAgg+ with %d shares, threshold %d, clipping range %g",
-        settings.num_shares,
-        settings.reconstruction_threshold,
-        settings.clipping_range,
-    )
-    _workflow(grid, settings, fed, outer, rounds=fed.rounds - done)
+        registered.wait()
+        self.context = self._context(outer)
+        self.workflow = _workflow(settings, self.timeout)
+        log.info(
+            "secure aggregation: SecAgg+ with %d shares, threshold %d, clipping range %g",
+            settings.num_shares,
+            settings.reconstruction_threshold,
+            settings.clipping_range,
+        )
+
+    def _context(self, strategy: LegacyStrategy) -> LegacyContext:
+        context = Context(
+            run_id=self.grid.run.run_id,
+            node_id=0,
+            node_config={},
+            state=RecordDict(),
+            run_config={},
+        )
+        return LegacyContext(
+            context=context,
+            config=ServerConfig(num_rounds=1, round_timeout=self.timeout),
+            strategy=strategy,
+            client_manager=self.clients,
+        )
+
+    def _round(
+        self, workflow: PinnedSecAggPlusWorkflow, context: LegacyContext, rnd: int, arrays: Arrays
+    ) -> Arrays:
+        """One SecAgg+ round on ``context`` from the global ``arrays``; returns the global
+        arrays after it (unchanged when the protocol halted)."""
+        parameters = ndarrays_to_parameters([arrays[k].detach().cpu().numpy() for k in self.keys])
+        context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+            parameters, keep_input=True
+        )
+        config = context.state.config_records.setdefault(MAIN_CONFIGS_RECORD, ConfigRecord())
+        config[Key.CURRENT_ROUND] = rnd
+        workflow(self.grid, context)
+        out = compat.arrayrecord_to_parameters(
+            context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True
+        )
+        return {
+            k: torch.from_numpy(np.array(a))
+            for k, a in zip(self.keys, parameters_to_ndarrays(out), strict=True)
+        }
+
+    def train(self, rnd: int, arrays: Arrays) -> tuple[Arrays, list[dict]]:
+        new = self._round(self.workflow, self.context, rnd, arrays)
+        rows = self.mean.rows.pop(rnd, [])
+        for row in rows:
+            self.names.learn(row)
+        return new, rows
+
+    def evaluate(self, rnd: int, arrays: Arrays) -> list[dict]:
+        return self.evaluation.evaluate(rnd, arrays)
+
+    def sum_statistics(self, kind: str, arrays: Arrays) -> tuple[dict | None, list[dict]]:
+        """The summed ``kind`` statistics (fed3r | fedncm | bn) from one SecAgg+ round, at
+        the statistics round's finer quantisation; the server never holds one site's
+        sums."""
+        sums = SecureSums(
+            names=self.keys, kind=kind, settings=self.settings, min_nodes=self.fed.min_nodes
+        )
+        fine = dataclasses.replace(
+            self.settings,
+            quantization_range=STATISTICS_QUANTIZATION,
+            modulus_range=STATISTICS_MODULUS,
+        )
+        self._round(_workflow(fine, self.timeout), self._context(sums), 1, arrays)
+        for row in sums.rows:
+            self.names.learn(row)
+        return sums.total, sums.rows
+
+    def export_state(self) -> dict[str, Any]:
+        return {}  # SecureMean keeps nothing across rounds; the fixed-clipping DP wrapper neither
+
+    def import_state(self, state: Mapping[str, Any]) -> None:
+        return None
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -4,6 +4,11 @@ The one change: every strategy records each site's own metrics (Flower keeps
 aggregates only) and, before the parent's aggregation runs, drops replies that
 would corrupt the global model (arrays that are not finite, or whose names or
 shapes differ from what the server sent), naming the site.
+
+What a strategy must carry across a resume (FedAdam's moments, SCAFFOLD's variate,
+adaptive clipping's norm) is read and restored by one adapter,
+:func:`export_state` / :func:`import_state`: Flower 1.42's strategies have no state
+interface of their own.
 """
 
 from __future__ import annotations
@@ -16,12 +21,14 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as fl
+from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedscan.common.core.errors import ConfigError
 from fedscan.common.core.registry import Registry
 from fedscan.common.federated.privacy import CentralDPSettings
 from fedscan.common.federated.scaffold import server_variate
 from fedscan.common.federated.settings import FederationSettings, check_strategy
+from fedscan.common.federated.site_names import site_label
 from fedscan.common.federated.wire import (
     ARRAYS,
     COUNT_PREFIX,
@@ -30,14 +37,40 @@ from fedscan.common.federated.wire import (
     NUM_EXAMPLES,
     SCAFFOLD_C,
     SCAFFOLD_DELTA,
+    SITE,
     SITE_ID,
+    SITE_NAME,
 )
 
 log = logging.getLogger("fedscan.server")
 
 STRATEGIES: Registry[type] = Registry("strategy", "strategy.name")
-# Server-side state that must survive a resume (FedOpt family).
-STATEFUL_ATTRS = ("current_arrays", "m_t", "v_t", "scaffold_c")
+
+
+def reply_row(msg: Message) -> dict[str, Any]:
+    """A site's reply as the run folder records it: its metrics, the node id the
+    server saw it from, and the site's ``site-name`` when it sent one."""
+    row = dict(msg.content[METRICS])
+    row[NODE_ID] = int(msg.metadata.src_node_id)
+    if SITE in msg.content and SITE_NAME in msg.content[SITE]:
+        row[SITE_NAME] = str(msg.content[SITE][SITE_NAME])
+    return row
+
+
+class SiteNames:
+    """The names of the sites that have replied, by node id: a warning about a site
+    that failed (its error reply carries no metrics) names it as its last reply did."""
+
+    def __init__(self) -> None:
+        self._names: dict[int, str] = {}
+
+    def learn(self, row: Mapping[str, Any]) -> str:
+        name = site_label(row)
+        self._names[int(row[NODE_ID])] = name
+        return name
+
+    def __call__(self, node_id: int) -> str:
+        return self._names.get(int(node_id), site_label({NODE_ID: node_id}))
 
 
 class SiteRecording:
@@ -46,14 +79,30 @@ class SiteRecording:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.site_metrics: dict[int, dict[str, list[dict]]] = {}
+        self.names = SiteNames()
 
     def _record(self, rnd: int, phase: str, replies: Iterable[Message]) -> None:
         rows = self.site_metrics.setdefault(rnd, {}).setdefault(phase, [])
         for msg in replies:
             if msg.has_content() and METRICS in msg.content:
-                row = dict(msg.content[METRICS])
-                row[NODE_ID] = int(msg.metadata.src_node_id)
+                row = reply_row(msg)
+                self.names.learn(row)
                 rows.append(row)
+
+    def take_rows(self, rnd: int, phase: str) -> list[dict]:
+        """The sites' rows of round ``rnd``'s ``phase`` (train | evaluate), handed over
+        once: the federation loop records them in the run folder."""
+        phases = self.site_metrics.get(rnd, {})
+        rows = phases.pop(phase, [])
+        if not phases:
+            self.site_metrics.pop(rnd, None)
+        return rows
+
+    def _name(self, msg: Message) -> str:
+        """The site a reply came from, as the run folder names it."""
+        if msg.has_content() and METRICS in msg.content:
+            return site_label(reply_row(msg))
+        return self.names(msg.metadata.src_node_id)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config, grid):
         # What every reply must match: the names and shapes the server sent.
@@ -88,11 +137,11 @@ class SiteRecording:
         replies = list(replies)
         kept = []
         for msg in replies:
-            site = msg.metadata.src_node_id
+            site = self._name(msg)
             if msg.has_error():
-                log.warning("round %d: site %s failed: %s", server_round, site, msg.error.reason)
+                log.warning("round %d: %s failed: %s", server_round, site, msg.error.reason)
             elif (why := self.rejection(msg)) is not None:
-                log.warning("round %d: update from site %s rejected: %s", server_round, site, why)
+                log.warning("round %d: update from %s rejected: %s", server_round, site, why)
             else:
                 kept.append(msg)
         # A dead site's reply is an error the SuperLink writes on its behalf (it does
@@ -101,10 +150,10 @@ class SiteRecording:
         silent = sorted(getattr(self, "_sampled", set()) - answered)
         if silent:
             log.warning(
-                "round %d: no update from site(s) %s (failed, disconnected or timed out); "
+                "round %d: no update from %s (failed, disconnected or timed out); "
                 "aggregating the other %d",
                 server_round,
-                ", ".join(map(str, silent)),
+                ", ".join(self.names(n) for n in silent),
                 len(kept),
             )
         self._record(server_round, "train", kept)
@@ -128,19 +177,32 @@ class SiteRecording:
                 server_round,
                 len(kept) - len(weighted),
             )
-        return super().aggregate_train(server_round, weighted)
+        arrays, metrics = super().aggregate_train(server_round, weighted)
+        return self._as_sent(arrays), metrics
+
+    def _as_sent(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
+        """The aggregate in the dtypes the server sent. Flower 1.42's FedAdam returns
+        float64 arrays (its bias-corrected step is a float64 numpy scalar times float32
+        arrays); sent on as the next global model, every site's float32 reply then failed
+        the dtype check above, and FedAdam stopped training after round 1. The sites and
+        the server's evaluation store the global model in these dtypes anyway, so the
+        cast changes no value they use."""
+        expected = getattr(self, "_expected", None)
+        if arrays is None or not expected:
+            return arrays
+        if all(a.dtype == expected[k][1] for k, a in arrays.items() if k in expected):
+            return arrays  # every other strategy: unchanged, not copied
+        return ArrayRecord(
+            {
+                k: Array(np.asarray(a.numpy(), dtype=expected[k][1])) if k in expected else a
+                for k, a in arrays.items()
+            }
+        )
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
         replies = [m for m in replies if not m.has_error()]
         self._record(server_round, "evaluate", replies)
         return super().aggregate_evaluate(server_round, replies)
-
-    def export_state(self) -> dict[str, Any]:
-        return {a: getattr(self, a) for a in STATEFUL_ATTRS if getattr(self, a, None) is not None}
-
-    def import_state(self, state: Mapping[str, Any]) -> None:
-        for a, v in state.items():
-            setattr(self, a, v)
 
 
 class Scaffold(fl.FedAvg):
@@ -236,7 +298,7 @@ def build_strategy(cfg: Mapping[str, Any], federation: FederationSettings) -> Si
     if "mu" in params:
         params["proximal_mu"] = params.pop("mu")
     try:
-        return cls(
+        strategy = cls(
             fraction_train=federation.fraction_train,
             fraction_evaluate=federation.fraction_evaluate,
             min_train_nodes=federation.min_nodes,
@@ -248,6 +310,8 @@ def build_strategy(cfg: Mapping[str, Any], federation: FederationSettings) -> Si
         )
     except TypeError as exc:
         raise ConfigError("strategy", f"bad parameter for {cfg['name']}: {exc}") from None
+    check_state_fields(strategy)
+    return strategy
 
 
 CENTRAL_DP = {
@@ -269,4 +333,65 @@ def wrap_central_dp(strategy: fl.Strategy, settings: CentralDPSettings, num_samp
     noise, norm = settings.noise_multiplier, settings.clipping_norm
     if settings.clipping == "fixed":
         return cls(strategy, noise, norm, num_sampled)
-    return cls(strategy, noise, num_sampled, initial_clipping_norm=norm)
+    wrapped = cls(strategy, noise, num_sampled, initial_clipping_norm=norm)
+    check_state_fields(wrapped)
+    return wrapped
+
+
+# ------------------------------------------------------------------ resume adapter
+# What each stateful strategy must carry across a resume, by the attribute it keeps
+# it in. Flower 1.42's strategies have no state_dict / load_state_dict (FedOpt keeps
+# its moments in the public attributes m_t and v_t and reads them in aggregate_train);
+# FedOpt's current_arrays is not state: configure_train sets it every round.
+STATE_FIELDS: dict[type, tuple[str, ...]] = {
+    FedOpt: ("m_t", "v_t"),  # FedAdam, FedYogi (and FedAdagrad)
+    Scaffold: ("scaffold_c",),
+    fl.DifferentialPrivacyClientSideAdaptiveClipping: ("clipping_norm",),
+    fl.DifferentialPrivacyServerSideAdaptiveClipping: ("clipping_norm",),
+}
+_WRAPPER_PREFIX = "wrapper."  # a central-DP wrapper's fields, beside the inner strategy's
+
+
+def _layers(strategy: Any) -> list[tuple[str, Any]]:
+    """``(prefix, strategy)`` for a central-DP wrapper (``wrapper.``) and the strategy
+    it wraps (no prefix: the keys of checkpoints from before the wrapper's state)."""
+    inner = getattr(strategy, "strategy", None)
+    if isinstance(strategy, fl.Strategy) and isinstance(inner, fl.Strategy):
+        return [(_WRAPPER_PREFIX, strategy), ("", inner)]
+    return [("", strategy)]
+
+
+def _fields(strategy: Any) -> tuple[str, ...]:
+    return tuple(f for c, names in STATE_FIELDS.items() if isinstance(strategy, c) for f in names)
+
+
+def check_state_fields(strategy: Any) -> None:
+    """Fail loudly, when the strategy is built, if a Flower upgrade renamed an attribute
+    the resume adapter reads and writes (a resumed run would silently start over)."""
+    for _, layer in _layers(strategy):
+        missing = [f for f in _fields(layer) if not hasattr(layer, f)]
+        if missing:
+            raise RuntimeError(
+                f"{type(layer).__name__} has no attribute {missing}: server/strategies.py's "
+                "STATE_FIELDS no longer matches the installed Flower; resume would lose the "
+                "strategy's state"
+            )
+
+
+def export_state(strategy: Any) -> dict[str, Any]:
+    """The strategy's resumable state (``last.pt``'s ``strategy_state``)."""
+    return {
+        prefix + f: getattr(layer, f)
+        for prefix, layer in _layers(strategy)
+        for f in _fields(layer)
+        if getattr(layer, f) is not None
+    }
+
+
+def import_state(strategy: Any, state: Mapping[str, Any]) -> None:
+    """Restore :func:`export_state`'s output; a key this strategy does not keep is
+    ignored (``current_arrays`` in checkpoints written before this adapter)."""
+    for prefix, layer in _layers(strategy):
+        for f in _fields(layer):
+            if prefix + f in state:
+                setattr(layer, f, state[prefix + f])

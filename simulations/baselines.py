@@ -23,9 +23,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fedscan.common.data.splits import groups_are_scans
-from fedscan.common.federated.bn_stats import recalibrate_bn
-from fedscan.common.federated.head_init import closed_form_head, linear_head
+from fedscan.common.federated.head_init import linear_head
+from fedscan.common.federated.refit import install_round, local_statistics, refit
 from fedscan.common.federated.site import site_indices
+from fedscan.common.federated.site_names import site_label
 from fedscan.common.federated.trainer import site_seed
 from fedscan.common.federated.wire import SITE_ID
 from fedscan.common.learn.features import mirrored_features
@@ -57,7 +58,7 @@ def run_local(cfg: DictConfig) -> Path:
     t0 = time.perf_counter()
     checked = validate(cfg, "local")
     fed = checked.federation
-    budget, head, ridge = fed.epoch_budget, fed.head_init, fed.head_ridge
+    budget, head = fed.epoch_budget, fed.head_init
     settings = dataclasses.replace(checked.train, epochs=max(budget, 1))
     n_sites = fed.num_sites
     run = prepare_run(cfg)
@@ -70,9 +71,10 @@ def run_local(cfg: DictConfig) -> Path:
     run_dir = new_run_dir(cfg, "local")
     write_config(run_dir, cfg)
     counts = np.stack([np.bincount(c.labels[tr], minlength=len(c.classes)) for tr, _ in parts])
+    names = [site_label({SITE_ID: p}) for p in range(n_sites)]  # as a federation names them
     write_partition_report(
         run_dir,
-        [f"site {p}" for p in range(n_sites)],
+        names,
         counts,
         c.classes,
         title=f"{data.label} | partition {partition_label(cfg)} | training samples per site",
@@ -83,9 +85,10 @@ def run_local(cfg: DictConfig) -> Path:
         torch.manual_seed(site_seed(settings.seed, 0, pid))  # a site's round-0 seed
         model = build_model(cfg.model, len(c.classes))
 
-        def own_head(kind: str, model=model, train_idx=train_idx) -> None:
-            """The site's own closed-form ``kind`` head, from its data alone."""
-            closed_form_head(
+        def own_sums(kind: str, model=model, train_idx=train_idx, pid=pid) -> dict:
+            """The site's own ``kind`` statistics, from its data alone (as it would
+            answer a federation's statistics round)."""
+            return local_statistics(
                 model,
                 kind,
                 x,
@@ -93,12 +96,12 @@ def run_local(cfg: DictConfig) -> Path:
                 train_idx,
                 start=start,
                 device=device,
-                ridge=ridge,
-                scale=fed.head_scale,
+                batch_size=settings.batch_size,
+                seed=site_seed(settings.seed, 0, pid),
             )
 
         if head != "none":
-            own_head(head)
+            install_round(model, head, own_sums, fed)
         if fed.head_freeze:  # as at a federated site: the head stays as it starts
             linear_head(model).requires_grad_(False)
         train = Batches(
@@ -114,18 +117,7 @@ def run_local(cfg: DictConfig) -> Path:
         val = Batches(x, c.labels, val_idx, batch_size=64)
         if budget > 0:
             fit(model, train, val, settings, device=device, start=start)
-            if fed.bn_refit:  # the site's own BatchNorm statistics, as a federation would
-                recalibrate_bn(
-                    model,
-                    x,
-                    train_idx,
-                    start=start,
-                    device=device,
-                    batch_size=settings.batch_size,
-                    seed=site_seed(settings.seed, 0, pid),
-                )
-            if fed.head_refit != "none":
-                own_head(fed.head_refit)
+            refit(model, fed, own_sums)  # the site's own statistics, as a federation's
         final = {
             name: evaluate_model(
                 model,
@@ -168,8 +160,8 @@ def run_local(cfg: DictConfig) -> Path:
         sites=sites,
         cross_site=(
             cm := cross_site.matrix(
-                [f"site {p}" for p in range(n_sites)],
-                [*map(cross_site.site_column, range(n_sites)), *tests],
+                names,
+                [*map(cross_site.site_column, names), *tests],
                 cross,
             )
         ),

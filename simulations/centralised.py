@@ -11,8 +11,8 @@ from omegaconf import DictConfig
 
 from fedscan.common.data.splits import groups_are_scans
 from fedscan.common.data.transforms import Augment
-from fedscan.common.federated.bn_stats import recalibrate_bn
-from fedscan.common.federated.head_init import closed_form_head, linear_head
+from fedscan.common.federated.head_init import linear_head
+from fedscan.common.federated.refit import describe, install_round, local_statistics, refit
 from fedscan.common.learn.features import mirrored_features
 from fedscan.common.learn.prepare import prepare_run
 from fedscan.common.learn.training import Batches, evaluate_model, fit
@@ -41,9 +41,10 @@ def run_centralised(cfg: DictConfig, *, kind: str = "centralised", train: bool =
     fed = checked.federation
     head = fed.head_init
 
-    def pooled_head(kind: str) -> None:
-        """The closed-form ``kind`` head of the pooled training features, in ``model``."""
-        closed_form_head(
+    def pooled_sums(kind: str) -> dict:
+        """The ``kind`` statistics of the pooled training split under the current model:
+        what a federation of every site would sum, computed in one place."""
+        return local_statistics(
             model,
             kind,
             x,
@@ -51,12 +52,12 @@ def run_centralised(cfg: DictConfig, *, kind: str = "centralised", train: bool =
             s.train,
             start=start,
             device=device,
-            ridge=fed.head_ridge,
-            scale=fed.head_scale,
+            batch_size=settings.batch_size,
+            seed=settings.seed,
         )
 
     if head != "none":
-        pooled_head(head)
+        install_round(model, head, pooled_sums, fed)
         log.info("classifier: the closed-form %s head of %d training images", head, len(s.train))
     if fed.head_freeze:  # the solved head, or with head_init=none the initial one (FedBABU)
         linear_head(model).requires_grad_(False)
@@ -116,21 +117,10 @@ def run_centralised(cfg: DictConfig, *, kind: str = "centralised", train: bool =
         if train
         else []
     )
-    if fed.bn_refit and train:  # the pooled reference of a federated BatchNorm re-estimate
-        recalibrate_bn(
-            model,
-            x,
-            s.train,
-            start=start,
-            device=device,
-            batch_size=settings.batch_size,
-            seed=settings.seed,
-        )
-        log.info("BatchNorm statistics: re-estimated on the training split")
-    refit = fed.head_refit
-    if refit != "none" and train:  # the pooled reference of a federated head refit
-        pooled_head(refit)
-        log.info("classifier: re-solved (%s) on the trained model's features", refit)
+    # the pooled reference of a federated refit: the same statistics rounds, in order
+    refitted = refit(model, fed, pooled_sums) if train else []
+    if refitted:
+        log.info("re-estimated on the training split: %s", describe(refitted))
     t_fit = time.perf_counter() - t_fit
 
     results = {}

@@ -19,15 +19,9 @@ from fedscan.common.core.errors import ConfigError, DataError, FedscanError
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    logging.getLogger("flwr").propagate = False  # flwr has its own handler
-    # alembic (pulled in by Ray / MLflow) logs a "setup plugin" line per plugin at INFO
-    for noisy in ("matplotlib", "PIL", "hydra", "onnx_ir", "onnxscript", "torch.onnx", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from fedscan.common.core.logs import configure_logging
+
+    configure_logging(verbose=verbose)
 
 
 def _check_values(cfg: Any, *, federated: bool = False) -> None:

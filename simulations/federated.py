@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from fedscan.common.core.config import load_config
@@ -22,8 +23,9 @@ log = logging.getLogger("fedscan.simulate")
 
 
 class _NotRunSimulationDeprecation(logging.Filter):
-    """Drop Flower's "run_simulation is deprecated" warning: ``fedscan simulate`` calls it
-    on purpose (in-process, one Python object per app) and the user cannot act on it."""
+    """Drops Flower's "run_simulation is deprecated" warning: ``fedscan simulate`` calls it
+    on purpose (in-process, one Python object per app; ``flwr run`` is the supported
+    path and needs no such call) and the user cannot act on it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args if isinstance(record.args, tuple) else ()
@@ -32,7 +34,16 @@ class _NotRunSimulationDeprecation(logging.Filter):
         )
 
 
-logging.getLogger("flwr").addFilter(_NotRunSimulationDeprecation())
+@contextmanager
+def _deprecation_quiet() -> Iterator[None]:
+    """The filter on Flower's logger for one ``run_simulation`` call, removed after it:
+    nothing else Flower logs is touched, and no later caller inherits it."""
+    flwr_log, quiet = logging.getLogger("flwr"), _NotRunSimulationDeprecation()
+    flwr_log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        flwr_log.removeFilter(quiet)
 
 
 def run_federated(overrides: Sequence[str], *, client_mods: Sequence = ()) -> Path:
@@ -72,24 +83,29 @@ def run_federated(overrides: Sequence[str], *, client_mods: Sequence = ()) -> Pa
 
     runs_dir = Path(str(cfg.runs_dir)).expanduser().resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
-    before = set(runs_dir.iterdir())
     # Absolute paths: Ray actors may start in another working directory.
     overrides = [*overrides, f"runs_dir={runs_dir}"]
-    with inprocess_backend() if engine == "inprocess" else contextlib.nullcontext():
+    opened: list[Path] = []  # the ServerApp names its run folder here
+    in_process = engine == "inprocess"
+    swap = inprocess_backend() if in_process else contextlib.nullcontext()
+    with swap as check, _deprecation_quiet():
         run_simulation(
-            server_app=make_server_app(tuple(overrides), announce=False),
+            server_app=make_server_app(
+                tuple(overrides),
+                announce=False,
+                before=check.wait if in_process else None,
+                on_run_dir=opened.append,
+            ),
             # torch threads = the CPUs Ray gives each site actor: no oversubscription
-            client_app=make_client_app((*overrides, f"num_threads={per_site}"), client_mods),
+            client_app=make_client_app(
+                (*overrides, f"num_threads={per_site}"), client_mods, entry_point=not in_process
+            ),
             num_supernodes=fed.num_sites,
             backend_config={
                 "client_resources": {"num_cpus": per_site, "num_gpus": 0.0},
                 "init_args": {"num_cpus": cpus, "include_dashboard": False},
             },
         )
-    if fed.resume:
-        return Path(fed.resume).expanduser().resolve()
-    # new run folders only (the runs dir also holds the MLflow store and its artifacts)
-    new = sorted(p for p in set(runs_dir.iterdir()) - before if (p / "config.yaml").exists())
-    if not new:
-        raise RuntimeError("the simulation finished without writing a run folder; see the log")
-    return new[-1]
+    if not opened:
+        raise RuntimeError("the simulation finished without opening a run folder; see the log")
+    return opened[-1]

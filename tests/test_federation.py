@@ -112,3 +112,40 @@ def test_missing_data_path_is_named(tmp_path):
     (tmp_path / "site").mkdir()
     out = site_config(cfg, str(tmp_path / "site"))
     assert out.dataset.name == "site" and out.dataset.split.policy == "grouped"
+
+
+def test_the_site_cache_is_owned_bounded_and_one_per_ray_actor(monkeypatch) -> None:
+    """What a ClientApp keeps between messages: at most ``runs`` prepared runs, least
+    recently used out; a pickled copy (Flower's Ray backend sends the ClientApp with
+    every message) resolves to one cache per process, empty there, not a copy of the
+    owner's data."""
+    import pickle
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from fedscan.common.federated import site as site_module
+    from fedscan.common.federated.site import SiteCache
+
+    prepared: list[str] = []
+    monkeypatch.setattr(site_module, "site_config", lambda cfg, path: cfg)
+    monkeypatch.setattr(
+        site_module,
+        "prepare_run",
+        lambda cfg: prepared.append(cfg.seed) or SimpleNamespace(data=None),
+    )
+    monkeypatch.setattr(
+        site_module, "site_indices", lambda cfg, data, **_: (np.arange(3), np.arange(1))
+    )
+    monkeypatch.setattr(SiteCache, "_in_process", {})
+    cache = SiteCache(runs=2, sites=8)
+    for seed in (0, 1, 0, 2, 0):
+        cache.load(f"seed: {seed}\n", 0, 2, "")
+        cache.load(f"seed: {seed}\n", 1, 2, "")  # another site of the same run: no prepare
+    assert prepared == [0, 1, 2] and len(cache) == 2  # run 1 was least recently used
+    cache.load("seed: 1\n", 0, 2, "")  # its site's entry is still cached (sites=8)
+    assert prepared == [0, 1, 2]
+    a, b = pickle.loads(pickle.dumps(cache)), pickle.loads(pickle.dumps(cache))
+    assert a is b and a is not cache and len(a) == 0 and (a.runs, a.sites) == (2, 8)
+    with pytest.raises(ValueError, match="sizes"):
+        SiteCache(runs=0)

@@ -145,6 +145,37 @@ def test_best_pt_is_chosen_by_default_on_the_pooled_validation_accuracy_and_says
     }
 
 
+def test_an_interrupted_best_pt_write_leaves_the_previous_best_pt_intact(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """``best.pt`` is what ``fedscan export`` ships: a write killed half-way (here: torch
+    writes half the bytes, then the process "dies") must leave the round-1 file whole,
+    as ``last.pt`` always was, and no temporary file behind."""
+    cfg = _cfg(tmp_path, "rounds=3")
+    fed = FederatedRun(
+        new_run_dir(cfg, "federated"), cfg, label="L", synthetic=False, classes=["a"]
+    )
+    fed.checkpoint(1, {"w": torch.full((4,), 1.0)}, {}, best=True)
+    real_save = torch.save
+
+    def dies_half_way(obj, f, *args, **kwargs):
+        if Path(f).name.startswith("best.pt"):
+            real_save(obj, f, *args, **kwargs)
+            with open(f, "r+b") as fh:  # what a killed writer leaves: the first half
+                fh.truncate(Path(f).stat().st_size // 2)
+            raise KeyboardInterrupt("killed while writing best.pt")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        fed.checkpoint(2, {"w": torch.full((4,), 2.0)}, {}, best=True)
+    monkeypatch.setattr(torch, "save", real_save)
+    best = torch.load(fed.dir / "best.pt", weights_only=False)
+    assert best["round"] == 1 and torch.equal(best["arrays"]["w"], torch.full((4,), 1.0))
+    assert torch.load(fed.dir / "last.pt", weights_only=False)["round"] == 2  # written first
+    assert sorted(p.name for p in fed.dir.glob("*.tmp")) == []
+
+
 def test_a_test_metric_cannot_pick_best_pt(tmp_path: Path) -> None:
     from fedscan.common.core.errors import ConfigError
     from fedscan.common.federated.settings import federation_settings

@@ -64,7 +64,7 @@ def test_mean_gradient_is_the_softmax_regression_gradient() -> None:
 
 
 def test_strategy_sends_c_takes_deltas_out_and_updates_c() -> None:
-    from fedscan.server.strategies import build_strategy
+    from fedscan.server.strategies import build_strategy, export_state
 
     s = build_strategy({"name": "scaffold"}, FED)
     a, b = reply(1, 1.0, 10), reply(2, 3.0, 10)
@@ -74,7 +74,7 @@ def test_strategy_sends_c_takes_deltas_out_and_updates_c() -> None:
     arrays, _ = s.aggregate_train(1, [a, b])
     np.testing.assert_allclose(arrays["w"].numpy(), np.full(3, 2.0))  # FedAvg of the weights
     np.testing.assert_allclose(s.scaffold_c["w"], np.full(3, 0.25))
-    assert "scaffold_c" in s.export_state()
+    assert "scaffold_c" in export_state(s)
 
 
 @pytest.mark.usefixtures("_no_real_data")

@@ -318,10 +318,12 @@ def test_a_resumed_secure_run_equals_an_uninterrupted_one(tmp_path) -> None:
 def test_the_statistics_round_under_secaggplus_sums_within_its_bound(tmp_path, monkeypatch):
     """Fed3R's Gram and cross-term sums through SecAgg+ equal the plain sums within
     :func:`statistics_bound`, and the one-shot head predicts as the plain one does."""
-    import fedscan.server.app
+    import fedscan.common.federated.refit
+    import fedscan.server.rounds
 
     totals: dict[str, dict] = {}
-    real_sum, real_solve = fedscan.server.app.sum_statistics, fedscan.server.app.solve_head
+    real_sum = fedscan.server.rounds.sum_statistics
+    real_solve = fedscan.common.federated.refit.solve_head
 
     def plain_sum(stats):
         totals["plain"] = real_sum(stats)
@@ -331,8 +333,8 @@ def test_the_statistics_round_under_secaggplus_sums_within_its_bound(tmp_path, m
         totals.setdefault("secure", total)  # the plain run sums first, the secure one not
         return real_solve(kind, total, ridge=ridge)
 
-    monkeypatch.setattr(fedscan.server.app, "sum_statistics", plain_sum)
-    monkeypatch.setattr(fedscan.server.app, "solve_head", solve)
+    monkeypatch.setattr(fedscan.server.rounds, "sum_statistics", plain_sum)
+    monkeypatch.setattr(fedscan.common.federated.refit, "solve_head", solve)
     one_shot = [
         *BASE,
         "rounds=0",
@@ -411,3 +413,114 @@ def test_the_head_refit_runs_under_secaggplus_after_the_last_round(tmp_path) -> 
     assert len(rows[0]["sites"]["bn_statistics"]) == 3
     state = torch.load(run_dir / "last.pt", weights_only=False)
     assert state["head_refit_done"] is True
+
+
+def _shape(doc: dict) -> list:
+    """A metrics.json reduced to its structure: round numbers, the keys of every split's
+    metrics and of every site's row, per phase (node ids, which Flower draws, left out)."""
+    out = []
+    for r in doc["rounds"]:
+        sites = {
+            phase: sorted(sorted(k for k in row if k != "node_id") for row in rows)
+            for phase, rows in r["sites"].items()
+        }
+        out.append((r["round"], {s: sorted(m) for s, m in r["global"].items()}, sites))
+    return out
+
+
+def test_the_secure_and_the_plain_path_write_the_same_run_folder(tmp_path) -> None:
+    """One loop for both paths: the same seed gives the same rounds, files, keys and
+    site rows; the global model differs only by SecAgg+'s quantisation (within its
+    bound), so the test metrics agree to that precision."""
+    runs = {
+        name: run_federated([*BASE, "rounds=1", extra, f"runs_dir={tmp_path / name}"])
+        for name, extra in (("plain", "secure_aggregation=off"), ("secure", "tracking=none"))
+    }
+    docs = {n: json.loads((r / "metrics.json").read_text()) for n, r in runs.items()}
+    assert sorted(p.name for p in runs["plain"].iterdir()) == sorted(
+        p.name for p in runs["secure"].iterdir()
+    )
+    assert _shape(docs["plain"]) == _shape(docs["secure"])
+    plain, secure = docs["plain"]["rounds"][0], docs["secure"]["rounds"][0]
+
+    def rows(doc: dict, phase: str) -> dict[int, dict]:
+        return {
+            r["partition-id"]: {k: v for k, v in r.items() if k != "node_id"}
+            for r in doc["sites"][phase]
+        }
+
+    # round 1 trains from the same global model: what each site reported is the same
+    assert rows(plain, "train") == rows(secure, "train")
+    for pid, row in rows(plain, "evaluate").items():  # the sites scored the new global model
+        assert rows(secure, "evaluate")[pid]["val_loss"] == pytest.approx(row["val_loss"], abs=1e-3)
+    weights = [r["num-examples"] for r in plain["sites"]["train"]]
+    bound = quantization_bound(secure_settings(load_config(BASE).secure_aggregation), weights)
+    a = torch.load(runs["plain"] / "last.pt", weights_only=False)["arrays"]
+    b = torch.load(runs["secure"] / "last.pt", weights_only=False)["arrays"]
+    worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+    assert 0 < worst <= bound, (worst, bound)
+    for split, m in plain["global"].items():
+        assert secure["global"][split]["n"] == m["n"]
+        assert abs(secure["global"][split]["loss"] - m["loss"]) < 1e-3, split
+        print(
+            split,
+            m["accuracy"],
+            secure["global"][split]["accuracy"],
+            m["loss"],
+            secure["global"][split]["loss"],
+            worst,
+            bound,
+        )
+
+
+def test_secagg_rounding_is_seeded_and_numpys_global_generator_is_left_as_it_was(
+    monkeypatch,
+) -> None:
+    """Flower's quantisation draws its stochastic rounding from numpy's global generator.
+    The site seeds it (from the round and the site) just before, as it always did, so
+    the draws, and the figures of SecAgg+ runs, are unchanged; and puts the state back
+    when the mod returns, so in-process the server and the other sites never draw from
+    a reseeded generator."""
+    import time
+    import zlib
+
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+    from flwr.app.message.message import make_message
+    from flwr.common import FitIns, MessageType, Metadata, ndarrays_to_parameters
+
+    drawn: list[np.ndarray] = []
+
+    def secaggplus_stage(msg: Message, context: Context, call_next) -> Message:
+        """Flower's mod at the masked-vector stage: the site's fit, then quantize's draws."""
+        reply = call_next(msg, context)
+        drawn.append(np.random.rand(4))
+        return reply
+
+    def site(msg: Message, context: Context) -> Message:
+        arrays = {"w": torch.full((3,), 0.5)}
+        metrics = MetricRecord({"num-examples": 10})
+        return Message(
+            RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), reply_to=msg
+        )
+
+    monkeypatch.setattr(fedscan.client.secure, "secaggplus_mod", secaggplus_stage)
+    config = {"fedscan-keys": json.dumps(["w"]), "server-round": 2}
+    content = compat.fitins_to_recorddict(
+        FitIns(ndarrays_to_parameters([np.zeros(3)]), config), keep_input=True
+    )
+    content[RECORD_KEY_CONFIGS] = ConfigRecord({})
+    meta = Metadata(
+        run_id=1, message_id="m", src_node_id=0, dst_node_id=5, reply_to_message_id="",
+        group_id="2", created_at=time.time(), ttl=60.0, message_type=MessageType.TRAIN,
+    )  # fmt: skip
+    context = Context(
+        run_id=1, node_id=5, node_config={"partition-id": 1}, state=RecordDict(), run_config={}
+    )
+    np.random.seed(7)
+    before = np.random.get_state()
+    untouched = np.random.rand(3)
+    np.random.set_state(before)
+    fedscan.client.secure.secure_mod(make_message(metadata=meta, content=content), context, site)
+    assert np.array_equal(np.random.rand(3), untouched)  # the process's state, as it was
+    np.random.seed(zlib.crc32(b"fedscan-secagg-rounding:2:1"))  # round 2, site 1
+    np.testing.assert_array_equal(drawn[0], np.random.rand(4))  # the rounding, as before

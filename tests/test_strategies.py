@@ -55,7 +55,7 @@ def test_non_finite_update_is_dropped(caplog):
         2, [reply(1, 1.0, 10), reply(7, float("nan"), 10), reply(3, 3.0, 10)]
     )
     np.testing.assert_allclose(arrays["w"].numpy(), np.full(3, 2.0))
-    assert "site 7" in caplog.text
+    assert "update from node 7 rejected" in caplog.text  # no partition, no site-name: its node
 
 
 def test_median_resists_a_scaled_update():
@@ -136,12 +136,12 @@ def test_updates_with_wrong_names_shapes_or_values_are_rejected_by_name(name, ca
         np.testing.assert_allclose(arrays["b"].numpy(), np.ones(2), rtol=1e-5)
     lines = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
     assert len(lines) == 4
-    assert "site 4 rejected: NaN/Inf in 'w'" in lines[0]
-    assert "site 5 rejected: 'w' is float32[4], expected float32[3]" in lines[1]
+    assert "node 4 rejected: NaN/Inf in 'w'" in lines[0]
+    assert "node 5 rejected: 'w' is float32[4], expected float32[3]" in lines[1]
     assert (
-        "site 6 rejected: parameter names differ (missing ['w'], unexpected ['weight'])" in lines[2]
+        "node 6 rejected: parameter names differ (missing ['w'], unexpected ['weight'])" in lines[2]
     )
-    assert "site 7 rejected: 'w' is float64[3]" in lines[3]
+    assert "node 7 rejected: 'w' is float64[3]" in lines[3]
     assert [r["node_id"] for r in s.site_metrics[4]["train"]] == [1, 2, 3]
 
 
@@ -181,3 +181,108 @@ def test_aggregated_site_metrics_average_a_rate_over_the_sites_that_report_it() 
     out = dict(site_metrics(records, "num-examples"))
     assert out["val_recall_glioma"] == pytest.approx(0.6)
     assert out["val_accuracy"] == pytest.approx(0.8)
+
+
+def _stateful(name: str):
+    """A stateful strategy as the server builds it (``adaptive-dp``: FedAvg inside
+    Flower's server-side adaptive clipping, whose clipping norm moves every round)."""
+    from fedscan.common.federated.privacy import CentralDPSettings
+    from fedscan.server.strategies import wrap_central_dp
+
+    if name == "adaptive-dp":
+        dp = CentralDPSettings(
+            side="server", clipping="adaptive", noise_multiplier=0.1, clipping_norm=0.5
+        )
+        return wrap_central_dp(build_strategy({"name": "fedavg"}, FED), dp, 3)
+    return build_strategy({"name": name}, FED)
+
+
+def _round(strategy, rnd: int, arrays: dict) -> dict:
+    """One round of hand-made replies (each site moves every value by a round- and
+    site-dependent step; SCAFFOLD's sites send a control delta too)."""
+    from flwr.app import ConfigRecord
+
+    np.random.seed(rnd)  # the DP wrapper's noise: the same draws in both runs
+    strategy.configure_train(rnd, ArrayRecord(arrays), ConfigRecord(), FakeGrid([1, 2, 3]))
+    replies = []
+    for node in (1, 2, 3):
+        step = 0.3 * rnd + 0.1 * node
+        msg = _named(node, {k: v + step for k, v in arrays.items()}, n=10 * node)
+        msg.content["scaffold-dc"] = ArrayRecord(
+            {k: torch.full_like(v, step) for k, v in arrays.items()}
+        )
+        if not isinstance(strategy, STRATEGIES.get("scaffold")):
+            msg.content.pop("scaffold-dc")
+        replies.append(msg)
+    new, _ = strategy.aggregate_train(rnd, replies)
+    return new.to_torch_state_dict()
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "scaffold", "adaptive-dp"])
+def test_a_resumed_strategy_continues_as_an_uninterrupted_one(name, monkeypatch, tmp_path):
+    """Rounds 1-3 in one go, against round 1, the state through a checkpoint file
+    (export_state -> torch.save -> a new server process's strategy -> import_state),
+    then rounds 2-3: the same global arrays and state to the bit."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedscan.server.strategies import export_state, import_state
+
+    for attr in ("_task_id", "_run_id", "_node_id"):  # set by the ServerApp runtime
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    start = {"w": torch.zeros(3), "b": torch.ones(2)}
+    whole, arrays = _stateful(name), dict(start)
+    for rnd in (1, 2, 3):
+        arrays = _round(whole, rnd, arrays)
+    cut = _stateful(name)
+    resumed = _round(cut, 1, dict(start))
+    state = export_state(cut)
+    assert state, "a stateful strategy exports its state"
+    torch.save({"strategy_state": state}, tmp_path / "last.pt")
+    again = _stateful(name)
+    import_state(again, torch.load(tmp_path / "last.pt", weights_only=False)["strategy_state"])
+    for rnd in (2, 3):
+        resumed = _round(again, rnd, resumed)
+    for k in arrays:
+        assert torch.equal(arrays[k], resumed[k]), (k, arrays[k], resumed[k])
+    # ... and the same state to carry on with (SCAFFOLD's c shapes the sites' next
+    # training, not this aggregate)
+    mine, theirs = export_state(whole), export_state(again)
+    assert mine.keys() == theirs.keys()
+    for key, value in mine.items():
+        if isinstance(value, dict):
+            for k in value:
+                np.testing.assert_array_equal(value[k], theirs[key][k], err_msg=f"{key}.{k}")
+        else:
+            assert value == theirs[key], key
+
+
+def test_a_renamed_flower_attribute_fails_loudly_at_build(monkeypatch) -> None:
+    """The adapter writes FedOpt's m_t / v_t (Flower has no state API): if an upgrade
+    renames them, the server refuses to start instead of resuming from scratch."""
+    from fedscan.server import strategies
+
+    monkeypatch.setitem(
+        strategies.STATE_FIELDS, strategies.FedOpt, ("first_moment", "second_moment")
+    )
+    with pytest.raises(RuntimeError, match=r"no attribute \['first_moment', 'second_moment'\]"):
+        build_strategy({"name": "fedadam"}, FED)
+
+
+def test_fedadam_keeps_the_global_model_in_the_dtypes_it_was_sent(monkeypatch) -> None:
+    """Flower's FedAdam step returns float64 arrays; sent on as the global model, every
+    site's float32 update then failed the dtype check, so FedAdam trained in round 1
+    only. The aggregate keeps the sent dtypes, and round 2 aggregates both sites."""
+    from flwr.app import ConfigRecord
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_task_id", "_run_id", "_node_id"):  # set by the ServerApp runtime
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    s = build_strategy({"name": "fedadam"}, FED)
+    arrays = {"w": torch.zeros(3), "b": torch.ones(2)}
+    for rnd in (1, 2):
+        s.configure_train(rnd, ArrayRecord(arrays), ConfigRecord(), FakeGrid([1, 2]))
+        replies = [_named(n, {k: v + n for k, v in arrays.items()}) for n in (1, 2)]
+        new, _ = s.aggregate_train(rnd, replies)
+        assert new is not None and {a.dtype for a in new.values()} == {"float32"}
+        arrays = new.to_torch_state_dict()
+        assert [r["node_id"] for r in s.site_metrics[rnd]["train"]] == [1, 2]

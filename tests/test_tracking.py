@@ -185,3 +185,25 @@ def test_a_local_baseline_is_mirrored_site_by_site(tmp_path: Path) -> None:
     (run,) = client.search_runs([client.get_experiment_by_name("fedscan").experiment_id])
     assert run.data.tags["fedscan.kind"] == "local"
     assert {"site0/test_grouped/accuracy", "site1/test_grouped/accuracy"} <= set(run.data.metrics)
+
+
+def test_opening_the_store_changes_no_logger_and_no_warning_filter(tmp_path: Path) -> None:
+    """The store's Alembic lines and SQLAlchemy warning are quieted by the entry points
+    and a scoped filter, not by the library changing the process's logging."""
+    import warnings
+
+    names = ("alembic", "mlflow.store.db.utils", "mlflow.store.tracking.sqlalchemy_store")
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:  # a level of the caller's own, which the library must leave
+        logging.getLogger(n).setLevel(5)
+    filters = list(warnings.filters)
+    try:
+        cfg = load_config([*BASE, f"runs_dir={tmp_path}"])
+        tracker = start_tracking(cfg, tmp_path, kind="federated")
+        assert tracker.active
+        tracker.finish(tmp_path)
+        assert {n: logging.getLogger(n).level for n in names} == dict.fromkeys(names, 5)
+        assert list(warnings.filters) == filters
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)

@@ -123,7 +123,8 @@ def test_site_logging_shows_fedscan_lines_in_a_bare_process() -> None:
     import sys
 
     code = (
-        "import logging; from client.app import _site_logging; _site_logging(); "
+        "import logging; from fedscan.common.core.logs import configure_site_logging; "
+        "configure_site_logging(); "
         "logging.getLogger('fedscan.site').info('site 0, round 1: training'); "
         "logging.getLogger('other').info('not shown')"
     )

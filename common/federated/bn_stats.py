@@ -123,21 +123,3 @@ def install_bn(model: StagedModel, total: Mapping[str, np.ndarray]) -> int:
             bn.running_mean.copy_(torch.from_numpy(mean).to(bn.running_mean))
             bn.running_var.copy_(torch.from_numpy(var).to(bn.running_var))
     return len(names)
-
-
-def recalibrate_bn(
-    model: StagedModel,
-    x: np.ndarray,
-    indices: np.ndarray,
-    *,
-    start: int,
-    device: torch.device,
-    batch_size: int,
-    seed: int,
-) -> None:
-    """The same statistics over one data set, installed (the pooled and local
-    references: what a federation of one site would send, never sent)."""
-    stats = site_bn_statistics(
-        model, x, indices, start=start, device=device, batch_size=batch_size, seed=seed
-    )
-    install_bn(model, stats)

@@ -18,7 +18,8 @@ class-conditional feature sums (FedNCM), or the feature Gram matrix and the
 feature x class cross-term (Fed3R). No per-image row leaves the site.
 
 Pure functions (``site_statistics``, ``sum_statistics``, ``solve_head``), like
-Flower's ``aggregate``; the server and the site glue only move arrays.
+Flower's ``aggregate``; the server and the site glue only move arrays, and
+:mod:`refit` runs them for every caller (federation, pooled and local runs).
 """
 
 from __future__ import annotations
@@ -157,22 +158,3 @@ def set_head(model: StagedModel, weight: np.ndarray, bias: np.ndarray, *, scale:
         head.weight.copy_(torch.from_numpy(scale * weight).to(head.weight))
         if head.bias is not None:
             head.bias.copy_(torch.from_numpy(scale * bias).to(head.bias))
-
-
-def closed_form_head(
-    model: StagedModel,
-    kind: str,
-    x: np.ndarray,
-    labels: np.ndarray,
-    indices: np.ndarray,
-    *,
-    start: int,
-    device: torch.device,
-    ridge: float,
-    scale: float,
-) -> None:
-    """Set ``model``'s classifier to the ``kind`` head of ``x[indices]`` in one place: the
-    pooled and local references of a statistics round (the same sums, never sent)."""
-    feats = classifier_features(model, x, indices, start=start, device=device)
-    stats = site_statistics(kind, feats, labels[indices], linear_head(model).out_features)
-    set_head(model, *solve_head(kind, stats, ridge=ridge), scale=scale)

@@ -25,7 +25,8 @@ import json
 import logging
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -43,13 +44,6 @@ from fedscan.common.federated.wire import NUM_EXAMPLES
 from fedscan.common.learn.models.staged import StagedModel
 from fedscan.common.learn.settings import TrainSettings
 from fedscan.common.learn.training import loss_function, make_optimizer, place_model
-
-# Two warnings every site repeated in every round, both known and documented:
-# Opacus runs without secure_mode (README, "Differential privacy"), and torch's
-# full backward hook fires on module outputs because the cached-feature inputs
-# need no gradient (Opacus' per-sample hooks are unaffected).
-warnings.filterwarnings("ignore", message="Secure RNG turned off", module="opacus")
-warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients")
 
 log = logging.getLogger("fedscan.privacy")
 
@@ -263,6 +257,32 @@ class DPRound:
     steps: int
 
 
+def _planned_round(
+    dp: DPSGDSettings,
+    ledger: PrivacyLedger,
+    *,
+    n: int,
+    batch_size: int,
+    epochs: int,
+    epochs_total: int,
+) -> tuple[float, float]:
+    """This round's ``(delta, noise multiplier)``; :class:`BudgetExhausted` when its
+    epochs would take the site past ``dp.target_epsilon``."""
+    delta = dp.site_delta(n)
+    noise = planned_noise(
+        dp, n_train=n, batch_size=batch_size, epochs_total=epochs_total, delta=delta
+    )
+    steps = steps_per_epoch(n, batch_size)
+    if dp.target_epsilon is not None:
+        after = ledger.projected(delta, noise=noise, rate=1.0 / steps, steps=steps * epochs)
+        if after > dp.target_epsilon * 1.001:
+            raise BudgetExhausted(
+                f"privacy budget spent: epsilon {ledger.epsilon(delta):.3f} of "
+                f"{dp.target_epsilon:g} used, this round would reach {after:.3f}"
+            )
+    return delta, noise
+
+
 def dp_local_fit(
     model: StagedModel,
     x: np.ndarray,
@@ -288,23 +308,11 @@ def dp_local_fit(
     so it costs no privacy); Opacus' per-sample clipping never sees it.
     """
     from opacus import PrivacyEngine
-    from opacus.utils.batch_memory_manager import BatchMemoryManager
 
-    n = len(indices)
-    delta = dp.site_delta(n)
-    noise = planned_noise(
-        dp, n_train=n, batch_size=settings.batch_size, epochs_total=epochs_total, delta=delta
-    )
-    steps = steps_per_epoch(n, settings.batch_size)
-    rate = 1.0 / steps
-    if dp.target_epsilon is not None:
-        after = ledger.projected(delta, noise=noise, rate=rate, steps=steps * epochs)
-        if after > dp.target_epsilon * 1.001:
-            raise BudgetExhausted(
-                f"privacy budget spent: epsilon {ledger.epsilon(delta):.3f} of "
-                f"{dp.target_epsilon:g} used, this round would reach {after:.3f}"
-            )
-
+    delta, noise = _planned_round(
+        dp, ledger, n=len(indices), batch_size=settings.batch_size, epochs=epochs,
+        epochs_total=epochs_total,
+    )  # fmt: skip
     place_model(model, device)
     model.train()
     frozen = model.stages[start : model.frozen_until]
@@ -328,11 +336,54 @@ def dp_local_fit(
         poisson_sampling=True,
         noise_generator=torch.Generator(device=device).manual_seed(seed + 1),
     )
+    total, correct, loss_sum = _private_epochs(
+        private,
+        optimizer,
+        loader,
+        loss_fn,
+        epochs=epochs,
+        max_physical_batch_size=dp.max_physical_batch_size,
+        frozen=frozen,
+        augment=augment,
+        device=device,
+        proximal=(proximal_mu, params, anchor),
+    )
+    private._close()
+    ledger.history = [tuple(h) for h in engine.accountant.history]
+    return DPRound(
+        loss=loss_sum / max(total, 1),
+        accuracy=correct / max(total, 1),
+        epsilon=ledger.epsilon(delta),
+        delta=delta,
+        noise_multiplier=noise,
+        steps=ledger.steps,
+    )
+
+
+def _private_epochs(
+    private: nn.Module,
+    optimizer: Any,
+    loader: DataLoader,
+    loss_fn: nn.Module,
+    *,
+    epochs: int,
+    max_physical_batch_size: int,
+    frozen: nn.Module,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None,
+    device: torch.device,
+    proximal: tuple[float, list[torch.Tensor], list[torch.Tensor]],
+) -> tuple[int, int, float]:
+    """:func:`dp_local_fit`'s epochs on Opacus' private module, optimizer and loader;
+    returns (images, correct, summed loss). ``proximal``: FedProx's (mu, parameters,
+    anchor), a separate step after each private update."""
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    proximal_mu, params, anchor = proximal
     total, correct, loss_sum = 0, 0, 0.0
     for _ in range(epochs):
         with BatchMemoryManager(
             data_loader=loader,
-            max_physical_batch_size=dp.max_physical_batch_size,
+            max_physical_batch_size=max_physical_batch_size,
             optimizer=optimizer,
         ) as batches:
             for xb, yb in batches:
@@ -359,16 +410,20 @@ def dp_local_fit(
                 total += len(yb)
                 loss_sum += loss.item() * len(yb)
                 correct += int((logits.argmax(1) == yb).sum())
-    private._close()
-    ledger.history = [tuple(h) for h in engine.accountant.history]
-    return DPRound(
-        loss=loss_sum / max(total, 1),
-        accuracy=correct / max(total, 1),
-        epsilon=ledger.epsilon(delta),
-        delta=delta,
-        noise_multiplier=noise,
-        steps=ledger.steps,
-    )
+    return total, correct, loss_sum
+
+
+@contextmanager
+def _known_warnings_quiet() -> Iterator[None]:
+    """Two warnings every site repeated in every round, both known and documented:
+    Opacus runs without secure_mode (README, "Differential privacy"), and torch's full
+    backward hook fires on module outputs because the cached-feature inputs need no
+    gradient (Opacus' per-sample hooks are unaffected). Silenced for the round only:
+    the process's own warning filters are left as they were."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off", module="opacus")
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients")
+        yield
 
 
 def dp_site_round(
@@ -380,7 +435,7 @@ def dp_site_round(
     dp: DPSGDSettings,
     ledger: PrivacyLedger,
     *,
-    site: int,
+    site: str,
     rnd: int,
     **fit: Any,
 ) -> dict[str, float | int]:
@@ -391,9 +446,10 @@ def dp_site_round(
     the global model out of the average.
     """
     try:
-        r = dp_local_fit(model, x, labels, indices, settings, dp, ledger, **fit)
+        with _known_warnings_quiet():
+            r = dp_local_fit(model, x, labels, indices, settings, dp, ledger, **fit)
     except BudgetExhausted as exc:
-        log.warning("site %s: %s; not training in round %d", site, exc, rnd)
+        log.warning("%s: %s; not training in round %d", site, exc, rnd)
         delta = dp.site_delta(len(indices))
         return {
             NUM_EXAMPLES: 0,

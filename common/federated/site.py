@@ -9,10 +9,13 @@ Both paths end in the same :class:`SiteData`, so a site has one code path.
 from __future__ import annotations
 
 import logging
+import threading
+import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -164,24 +167,78 @@ def site_indices(
     return train, val
 
 
-@lru_cache(maxsize=2)
-def _prepared(cfg_yaml: str, data_path: str) -> tuple[DictConfig, PreparedRun]:
-    """Per process, once per config: data, decode cache, model template, trunk features.
+class SiteCache:
+    """What a ClientApp keeps between messages: prepared runs (data, decode cache, model
+    template, frozen-trunk features: the expensive part) and each site's split.
 
-    Shared by every partition a simulation actor serves, so rotating sites through
-    a few actors never re-reads the dataset.
+    Owned by the ClientApp that creates it (``make_client_app``), bounded by ``runs``
+    prepared runs and ``sites`` site splits, least recently used first out, and gone
+    with its owner: a ``fedscan simulate`` sweep does not keep every run's data alive.
+
+    Flower's Ray backend pickles the ClientApp into its actor with *every* message, so
+    a pickled cache carries only its identity and sizes; in the actor's process it
+    resolves to that process's cache of the same owner (created on first use), so an
+    actor serving many sites and rounds prepares a run once, as before.
     """
-    cfg = site_config(OmegaConf.create(cfg_yaml), data_path or None)
-    return cfg, prepare_run(cfg)
+
+    _in_process: ClassVar[dict[str, SiteCache]] = {}  # owner token -> cache, in a Ray actor
+
+    def __init__(self, *, runs: int = 2, sites: int = 1024, token: str | None = None) -> None:
+        if runs < 1 or sites < 1:
+            raise ValueError(f"SiteCache sizes must be >= 1, got runs={runs}, sites={sites}")
+        self.runs, self.sites = runs, sites
+        self.token = token or uuid.uuid4().hex
+        self._runs: OrderedDict[tuple, tuple[DictConfig, PreparedRun]] = OrderedDict()
+        self._sites: OrderedDict[tuple, tuple[DictConfig, SiteData]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __reduce__(self):
+        return (SiteCache._resolve, (self.token, self.runs, self.sites))
+
+    @classmethod
+    def _resolve(cls, token: str, runs: int, sites: int) -> SiteCache:
+        """The process's cache of owner ``token`` (the unpickled side of :meth:`__reduce__`)."""
+        if token not in cls._in_process:
+            cls._in_process[token] = cls(runs=runs, sites=sites, token=token)
+        return cls._in_process[token]
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def load(
+        self, cfg_yaml: str, partition_id: int | None, num_partitions: int | None, data_path: str
+    ) -> tuple[DictConfig, SiteData]:
+        """The site's config (pointed at its folder in deployment) and its data."""
+        key = (cfg_yaml, partition_id, num_partitions, data_path)
+        with self._lock:
+            if key in self._sites:
+                self._sites.move_to_end(key)
+                return self._sites[key]
+        cfg, run = self._prepared(cfg_yaml, data_path)
+        train, val = site_indices(
+            cfg, run.data, partition_id=partition_id, num_partitions=num_partitions
+        )
+        with self._lock:
+            self._sites[key] = (cfg, SiteData(run=run, train=train, val=val))
+            _trim(self._sites, self.sites)
+            return self._sites[key]
+
+    def _prepared(self, cfg_yaml: str, data_path: str) -> tuple[DictConfig, PreparedRun]:
+        """Once per config: shared by every partition this process serves, so rotating
+        sites through a few workers never re-reads the dataset."""
+        key = (cfg_yaml, data_path)
+        with self._lock:
+            if key in self._runs:
+                self._runs.move_to_end(key)
+                return self._runs[key]
+        cfg = site_config(OmegaConf.create(cfg_yaml), data_path or None)
+        prepared = (cfg, prepare_run(cfg))
+        with self._lock:
+            self._runs[key] = prepared
+            _trim(self._runs, self.runs)
+        return prepared
 
 
-@lru_cache(maxsize=1024)
-def load_site(
-    cfg_yaml: str, partition_id: int | None, num_partitions: int | None, data_path: str
-) -> tuple[DictConfig, SiteData]:
-    """The site's config (pointed at its folder in deployment) and its data, cached."""
-    cfg, run = _prepared(cfg_yaml, data_path)
-    train, val = site_indices(
-        cfg, run.data, partition_id=partition_id, num_partitions=num_partitions
-    )
-    return cfg, SiteData(run=run, train=train, val=val)
+def _trim(entries: OrderedDict, size: int) -> None:
+    while len(entries) > size:
+        entries.popitem(last=False)

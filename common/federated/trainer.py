@@ -26,19 +26,27 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedscan.common.core.errors import DataError
 from fedscan.common.data.transforms import Augment
-from fedscan.common.federated.bn_stats import BN_KIND, site_bn_statistics
 from fedscan.common.federated.exchange import (
     exchanged_keys,
     get_exchanged,
     local_keys,
     set_exchanged,
 )
-from fedscan.common.federated.head_init import classifier_features, linear_head, site_statistics
+from fedscan.common.federated.head_init import linear_head
 from fedscan.common.federated.privacy import PrivacyLedger, dp_settings, dp_site_round
+from fedscan.common.federated.refit import local_statistics
 from fedscan.common.federated.scaffold import correction, site_variate
 from fedscan.common.federated.settings import federation_settings
-from fedscan.common.federated.site import SiteData, load_site, site_file
-from fedscan.common.federated.wire import NO_SITE, NUM_EXAMPLES, SITE_ID, node_site
+from fedscan.common.federated.site import SiteCache, SiteData, site_file
+from fedscan.common.federated.site_names import check_site_name, site_label
+from fedscan.common.federated.wire import (
+    NO_SITE,
+    NODE_ID,
+    NUM_EXAMPLES,
+    SITE_ID,
+    SITE_NAME,
+    node_site,
+)
 from fedscan.common.learn.models.staged import StagedModel
 from fedscan.common.learn.settings import TrainSettings, train_settings
 from fedscan.common.learn.training import (
@@ -146,10 +154,21 @@ class SiteTrainer:
     """One site: its data, its settings, and the two things a server asks of it."""
 
     def __init__(
-        self, cfg: DictConfig, site: SiteData, *, partition_id: int | None, data_path: str = ""
+        self,
+        cfg: DictConfig,
+        site: SiteData,
+        *,
+        partition_id: int | None,
+        data_path: str = "",
+        site_name: str | None = None,
+        node_id: int | None = None,
     ) -> None:
         self.cfg, self.site = cfg, site
         self.partition_id, self.data_path = partition_id, data_path
+        self.site_name = site_name  # deployment: the node's site-name, sent with every reply
+        # one name in every line this site logs, as the server names it (site_names)
+        named = {SITE_ID: self.site_id, SITE_NAME: site_name}
+        self.name = site_label(named if node_id is None else {**named, NODE_ID: node_id})
         self.settings = train_settings(cfg)
         self.federation = federation_settings(cfg)
         self.dp = dp_settings(cfg.privacy)
@@ -158,11 +177,24 @@ class SiteTrainer:
             log.info("train.cached_flips is off under DP-SGD: Opacus draws its own batches")
 
     @classmethod
-    def for_node(cls, cfg: DictConfig, node_config: Mapping[str, Any]) -> SiteTrainer:
-        """The trainer of the node described by ``node_config`` (data cached per process)."""
+    def for_node(
+        cls,
+        cfg: DictConfig,
+        node_config: Mapping[str, Any],
+        *,
+        cache: SiteCache | None = None,
+        node_id: int | None = None,
+    ) -> SiteTrainer:
+        """The trainer of the node described by ``node_config``: its data from ``cache``
+        (the ClientApp's; none: prepared for this trainer alone); ``node_id`` names a
+        deployed site without a ``site-name``."""
         pid, n, data_path = node_site(node_config)
-        site_cfg, site = load_site(OmegaConf.to_yaml(cfg), pid, n, data_path)
-        return cls(site_cfg, site, partition_id=pid, data_path=data_path)
+        name = check_site_name(node_config.get(SITE_NAME))
+        cache = SiteCache(runs=1, sites=1) if cache is None else cache
+        site_cfg, site = cache.load(OmegaConf.to_yaml(cfg), pid, n, data_path)
+        return cls(
+            site_cfg, site, partition_id=pid, data_path=data_path, site_name=name, node_id=node_id
+        )
 
     @property
     def site_id(self) -> int:
@@ -201,7 +233,7 @@ class SiteTrainer:
             "seed": seed,
             "augment": augment,
         }
-        label = f"site {self.site_id}, round {rnd}"
+        label = f"{self.name}, round {rnd}"
         started = time.perf_counter()
         log.info(
             "%s: training on %d images, %d local epoch(s) ...",
@@ -266,22 +298,21 @@ class SiteTrainer:
         if len(self.site.train) == 0:
             raise DataError(
                 self.site.prepared.collection.root,
-                f"site {self.site_id} has no training samples for the statistics round",
+                f"{self.name} has no training samples for the statistics round",
             )
         model, _ = self._model(arrays, state)
         site = self.site
-        if kind == BN_KIND:  # federation.bn_refit: per-channel BatchNorm input sums
-            return site_bn_statistics(
-                model,
-                site.x,
-                site.train,
-                start=site.start,
-                device=self.device,
-                batch_size=self.settings.batch_size,
-                seed=site_seed(self.settings.seed, 0, self.partition_id),
-            )
-        feats = classifier_features(model, site.x, site.train, start=site.start, device=self.device)
-        return site_statistics(kind, feats, site.labels[site.train], len(site.run.classes))
+        return local_statistics(
+            model,
+            kind,
+            site.x,
+            site.labels,
+            site.train,
+            start=site.start,
+            device=self.device,
+            batch_size=self.settings.batch_size,
+            seed=site_seed(self.settings.seed, 0, self.partition_id),
+        )
 
     # ------------------------------------------------------------------ helpers
     def _file(self, what: str, suffix: str, run_key: str):
@@ -364,7 +395,7 @@ class SiteTrainer:
             self.settings,
             self.dp,
             ledger,
-            site=self.site_id,
+            site=self.name,
             rnd=rnd,
             epochs_total=self.federation.epoch_budget,
             **fit,

@@ -40,11 +40,13 @@ NUM_EXAMPLES = "num-examples"  # Flower's weighting key; 0 = "do not average me"
 SITE_ID = "partition-id"  # the site's partition in simulation; NO_SITE in deployment
 COUNT_PREFIX = "n_train_"  # + class name: the site's training images of that class
 NODE_ID = "node_id"  # added by the server to every recorded reply
+SITE = "site"  # ConfigRecord beside METRICS on a reply: the site's SITE_NAME, when it has one
 
 # Node config (SuperNode --node-config; simulation injects the first two)
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 DATA_PATH = "data-path"
+SITE_NAME = "site-name"  # deployment, optional: the site's stable name (else its node id)
 
 NO_SITE = -1  # SITE_ID of a deployed site: it has a folder, not a partition
 

@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from fedscan.common.federated.wire import SITE_ID
+from fedscan.common.federated.site_names import site_label
 from fedscan.common.runs.plots import _save
 
 FILE = "cross_site.png"
@@ -34,15 +34,16 @@ def matrix(
     return {"models": list(models), "data": list(columns), "accuracy": [list(r) for r in accuracy]}
 
 
-def site_column(site: int) -> str:
-    return f"site {site} val"
+def site_column(site: str) -> str:
+    """The column of a site's validation split: ``site 0 val``, ``hospital-a val``."""
+    return f"{site} val"
 
 
 def federated_matrix(last_evaluate: Sequence[dict], tests: dict[str, dict]) -> dict:
     """The global model's row: each site's validation accuracy of it (the sites'
     ``evaluate`` replies of the last round), then the server's test accuracies."""
-    by_site = {int(r[SITE_ID]): r for r in last_evaluate if SITE_ID in r}
-    sites = sorted(by_site)
+    by_site = {site_label(r): r for r in last_evaluate}
+    sites = sorted(by_site, key=lambda s: (len(s), s))  # site 2 before site 10
     row = [float(by_site[s]["val_accuracy"]) for s in sites]
     row += [float(m["accuracy"]) for m in tests.values()]
     return matrix(["global model"], [*map(site_column, sites), *tests], [row])

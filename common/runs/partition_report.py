@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedscan.common.federated.wire import COUNT_PREFIX, NO_SITE, NODE_ID, SITE_ID
+from fedscan.common.federated.site_names import site_label
+from fedscan.common.federated.wire import COUNT_PREFIX
 from fedscan.common.runs.plots import plot_site_histogram
 
 
@@ -26,9 +27,7 @@ def counts_from_sites(
     for r in rows:
         if f"{COUNT_PREFIX}{classes[0]}" not in r:
             continue
-        pid = int(r.get(SITE_ID, NO_SITE))
-        site = f"site {pid}" if pid != NO_SITE else f"node {int(r[NODE_ID])}"
-        by_site[site] = [int(r[f"{COUNT_PREFIX}{c}"]) for c in classes]
+        by_site[site_label(r)] = [int(r[f"{COUNT_PREFIX}{c}"]) for c in classes]
     names = sorted(by_site, key=lambda s: (len(s), s))
     counts = np.array([by_site[s] for s in names], dtype=np.int64).reshape(len(names), -1)
     return names, counts

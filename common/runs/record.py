@@ -78,6 +78,19 @@ def write_json(path: Path, payload: Any) -> Path:
     return path
 
 
+def save_atomic(state: Any, path: Path) -> Path:
+    """``torch.save`` to a temporary file, then an atomic rename: an interrupted write
+    (a killed coordinator, a full disk) leaves the previous ``path`` intact, never a
+    truncated checkpoint that ``fedscan export`` would ship or a resume would read."""
+    tmp = path.with_name(f"{path.name}.tmp")
+    try:
+        torch.save(state, tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def _header(kind: str, *, label: str, synthetic: bool, dataset: str) -> dict[str, Any]:
     if kind not in KINDS:
         raise ValueError(f"unknown run kind '{kind}'")
@@ -291,11 +304,9 @@ class FederatedRun:
             "classes": self.classes,
             "model": OmegaConf.to_container(self.cfg.model),
         }
-        tmp = self.dir / "last.pt.tmp"
-        torch.save(state, tmp)
-        tmp.replace(self.dir / "last.pt")
+        save_atomic(state, self.dir / "last.pt")
         if best:
-            torch.save(state, self.dir / "best.pt")
+            save_atomic(state, self.dir / "best.pt")
 
     def _write(self) -> None:
         doc = _header(

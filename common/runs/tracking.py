@@ -32,12 +32,15 @@ import logging
 import math
 import warnings
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from fedscan.common.core.errors import ConfigError
+from fedscan.common.federated.site_names import site_key
+from fedscan.common.federated.wire import NODE_ID, SITE_ID, SITE_NAME
 
 log = logging.getLogger("fedscan.tracking")
 
@@ -114,16 +117,18 @@ def _scalars(metrics: Mapping[str, Any], prefix: str, out: dict[str, float]) -> 
 
 
 def site_scalars(sites: Mapping[str, list[Mapping[str, Any]]]) -> dict[str, float]:
-    """The sites' reply metrics of one round: ``site0/train/val_accuracy`` (the site's
-    model after local training, on its validation split), ``site0/evaluate/val_accuracy``
-    (the global model on it)."""
+    """The sites' reply metrics of one round, keyed by the site's name
+    (:func:`~fedscan.common.federated.site_names.site_key`): ``site0/train/val_accuracy``
+    (the site's model after local training, on its validation split),
+    ``site0/evaluate/val_accuracy`` (the global model on it); a deployed site is
+    ``hospital-a/...`` (its ``site-name``) or ``node1234/...`` (its node id)."""
     out: dict[str, float] = {}
     for phase, rows in sites.items():
-        for i, row in enumerate(rows):
-            site = row.get("partition-id", row.get("node_id", i))
+        for row in rows:
+            site = site_key(row)
             for key, value in row.items():
-                if key not in ("partition-id", "node_id"):
-                    _put(out, f"site{site}/{phase}/{key}", value)
+                if key not in (SITE_ID, NODE_ID, SITE_NAME):
+                    _put(out, f"{site}/{phase}/{key}", value)
     return out
 
 
@@ -213,51 +218,9 @@ def start_tracking(cfg: DictConfig, run_dir: Path, *, kind: str) -> Tracker:
     if tracking_name(cfg) == "none":
         return Tracker()
     uri = store_uri(cfg)
-    tracker = Tracker(uri=uri)
     try:
-        _probe(uri)
-        from mlflow import MlflowClient
-
-        local = uri.startswith("sqlite:///") and not cfg.tracking.get("uri")
-        if local:
-            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        _quiet_store_logs()
-        client = MlflowClient(tracking_uri=uri)
-        link = run_dir / LINK
-        if link.exists():
-            linked = json.loads(link.read_text())
-            if linked.get("uri") == uri:
-                client.update_run(linked["run_id"], status="RUNNING")
-                log.info("tracking: continuing MLflow run %s", linked["run_id"])
-                return Tracker(client, linked["run_id"], uri)
-        name = str(cfg.tracking.get("experiment") or DEFAULT_EXPERIMENT)
-        experiment = client.get_experiment_by_name(name)
-        if experiment is not None:
-            experiment_id = experiment.experiment_id
-        else:
-            artifacts = None
-            if local:
-                artifacts = (Path(str(cfg.runs_dir)).expanduser().resolve() / ARTIFACTS).as_uri()
-            experiment_id = client.create_experiment(name, artifact_location=artifacts)
-        tags = {
-            "fedscan.kind": kind,
-            "fedscan.run_dir": str(run_dir),
-            "fedscan.dataset": str(cfg.dataset.name),
-            "fedscan.method": str(cfg.get("method", "centralised")),
-            "fedscan.strategy": str(cfg.strategy.name),
-        }
-        run = client.create_run(experiment_id, run_name=run_dir.name, tags=tags)
-        tracker = Tracker(client, run.info.run_id, uri)
-        from mlflow.entities import Param
-
-        tree = OmegaConf.to_container(cfg, resolve=True)
-        params = [Param(k, v[:6000]) for k, v in flat_params(tree)]
-        for i in range(0, len(params), _BATCH):
-            tracker._guard(
-                "log_batch", client.log_batch, run.info.run_id, params=params[i : i + _BATCH]
-            )
-        link.write_text(json.dumps({"uri": uri, "run_id": run.info.run_id}))
-        return tracker
+        with _store_warnings_quiet():
+            return _start(cfg, run_dir, kind=kind, uri=uri)
     except Exception as exc:
         log.warning(
             "tracking.uri=%s: %s: %s; this run is not tracked, its run folder is complete "
@@ -267,6 +230,52 @@ def start_tracking(cfg: DictConfig, run_dir: Path, *, kind: str) -> Tracker:
             str(exc).splitlines()[0] if str(exc) else "",
         )
         return Tracker()
+
+
+def _start(cfg: DictConfig, run_dir: Path, *, kind: str, uri: str) -> Tracker:
+    """:func:`start_tracking`'s MLflow calls (any exception: not tracked)."""
+    _probe(uri)
+    from mlflow import MlflowClient
+
+    local = uri.startswith("sqlite:///") and not cfg.tracking.get("uri")
+    if local:
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(tracking_uri=uri)
+    link = run_dir / LINK
+    if link.exists():
+        linked = json.loads(link.read_text())
+        if linked.get("uri") == uri:
+            client.update_run(linked["run_id"], status="RUNNING")
+            log.info("tracking: continuing MLflow run %s", linked["run_id"])
+            return Tracker(client, linked["run_id"], uri)
+    name = str(cfg.tracking.get("experiment") or DEFAULT_EXPERIMENT)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        experiment_id = experiment.experiment_id
+    else:
+        artifacts = None
+        if local:
+            artifacts = (Path(str(cfg.runs_dir)).expanduser().resolve() / ARTIFACTS).as_uri()
+        experiment_id = client.create_experiment(name, artifact_location=artifacts)
+    tags = {
+        "fedscan.kind": kind,
+        "fedscan.run_dir": str(run_dir),
+        "fedscan.dataset": str(cfg.dataset.name),
+        "fedscan.method": str(cfg.get("method", "centralised")),
+        "fedscan.strategy": str(cfg.strategy.name),
+    }
+    run = client.create_run(experiment_id, run_name=run_dir.name, tags=tags)
+    tracker = Tracker(client, run.info.run_id, uri)
+    from mlflow.entities import Param
+
+    tree = OmegaConf.to_container(cfg, resolve=True)
+    params = [Param(k, v[:6000]) for k, v in flat_params(tree)]
+    for i in range(0, len(params), _BATCH):
+        tracker._guard(
+            "log_batch", client.log_batch, run.info.run_id, params=params[i : i + _BATCH]
+        )
+    link.write_text(json.dumps({"uri": uri, "run_id": run.info.run_id}))
+    return tracker
 
 
 def track_finished(cfg: DictConfig, run_dir: Path) -> None:
@@ -293,16 +302,16 @@ def track_finished(cfg: DictConfig, run_dir: Path) -> None:
         tracker.log_metrics(split_scalars(rec.final()), last)
     else:  # local: every site's own model on the test splits
         for site in rec.sites:
-            pid = site.get("partition-id", 0)
             scalars = split_scalars(site["final"])
-            tracker.log_metrics({f"site{pid}/{k}": v for k, v in scalars.items()}, 0)
+            tracker.log_metrics({f"{site_key(site)}/{k}": v for k, v in scalars.items()}, 0)
     tracker.finish(run_dir)
 
 
-def _quiet_store_logs() -> None:
-    """The SQLite store's first open runs Alembic migrations, a line per step at INFO,
-    and MLflow 3.17's store trips a SQLAlchemy 2.1 deprecation warning the user cannot
-    act on."""
-    for name in ("alembic", "mlflow.store.db.utils", "mlflow.store.tracking.sqlalchemy_store"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message="The ``noload`` loader strategy is deprecated")
+@contextmanager
+def _store_warnings_quiet() -> Iterator[None]:
+    """MLflow 3.17's SQLite store trips a SQLAlchemy 2.1 deprecation warning when it is
+    opened, which the user cannot act on; silenced while it opens, and only then.
+    (Its Alembic migration lines are INFO: the entry points set those loggers' levels.)"""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The ``noload`` loader strategy is deprecated")
+        yield
