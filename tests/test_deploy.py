@@ -15,9 +15,10 @@ from PIL import Image
 from torch import nn
 
 from fedscan.common.core.errors import DataError
+from fedscan.common.data.transforms import to_float
 from fedscan.deploy.explain import gradcam, overlay
 from fedscan.deploy.export import load_run_model
-from fedscan.deploy.package import SPEC_FILE, ModelPackage
+from fedscan.deploy.package import SPEC_FILE, ModelPackage, model_input
 from fedscan.simulations.cli import main as cli
 
 
@@ -155,3 +156,61 @@ def test_predict_cli_table_json_explain_and_bad_file(
 def test_export_of_a_folder_that_is_no_run_names_it(tmp_path: Path, capsys) -> None:
     assert cli(["export", str(tmp_path)]) == 2
     assert f"{tmp_path}: not a fedscan run folder" in capsys.readouterr().err
+
+
+def test_package_scaling_is_the_training_scaling_bit_for_bit() -> None:
+    """All 256 pixel values: the package's uint8 -> float is ``to_float``'s exactly."""
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    np.testing.assert_array_equal(
+        model_input(values), to_float(torch.from_numpy(values[None]))[0].numpy()
+    )
+
+
+@pytest.fixture
+def untrained_package(tmp_path: Path) -> ModelPackage:
+    """A package of an untrained paper CNN at 48 px (seconds to export)."""
+    from fedscan.common.learn.models import build_model
+    from fedscan.deploy.export import export_model
+
+    model = build_model({"name": "paper_cnn", "mode": "scratch"}, 4)
+    prov = {
+        "classes": ["glioma", "meningioma", "notumor", "pituitary"],
+        "image_size": 48,
+        "domain": "brain_mri",
+        "run": "untrained",
+    }
+    return ModelPackage(export_model(model, tmp_path / "pkg", fmt="torchscript", provenance=prov))
+
+
+def test_package_pixels_are_the_image_cache_pixels(
+    untrained_package: ModelPackage, tmp_path: Path
+) -> None:
+    """Each kind of file a site holds, at another size than the model's: the package feeds
+    its network exactly what the decode-once cache stored for it in training."""
+    from fedscan.common.data.cache import PreprocessSpec, build_cache
+    from fedscan.common.data.datasets.site_folder import read_site_folder
+    from fedscan.common.data.dicom import domain_window
+
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "site"
+    kinds = {
+        "gray.png": Image.fromarray(rng.integers(0, 256, (90, 70), dtype=np.uint8)),
+        "rgb.jpg": Image.fromarray(rng.integers(0, 256, (120, 100, 3), dtype=np.uint8)),
+        "alpha.png": Image.fromarray(rng.integers(0, 256, (50, 50, 4), dtype=np.uint8)),
+        "deep.png": Image.fromarray(rng.integers(0, 60000, (80, 80), dtype=np.uint16)),
+    }
+    for i, (name, img) in enumerate(kinds.items()):
+        cls = folder / ("glioma" if i % 2 else "notumor")
+        cls.mkdir(parents=True, exist_ok=True)
+        img.save(cls / name)
+    collection = read_site_folder(folder, "brain_mri")
+    package = untrained_package
+    spec = PreprocessSpec(size=package.size, ct_window=domain_window("brain_mri"))
+    assert package.ct_window == spec.ct_window
+    cache = build_cache(collection, spec, tmp_path / "cache")
+    assert cache.ok.all() and len(collection) == len(kinds)
+    for i, path in enumerate(collection.paths):
+        trained_on = to_float(torch.from_numpy(np.array(cache.images[i : i + 1])))[0].numpy()
+        np.testing.assert_array_equal(package.load_file(path), trained_on, err_msg=path.name)
+        with_bytes = package.load_bytes(path.read_bytes(), path.name)  # the HTTP upload path
+        np.testing.assert_array_equal(with_bytes, trained_on, err_msg=path.name)
