@@ -15,6 +15,7 @@ from fedscan.common.federated.bn_stats import recalibrate_bn
 from fedscan.common.federated.head_init import closed_form_head, linear_head
 from fedscan.common.learn.features import mirrored_features
 from fedscan.common.learn.prepare import prepare_run
+from fedscan.common.learn.shipped import shipped_inputs
 from fedscan.common.learn.training import Batches, evaluate_model, fit
 from fedscan.common.runs.plots import plot_confusion, plot_curves
 from fedscan.common.runs.record import new_run_dir, write_centralised, write_config, write_model
@@ -78,10 +79,7 @@ def run_centralised(cfg: DictConfig, *, kind: str = "centralised", train: bool =
         mirrored=mirrored,
         seed=settings.seed,
     )
-    eval_sets = {
-        name: Batches(x, c.labels, idx, batch_size=64)
-        for name, idx in {"val": s.val, **s.tests}.items()
-    }
+    val = Batches(x, c.labels, s.val, batch_size=64)
 
     run_dir = new_run_dir(cfg, kind)
     write_config(run_dir, cfg)
@@ -107,7 +105,7 @@ def run_centralised(cfg: DictConfig, *, kind: str = "centralised", train: bool =
         fit(
             model,
             batches,
-            eval_sets["val"],
+            val,
             settings,
             device=device,
             start=start,
@@ -133,6 +131,13 @@ def run_centralised(cfg: DictConfig, *, kind: str = "centralised", train: bool =
         log.info("classifier: re-solved (%s) on the trained model's features", refit)
     t_fit = time.perf_counter() - t_fit
 
+    # the test splits as the exported model computes them (common.learn.shipped);
+    # validation keeps the training features, as it did during fit
+    x_test = shipped_inputs(run, cfg)
+    eval_sets = {
+        "val": val,
+        **{name: Batches(x_test, c.labels, idx, batch_size=64) for name, idx in s.tests.items()},
+    }
     results = {}
     for name, batches in eval_sets.items():
         results[name] = evaluate_model(

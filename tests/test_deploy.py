@@ -16,9 +16,11 @@ from torch import nn
 
 from fedscan.common.core.errors import DataError
 from fedscan.common.data.transforms import to_float
+from fedscan.common.runs.record import read_run
 from fedscan.deploy.explain import gradcam, overlay
 from fedscan.deploy.export import load_run_model
 from fedscan.deploy.package import SPEC_FILE, ModelPackage, model_input
+from fedscan.deploy.predict import predict_files
 from fedscan.simulations.cli import main as cli
 
 
@@ -158,6 +160,45 @@ def test_export_of_a_folder_that_is_no_run_names_it(tmp_path: Path, capsys) -> N
     assert f"{tmp_path}: not a fedscan run folder" in capsys.readouterr().err
 
 
+def package_scores(run_dir: Path, package: ModelPackage) -> dict[str, dict]:
+    """Every test split of ``run_dir`` scored by ``package`` from the image files on disk,
+    decoded by the package as a user's files are: the confusion matrix of ``fedscan
+    predict``'s labels, and the accuracy and mean cross-entropy of its probabilities."""
+    from fedscan.common.data.pipeline import prepare_data
+
+    data = prepare_data(read_run(run_dir).cfg)  # the run's own splits (warm cache)
+    c, out = data.collection, {}
+    for name, idx in data.splits.tests.items():
+        files = [c.paths[i] for i in idx]
+        labels = c.labels[idx]
+        predicted = [r["label"] for r in predict_files(package, files)]
+        k = len(c.classes)
+        confusion = np.zeros((k, k), int)
+        for y, p in zip(labels, predicted, strict=True):
+            confusion[y, c.classes.index(p)] += 1
+        probs = np.concatenate(
+            [
+                package.probabilities(np.stack([package.load_file(f) for f in files[s : s + 64]]))
+                for s in range(0, len(files), 64)
+            ]
+        )
+        loss = float(-np.log(probs[np.arange(len(labels)), labels]).mean())
+        out[name] = {"confusion_matrix": confusion.tolist(), "loss": loss}
+    return out
+
+
+def assert_package_scores_as_recorded(run_dir: Path, package_dir: Path) -> None:
+    """``metrics.json``'s test figures are the package's, to the image (and its loss to
+    float32 rounding: a bfloat16 or float16 prefix moves it by 1e-3 or more)."""
+    recorded = read_run(run_dir).final()
+    for runtime in ("onnx", "torchscript"):
+        got = package_scores(run_dir, ModelPackage(package_dir, runtime=runtime))
+        assert set(got) == set(recorded)
+        for name, m in got.items():
+            assert m["confusion_matrix"] == recorded[name]["confusion_matrix"], (runtime, name)
+            assert m["loss"] == pytest.approx(recorded[name]["loss"], abs=2e-5), (runtime, name)
+
+
 def test_package_scaling_is_the_training_scaling_bit_for_bit() -> None:
     """All 256 pixel values: the package's uint8 -> float is ``to_float``'s exactly."""
     values = np.arange(256, dtype=np.uint8).reshape(16, 16)
@@ -214,3 +255,41 @@ def test_package_pixels_are_the_image_cache_pixels(
         np.testing.assert_array_equal(package.load_file(path), trained_on, err_msg=path.name)
         with_bytes = package.load_bytes(path.read_bytes(), path.name)  # the HTTP upload path
         np.testing.assert_array_equal(with_bytes, trained_on, err_msg=path.name)
+
+
+def test_metrics_json_is_the_exported_packages_score(
+    trained_run: Path, packages: dict[str, Path]
+) -> None:
+    """The synthetic run (frozen prefix cached in the machine's fast precision): its
+    recorded test figures are what the package scores on the same files."""
+    assert_package_scores_as_recorded(trained_run, packages["onnx"])
+
+
+@pytest.mark.realdata
+def test_export_then_evaluate_equals_metrics_json_on_real_brain(
+    brain_subset: Path, tmp_path: Path
+) -> None:
+    """Acceptance (issue 30, item 7): a small real brain run trained on a bfloat16 prefix,
+    exported, and every test image decoded from disk by the package, gives exactly the
+    confusion matrices recorded in ``metrics.json``."""
+    runs = tmp_path / "runs"
+    assert (
+        cli(
+            [
+                "train",
+                "dataset=brain_mri",
+                f"data_root={brain_subset.parent}",
+                f"cache_dir={tmp_path / 'cache'}",
+                f"runs_dir={runs}",
+                "run_name=parity",
+                "tracking=none",
+                "train.epochs=1",
+                "model.prefix_precision=bfloat16",  # the fast training precision on any CPU
+                "dataset.split.val_fraction=0.2",  # 6 training images a class: 5 folds
+            ]
+        )
+        == 0
+    )
+    (run_dir,) = runs.iterdir()
+    assert cli(["export", str(run_dir)]) == 0
+    assert_package_scores_as_recorded(run_dir, run_dir / "export-onnx")
