@@ -32,6 +32,7 @@ from fedscan.common.federated.wire import (
 )
 from fedscan.common.learn.models import StagedModel
 from fedscan.common.learn.prepare import prepare_run
+from fedscan.common.learn.shipped import shipped_inputs
 from fedscan.common.learn.training import Batches, evaluate_model, place_model
 from fedscan.common.runs.record import REFITTED, FederatedRun, new_run_dir
 from fedscan.common.runs.tracking import Tracker, start_tracking
@@ -204,8 +205,9 @@ def _federate(
     rounds = fed.rounds
     device, data, model, start = run.device, run.data, run.model, run.start
     classes = run.classes
+    x_test = shipped_inputs(run, cfg)  # the test splits as the exported model computes them
     tests = {
-        n: Batches(run.x, run.labels, idx, batch_size=64) for n, idx in data.splits.tests.items()
+        n: Batches(x_test, run.labels, idx, batch_size=64) for n, idx in data.splits.tests.items()
     }
     run_dir = record.dir
 

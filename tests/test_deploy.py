@@ -293,3 +293,24 @@ def test_export_then_evaluate_equals_metrics_json_on_real_brain(
     (run_dir,) = runs.iterdir()
     assert cli(["export", str(run_dir)]) == 0
     assert_package_scores_as_recorded(run_dir, run_dir / "export-onnx")
+
+
+@pytest.mark.usefixtures("_no_real_data")
+def test_a_federated_runs_test_figures_are_its_packages(tmp_path: Path) -> None:
+    """The server's test metrics (EfficientNet-Lite0, its prefix cached in bfloat16 for
+    the sites' training): the package exported from the run scores the same."""
+    from fedscan.deploy.export import export_run
+    from fedscan.simulations.federated import run_federated
+
+    run_dir = run_federated(
+        [
+            "dataset=synthetic",
+            "dataset.per_class=24",
+            "model.prefix_precision=bfloat16",
+            "train.batch_size=16",
+            "rounds=1",  # best.pt is the last evaluated round, the one final() reads
+            "tracking=none",
+            f"runs_dir={tmp_path}",
+        ]
+    )
+    assert_package_scores_as_recorded(run_dir, export_run(run_dir))
