@@ -19,7 +19,7 @@ import numpy as np
 from scipy.special import softmax
 
 from fedscan.common.core.errors import DataError
-from fedscan.common.data.imageio import decode_gray, read_gray, resize_gray
+from fedscan.common.data.imageio import decode_gray, read_resized, resize_gray
 
 SPEC_FILE = "fedscan-model.json"
 SUPPORTED_FORMATS = ("fedscan-model/1",)
@@ -28,6 +28,15 @@ SUPPORTED_FORMATS = ("fedscan-model/1",)
 def sha256_file(path: Path) -> str:
     """The checksum a package records for each of its files."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def model_input(gray: np.ndarray) -> np.ndarray:
+    """Uint8 [S, S] -> the network's float32 [1, S, S] input in [0, 1].
+
+    Bit for bit ``common.data.transforms.to_float``, which training and the test figures
+    use (tests/test_deploy.py checks all 256 values); here without torch, which an ONNX
+    inference host need not have."""
+    return (gray.astype(np.float32) / 255.0)[None]
 
 
 @dataclass(frozen=True)
@@ -116,11 +125,12 @@ class ModelPackage:
     # ---------------------------------------------------------- preprocessing
     def prepare(self, gray: np.ndarray) -> np.ndarray:
         """A decoded uint8 image -> the model's [1, S, S] float input (as in training)."""
-        gray = resize_gray(gray, self.size)
-        return (gray.astype(np.float32) / 255.0)[None]
+        return model_input(resize_gray(gray, self.size))
 
     def load_file(self, path: str | Path) -> np.ndarray:
-        return self.prepare(read_gray(path, ct_window=self.ct_window))
+        """A file as the model sees it: decoded and resized by the image cache's own
+        function (:func:`~common.data.imageio.read_resized`), then scaled."""
+        return model_input(read_resized(path, self.size, ct_window=self.ct_window))
 
     def load_bytes(self, data: bytes, name: str) -> np.ndarray:
         return self.prepare(decode_gray(data, name=name, ct_window=self.ct_window))

@@ -65,8 +65,11 @@ def run_predict(
     as_json: bool = False,
     explain_dir: Path | None = None,
     runtime: str | None = None,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
 ) -> int:
+    """Classify ``files`` with the package ``model``; print to ``out`` (default: the
+    ``sys.stdout`` of the moment, not of import time, so redirections apply)."""
+    out = out if out is not None else sys.stdout
     package = ModelPackage(model, runtime=runtime)
     results = predict_files(package, files, explain_dir=explain_dir)
     if as_json:

@@ -35,6 +35,7 @@ from fedscan.common.federated.exchange import get_exchanged, set_exchanged
 from fedscan.common.federated.head_init import linear_head
 from fedscan.common.federated.refit import describe, install_round, refit
 from fedscan.common.learn.prepare import PreparedRun
+from fedscan.common.learn.shipped import shipped_inputs
 from fedscan.common.learn.training import Batches, evaluate_model, place_model
 from fedscan.common.runs.record import REFITTED, FederatedRun
 from fedscan.common.runs.tracking import Tracker
@@ -74,8 +75,9 @@ class Federation:
         self.prepared, self.model, self.keys = run, run.model, keys
         self.aggregator, self.record, self.tracker = aggregator, record, tracker
         self.done, self.refitted = done, refitted
+        x_test = shipped_inputs(run, cfg)  # the test splits as the exported model computes them
         self.tests = {
-            n: Batches(run.x, run.labels, idx, batch_size=64)
+            n: Batches(x_test, run.labels, idx, batch_size=64)
             for n, idx in run.data.splits.tests.items()
         }
 

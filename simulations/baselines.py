@@ -32,6 +32,7 @@ from fedscan.common.federated.wire import SITE_ID
 from fedscan.common.learn.features import mirrored_features
 from fedscan.common.learn.models import build_model
 from fedscan.common.learn.prepare import prepare_run
+from fedscan.common.learn.shipped import shipped_inputs
 from fedscan.common.learn.training import Batches, evaluate_model, fit
 from fedscan.common.runs import cross_site
 from fedscan.common.runs.partition_report import write_partition_report
@@ -79,7 +80,10 @@ def run_local(cfg: DictConfig) -> Path:
         c.classes,
         title=f"{data.label} | partition {partition_label(cfg)} | training samples per site",
     )
-    tests = {n: Batches(x, c.labels, idx, batch_size=64) for n, idx in data.splits.tests.items()}
+    x_test = shipped_inputs(run, cfg)  # the test splits as the exported model computes them
+    tests = {
+        n: Batches(x_test, c.labels, idx, batch_size=64) for n, idx in data.splits.tests.items()
+    }
     sites, cross = [], []
     for pid, (train_idx, val_idx) in enumerate(parts):
         torch.manual_seed(site_seed(settings.seed, 0, pid))  # a site's round-0 seed

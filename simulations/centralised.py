@@ -15,6 +15,7 @@ from fedscan.common.federated.head_init import linear_head
 from fedscan.common.federated.refit import describe, install_round, local_statistics, refit
 from fedscan.common.learn.features import mirrored_features
 from fedscan.common.learn.prepare import prepare_run
+from fedscan.common.learn.shipped import shipped_inputs
 from fedscan.common.learn.training import Batches, evaluate_model, fit
 from fedscan.common.runs.plots import plot_confusion, plot_curves
 from fedscan.common.runs.record import new_run_dir, write_centralised, write_config, write_model
@@ -79,10 +80,7 @@ def run_centralised(cfg: DictConfig, *, kind: str = "centralised", train: bool =
         mirrored=mirrored,
         seed=settings.seed,
     )
-    eval_sets = {
-        name: Batches(x, c.labels, idx, batch_size=64)
-        for name, idx in {"val": s.val, **s.tests}.items()
-    }
+    val = Batches(x, c.labels, s.val, batch_size=64)
 
     run_dir = new_run_dir(cfg, kind)
     write_config(run_dir, cfg)
@@ -108,7 +106,7 @@ def run_centralised(cfg: DictConfig, *, kind: str = "centralised", train: bool =
         fit(
             model,
             batches,
-            eval_sets["val"],
+            val,
             settings,
             device=device,
             start=start,
@@ -123,6 +121,13 @@ def run_centralised(cfg: DictConfig, *, kind: str = "centralised", train: bool =
         log.info("re-estimated on the training split: %s", describe(refitted))
     t_fit = time.perf_counter() - t_fit
 
+    # the test splits as the exported model computes them (common.learn.shipped);
+    # validation keeps the training features, as it did during fit
+    x_test = shipped_inputs(run, cfg)
+    eval_sets = {
+        "val": val,
+        **{name: Batches(x_test, c.labels, idx, batch_size=64) for name, idx in s.tests.items()},
+    }
     results = {}
     for name, batches in eval_sets.items():
         results[name] = evaluate_model(

@@ -15,9 +15,12 @@ from PIL import Image
 from torch import nn
 
 from fedscan.common.core.errors import DataError
+from fedscan.common.data.transforms import to_float
+from fedscan.common.runs.record import read_run
 from fedscan.deploy.explain import gradcam, overlay
 from fedscan.deploy.export import load_run_model
-from fedscan.deploy.package import SPEC_FILE, ModelPackage
+from fedscan.deploy.package import SPEC_FILE, ModelPackage, model_input
+from fedscan.deploy.predict import predict_files
 from fedscan.simulations.cli import main as cli
 
 
@@ -155,3 +158,165 @@ def test_predict_cli_table_json_explain_and_bad_file(
 def test_export_of_a_folder_that_is_no_run_names_it(tmp_path: Path, capsys) -> None:
     assert cli(["export", str(tmp_path)]) == 2
     assert f"{tmp_path}: not a fedscan run folder" in capsys.readouterr().err
+
+
+def package_scores(run_dir: Path, package: ModelPackage) -> dict[str, dict]:
+    """Every test split of ``run_dir`` scored by ``package`` from the image files on disk,
+    decoded by the package as a user's files are: the confusion matrix of ``fedscan
+    predict``'s labels, and the accuracy and mean cross-entropy of its probabilities."""
+    from fedscan.common.data.pipeline import prepare_data
+
+    data = prepare_data(read_run(run_dir).cfg)  # the run's own splits (warm cache)
+    c, out = data.collection, {}
+    for name, idx in data.splits.tests.items():
+        files = [c.paths[i] for i in idx]
+        labels = c.labels[idx]
+        predicted = [r["label"] for r in predict_files(package, files)]
+        k = len(c.classes)
+        confusion = np.zeros((k, k), int)
+        for y, p in zip(labels, predicted, strict=True):
+            confusion[y, c.classes.index(p)] += 1
+        probs = np.concatenate(
+            [
+                package.probabilities(np.stack([package.load_file(f) for f in files[s : s + 64]]))
+                for s in range(0, len(files), 64)
+            ]
+        )
+        loss = float(-np.log(probs[np.arange(len(labels)), labels]).mean())
+        out[name] = {"confusion_matrix": confusion.tolist(), "loss": loss}
+    return out
+
+
+def assert_package_scores_as_recorded(
+    run_dir: Path, package_dir: Path, runtimes: tuple[str, ...] = ("onnx", "torchscript")
+) -> None:
+    """``metrics.json``'s test figures are the package's, to the image (and its loss to
+    float32 rounding: a bfloat16 or float16 prefix moves it by 1e-3 or more)."""
+    recorded = read_run(run_dir).final()
+    for runtime in runtimes:
+        got = package_scores(run_dir, ModelPackage(package_dir, runtime=runtime))
+        assert set(got) == set(recorded)
+        for name, m in got.items():
+            assert m["confusion_matrix"] == recorded[name]["confusion_matrix"], (runtime, name)
+            assert m["loss"] == pytest.approx(recorded[name]["loss"], abs=2e-5), (runtime, name)
+
+
+def test_package_scaling_is_the_training_scaling_bit_for_bit() -> None:
+    """All 256 pixel values: the package's uint8 -> float is ``to_float``'s exactly."""
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    np.testing.assert_array_equal(
+        model_input(values), to_float(torch.from_numpy(values[None]))[0].numpy()
+    )
+
+
+@pytest.fixture
+def untrained_package(tmp_path: Path) -> ModelPackage:
+    """A package of an untrained paper CNN at 48 px (seconds to export)."""
+    from fedscan.common.learn.models import build_model
+    from fedscan.deploy.export import export_model
+
+    model = build_model({"name": "paper_cnn", "mode": "scratch"}, 4)
+    prov = {
+        "classes": ["glioma", "meningioma", "notumor", "pituitary"],
+        "image_size": 48,
+        "domain": "brain_mri",
+        "run": "untrained",
+    }
+    return ModelPackage(export_model(model, tmp_path / "pkg", fmt="torchscript", provenance=prov))
+
+
+def test_package_pixels_are_the_image_cache_pixels(
+    untrained_package: ModelPackage, tmp_path: Path
+) -> None:
+    """Each kind of file a site holds, at another size than the model's: the package feeds
+    its network exactly what the decode-once cache stored for it in training."""
+    from fedscan.common.data.cache import PreprocessSpec, build_cache
+    from fedscan.common.data.datasets.site_folder import read_site_folder
+    from fedscan.common.data.dicom import domain_window
+
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "site"
+    kinds = {
+        "gray.png": Image.fromarray(rng.integers(0, 256, (90, 70), dtype=np.uint8)),
+        "rgb.jpg": Image.fromarray(rng.integers(0, 256, (120, 100, 3), dtype=np.uint8)),
+        "alpha.png": Image.fromarray(rng.integers(0, 256, (50, 50, 4), dtype=np.uint8)),
+        "deep.png": Image.fromarray(rng.integers(0, 60000, (80, 80), dtype=np.uint16)),
+    }
+    for i, (name, img) in enumerate(kinds.items()):
+        cls = folder / ("glioma" if i % 2 else "notumor")
+        cls.mkdir(parents=True, exist_ok=True)
+        img.save(cls / name)
+    collection = read_site_folder(folder, "brain_mri")
+    package = untrained_package
+    spec = PreprocessSpec(size=package.size, ct_window=domain_window("brain_mri"))
+    assert package.ct_window == spec.ct_window
+    cache = build_cache(collection, spec, tmp_path / "cache")
+    assert cache.ok.all() and len(collection) == len(kinds)
+    for i, path in enumerate(collection.paths):
+        trained_on = to_float(torch.from_numpy(np.array(cache.images[i : i + 1])))[0].numpy()
+        np.testing.assert_array_equal(package.load_file(path), trained_on, err_msg=path.name)
+        with_bytes = package.load_bytes(path.read_bytes(), path.name)  # the HTTP upload path
+        np.testing.assert_array_equal(with_bytes, trained_on, err_msg=path.name)
+
+
+def test_metrics_json_is_the_exported_packages_score(
+    trained_run: Path, packages: dict[str, Path]
+) -> None:
+    """The synthetic run (frozen prefix cached in the machine's fast precision): its
+    recorded test figures are what the package scores on the same files."""
+    assert_package_scores_as_recorded(trained_run, packages["onnx"])
+
+
+@pytest.mark.realdata
+def test_export_then_evaluate_equals_metrics_json_on_real_brain(
+    brain_subset: Path, tmp_path: Path
+) -> None:
+    """Acceptance (issue 30, item 7): a small real brain run trained on a bfloat16 prefix,
+    exported, and every test image decoded from disk by the package, gives exactly the
+    confusion matrices recorded in ``metrics.json``."""
+    runs = tmp_path / "runs"
+    assert (
+        cli(
+            [
+                "train",
+                "dataset=brain_mri",
+                f"data_root={brain_subset.parent}",
+                f"cache_dir={tmp_path / 'cache'}",
+                f"runs_dir={runs}",
+                "run_name=parity",
+                "tracking=none",
+                "train.epochs=1",
+                "model.prefix_precision=bfloat16",  # the fast training precision on any CPU
+                "dataset.split.val_fraction=0.2",  # 6 training images a class: 5 folds
+            ]
+        )
+        == 0
+    )
+    (run_dir,) = runs.iterdir()
+    assert cli(["export", str(run_dir)]) == 0
+    assert_package_scores_as_recorded(run_dir, run_dir / "export-onnx")
+
+
+@pytest.mark.usefixtures("_no_real_data")
+def test_a_federated_runs_test_figures_are_its_packages(tmp_path: Path) -> None:
+    """The server's test metrics (EfficientNet-Lite0, its prefix cached in bfloat16 for
+    the sites' training): the package exported from the run scores the same."""
+    from fedscan.deploy.export import export_run
+    from fedscan.simulations.federated import run_federated
+
+    run_dir = run_federated(
+        [
+            "dataset=synthetic",
+            "dataset.per_class=24",
+            "dataset.size=32",
+            "dataset.image_size=32",
+            "model.prefix_precision=bfloat16",
+            "train.batch_size=12",  # no site's last batch is a single image
+            "rounds=1",  # best.pt is the last evaluated round, the one final() reads
+            "tracking=none",
+            f"runs_dir={tmp_path}",
+        ]
+    )
+    # TorchScript: seconds to export (ONNX's parity with it is tested above)
+    package = export_run(run_dir, fmt="torchscript")
+    assert_package_scores_as_recorded(run_dir, package, runtimes=("torchscript",))

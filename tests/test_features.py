@@ -188,3 +188,42 @@ def test_batches_draw_one_view_per_sample_each_epoch_and_keep_the_order():
     assert all(0 < sum(e) < len(e) for e in views)  # both views, in every epoch
     assert views[0] != views[1]  # drawn again each epoch
     assert (x > 0).all()  # the cached array is never written to
+
+
+def test_exported_features_are_float32_whatever_the_training_precision(tmp_path):
+    """The test splits' prefix is computed and stored in float32 (what the exported model
+    computes), also where training uses bfloat16, and only for the rows asked."""
+    from fedscan.common.learn.features import exported_features
+
+    model = build_model(CFG, 4)
+    cut, images, cpu = model.frozen_until, _images(), torch.device("cpu")
+    cfg = _flip_cfg(tmp_path, precision="bfloat16")
+    got = exported_features(model, _data(images), cfg, cpu, np.array([4, 1, 3]))
+    assert got.dtype == np.float32 and got.rows.tolist() == [1, 3, 4] and len(got.features) == 3
+    with torch.no_grad():
+        x = torch.from_numpy(images[[1, 3, 4]]).unsqueeze(1).float() / 255.0
+        ref = model.eval().forward_until(x, cut).numpy()
+    np.testing.assert_allclose(got[np.array([1, 3, 4])], ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(KeyError, match=r"\[0\]"):
+        got[np.array([0, 1])]  # never a row of zeros for an image it does not hold
+    (file,) = (tmp_path / "features").glob("*.npy")
+    assert "-exported-" in file.name and "bfloat16" not in file.name
+
+
+def test_shipped_inputs_cover_the_test_splits_or_are_the_images(tmp_path):
+    from types import SimpleNamespace
+
+    from fedscan.common.learn.prepare import PreparedRun
+    from fedscan.common.learn.shipped import shipped_inputs
+
+    model, images, cpu = build_model(CFG, 4), _images(), torch.device("cpu")
+    data = _data(images)
+    data.splits = SimpleNamespace(tests={"test_a": np.array([5, 2]), "test_b": np.array([2])})
+    cfg = _flip_cfg(tmp_path, precision="bfloat16")
+    cut = model.frozen_until
+    cached = PreparedRun(device=cpu, data=data, model=model, x=np.zeros(1), start=cut)
+    got = shipped_inputs(cached, cfg)
+    assert got.rows.tolist() == [2, 5] and got.dtype == np.float32
+    # no cached prefix (images in, e.g. the paper CNN): the images are already what ships
+    raw = PreparedRun(device=cpu, data=data, model=model, x=images, start=0)
+    assert shipped_inputs(raw, cfg) is images

@@ -21,7 +21,7 @@ from fedscan.common.core.errors import UnreadableImageError
 from fedscan.common.core.parallel import pmap
 from fedscan.common.data.datasets.base import ImageCollection
 from fedscan.common.data.dicom import CT_WINDOWS
-from fedscan.common.data.imageio import read_gray, resize_gray
+from fedscan.common.data.imageio import read_resized
 
 PREPROCESS_VERSION = 1
 
@@ -78,7 +78,7 @@ def cache_key(collection: ImageCollection, spec: PreprocessSpec) -> str:
 
 def _decode(path: Path, size: int, window: tuple[float, float]) -> np.ndarray | str:
     try:
-        return resize_gray(read_gray(path, ct_window=window), size)
+        return read_resized(path, size, ct_window=window)
     except UnreadableImageError as exc:
         return exc.reason
 

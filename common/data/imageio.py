@@ -119,3 +119,13 @@ def resize_gray(arr: np.ndarray, size: int) -> np.ndarray:
     if arr.shape == (size, size):
         return arr
     return np.asarray(Image.fromarray(arr).resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def read_resized(
+    path: str | Path, size: int, *, ct_window: tuple[float, float] = CT_WINDOWS["lung"]
+) -> np.ndarray:
+    """:func:`read_gray` then :func:`resize_gray`: the uint8 pixels the decode-once cache
+    stores for a file (``common.data.cache``) and the pixels an exported package feeds
+    its network (``deploy.package``). One function, so that what a model was scored on
+    and what it is given in deployment cannot drift apart."""
+    return resize_gray(read_gray(path, ct_window=ct_window), size)

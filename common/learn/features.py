@@ -19,7 +19,13 @@ from fedscan.common.core.progress import progress
 from fedscan.common.data.pipeline import PreparedData
 from fedscan.common.data.transforms import to_float
 from fedscan.common.learn.models.staged import StagedModel
-from fedscan.common.learn.training import MirroredRows, place_model, prefix_autocast, prefix_dtype
+from fedscan.common.learn.training import (
+    FeatureRows,
+    MirroredRows,
+    place_model,
+    prefix_autocast,
+    prefix_dtype,
+)
 
 
 def prefix_digest(model: StagedModel, cut: int) -> str:
@@ -57,14 +63,17 @@ def cached_features(
     cache_file: Path,
     device: torch.device,
     dtype: torch.dtype = torch.float32,
+    store: type[np.floating] = np.float16,
     batch_size: int = 16,
     what: str = "frozen trunk",
 ) -> np.ndarray:
-    """Outputs of ``stages[:cut]`` for every image in ``indices`` (float16, memmapped).
+    """Outputs of ``stages[:cut]`` for every image in ``indices`` (memmapped).
 
-    The prefix computes in ``dtype`` (:func:`prefix_dtype`). Rows outside
-    ``indices`` are zeros. Reused when ``cache_file`` exists; its name must carry
-    the image-cache key, :func:`prefix_digest` and the dtype.
+    The prefix computes in ``dtype`` (:func:`prefix_dtype`) and is stored as ``store``:
+    float16 for what trains (half the disk and page cache), float32 where the figures
+    must be the exported model's (:func:`exported_features`). Rows outside ``indices``
+    are zeros. Reused when ``cache_file`` exists; its name must carry the image-cache
+    key, :func:`prefix_digest`, the dtype and a non-default ``store``.
     """
     # on the device, as callers expect, also when the cache is reused; outside
     # inference mode, because the weights train later
@@ -79,7 +88,7 @@ def cached_features(
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".partial.npy")
         out = np.lib.format.open_memmap(
-            tmp, mode="w+", dtype=np.float16, shape=(len(images), *probe.shape[1:])
+            tmp, mode="w+", dtype=store, shape=(len(images), *probe.shape[1:])
         )
         idx = np.sort(np.asarray(indices))
         steps = range(0, len(idx), batch_size)
@@ -90,7 +99,7 @@ def cached_features(
             xb = to_float(torch.from_numpy(np.ascontiguousarray(images[b]))).to(device)
             with prefix_autocast(device, dtype):
                 feats = _prefix_batch(model, xb, cut, device)
-            out[b] = feats.float().cpu().numpy().astype(np.float16)
+            out[b] = feats.float().cpu().numpy().astype(store)
     out.flush()
     del out
     tmp.replace(cache_file)
@@ -176,3 +185,39 @@ def mirrored_features(
         what=f"frozen trunk, {len(rows)} mirrored training images",
     )
     return MirroredRows(features=feats, rows=rows)
+
+
+def exported_features(
+    model: StagedModel,
+    data: PreparedData,
+    cfg: DictConfig,
+    device: torch.device,
+    rows: np.ndarray,
+) -> FeatureRows:
+    """``stages[:model.frozen_until]`` over the images ``rows`` as the exported model
+    computes it: float32 arithmetic and float32 storage, whatever
+    ``model.prefix_precision`` the training features use.
+
+    The file's name carries the rows' digest (another seed's or fold's test split gets
+    its own) and ``-exported``, so it never meets the training cache, which stores
+    float16 even where it computes float32.
+    """
+    cut = model.frozen_until
+    if cut == 0:
+        raise ValueError("exported_features needs a frozen prefix (model.frozen_until > 0)")
+    rows = np.unique(np.asarray(rows, dtype=np.int64))
+    which = hashlib.sha1(rows.tobytes()).hexdigest()[:16]
+    file = _feature_file(cfg, data, model, cut, torch.float32, f"-exported-{which}.npy")
+    images = np.zeros((0,), np.uint8) if file.exists() else data.cache.images[rows]
+    feats = cached_features(
+        model,
+        np.ascontiguousarray(images),
+        np.arange(len(rows)),
+        cut=cut,
+        cache_file=file,
+        device=device,
+        dtype=torch.float32,
+        store=np.float32,
+        what=f"frozen trunk, {len(rows)} test images as exported",
+    )
+    return FeatureRows(features=feats, rows=rows)

@@ -108,26 +108,43 @@ def prefix_autocast(device: torch.device, dtype: torch.dtype) -> contextlib.Abst
 
 
 @dataclass(frozen=True)
-class MirroredRows:
-    """The frozen prefix's output for left/right-mirrored images, for ``rows`` only.
+class FeatureRows:
+    """A cached prefix's output for the images ``rows`` only, read by image index.
 
-    ``features[i]`` belongs to image ``rows[i]`` (``rows`` sorted). Kept compact because
-    only training rows need it (:func:`~common.learn.features.mirrored_features`): a
-    second pass over every image would cost the time budget of the default ``fedscan
-    train`` (README: default vs plain).
+    ``features[i]`` belongs to image ``rows[i]`` (``rows`` sorted). Compact where only
+    some images need the features (mirrored training images, the test splits), and
+    indexable like the full per-image array (``x[indices]``), so that :class:`Batches`
+    reads either. An index outside ``rows`` is a ``KeyError``, never a row of zeros.
     """
 
     features: np.ndarray
     rows: np.ndarray
 
+    @property
+    def dtype(self) -> np.dtype:
+        return self.features.dtype
+
     def take(self, indices: np.ndarray) -> np.ndarray:
-        """The mirrored features of ``indices`` (image indices, each in ``rows``)."""
+        """The features of ``indices`` (image indices, each in ``rows``)."""
+        indices = np.asarray(indices, dtype=np.int64)
         pos = np.searchsorted(self.rows, indices)
         inside = pos < len(self.rows)
         if not (inside.all() and np.array_equal(self.rows[pos], indices)):
             missing = np.setdiff1d(indices, self.rows)
-            raise KeyError(f"no mirrored features for image indices {missing[:5].tolist()}")
+            raise KeyError(f"no cached features for image indices {missing[:5].tolist()}")
         return self.features[pos]
+
+    def __getitem__(self, indices: np.ndarray) -> np.ndarray:
+        return self.take(indices)
+
+
+class MirroredRows(FeatureRows):
+    """The frozen prefix's output for left/right-mirrored images, for ``rows`` only.
+
+    Kept compact because only training rows need it
+    (:func:`~common.learn.features.mirrored_features`): a second pass over every image
+    would cost the time budget of the default ``fedscan train`` (README: default vs plain).
+    """
 
 
 class Batches:
@@ -310,12 +327,18 @@ def mean_gradient(
 def predict(
     model: StagedModel, batches: Batches, *, device: torch.device, start: int = 0
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """(probabilities [N, C], labels [N], mean cross-entropy) in the batches' order."""
+    """(probabilities [N, C], labels [N], mean cross-entropy) in the batches' order.
+
+    Float32 on every device, never :func:`autocast`: evaluation is forward-only and
+    cheap, and float32 is what the exported model computes (``deploy/export.py``;
+    ONNX Runtime's CPU provider has no bfloat16 convolutions), so a figure measured
+    here is the shipped model's wherever the inputs are too
+    (:func:`~common.learn.shipped.shipped_inputs`).
+    """
     model.eval()
     probs, labels, loss_sum = [], [], 0.0
     for xb, yb in batches:
-        with autocast(device):
-            logits = model.forward_from(xb.to(device), start).float()
+        logits = model.forward_from(xb.to(device), start).float()
         loss_sum += float(nn.functional.cross_entropy(logits, yb.to(device), reduction="sum"))
         probs.append(torch.softmax(logits, 1).cpu().numpy())
         labels.append(yb.numpy())
