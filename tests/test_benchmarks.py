@@ -15,6 +15,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 BRAIN = ("glioma", "meningioma", "notumor", "pituitary")
 
+# Each test runs a benchmark or study driver end to end (minutes on 2 cores): .ci/run's slow
+# stage runs them; the default suite stays fast.
+pytestmark = pytest.mark.slow
+
 
 def _brain_like(root: Path, per_class: int = 12) -> Path:
     """A tiny ``brain-tumor-mri/Training|Testing/<class>/*.jpg`` tree of distinct images."""

@@ -342,6 +342,7 @@ def test_report_keeps_runs_that_differ_in_more_than_the_seed_apart(tmp_path: Pat
     assert [(r["method"], r["seeds"]) for r in same] == [("fedprox(mu=0.01)", 2)]
 
 
+@pytest.mark.slow
 def test_the_finetune_driver_runs_and_writes_its_page(tmp_path: Path) -> None:
     from fedscan.simulations.finetune import main as finetune
 
