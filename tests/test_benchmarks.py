@@ -161,7 +161,7 @@ def test_site_scale_runs(tmp_path: Path) -> None:
 
 
 def test_the_study_runs_and_writes_its_page(tmp_path: Path) -> None:
-    docs = tmp_path / "results.md"
+    docs = tmp_path / "docs" / "results" / "study.md"
     _synthetic(
         [
             "-m",
@@ -193,10 +193,13 @@ def test_the_study_runs_and_writes_its_page(tmp_path: Path) -> None:
         "| local |",
     ):
         assert row in page, row
+    # the figures beside the page, linked relative to it
+    assert (docs.parent / "curves_synthetic.png").exists()
+    assert "![curves_synthetic](curves_synthetic.png)" in page
 
 
 def test_the_horizon_driver_runs(tmp_path: Path) -> None:
-    docs = tmp_path / "horizon.md"
+    docs = tmp_path / "docs" / "results" / "horizon.md"
     _synthetic(
         [
             "-m",
