@@ -146,6 +146,8 @@ ADDED_LATER = {
     "model.prefix_precision": "auto",
     # before it a cached prefix meant no augmentation at all
     "train.cached_flips": False,
+    # before it the classifier read the features as they came
+    "model.feature_norm": "none",
 }
 
 # In a federated checkpoint: the head refit after the last round (federation.head_refit)

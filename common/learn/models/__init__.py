@@ -9,10 +9,12 @@ from fedscan.common.core.errors import ConfigError
 from fedscan.common.learn.models.dp import make_dp_compatible
 from fedscan.common.learn.models.registry import MODELS
 from fedscan.common.learn.models.staged import (
+    FEATURE_NORMS,
     MODES,
     StagedModel,
     batchnorm_to_groupnorm,
     cut_index,
+    normalise_classifier_input,
     set_trainable,
 )
 
@@ -22,7 +24,7 @@ PREFIX_PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 def check_model_config(cfg: Mapping[str, Any]) -> None:
-    """The ``model`` group's checks that need no weights: name, mode, norm, precision."""
+    """The ``model`` group's checks that need no weights: name, mode, norms, precision."""
     MODELS.get(str(cfg["name"]))
     mode = str(cfg.get("mode", "scratch"))
     if mode not in MODES:
@@ -35,6 +37,9 @@ def check_model_config(cfg: Mapping[str, Any]) -> None:
     norm = str(cfg.get("norm", "batch"))
     if norm not in ("batch", "group"):
         raise ConfigError("model.norm", f"use 'batch' or 'group', got '{norm}'")
+    feature_norm = str(cfg.get("feature_norm", "none"))
+    if feature_norm not in FEATURE_NORMS:
+        raise ConfigError("model.feature_norm", f"use one of {FEATURE_NORMS}, got '{feature_norm}'")
     precision = str(cfg.get("prefix_precision", "auto"))
     if precision not in PREFIX_PRECISIONS:
         raise ConfigError(
@@ -52,13 +57,16 @@ def check_model_config(cfg: Mapping[str, Any]) -> None:
 
 
 def build_model(cfg: Mapping[str, Any], num_classes: int) -> StagedModel:
-    """Build, optionally convert to GroupNorm, and freeze according to ``model.mode``."""
+    """Build, optionally convert to GroupNorm, normalise the classifier's input, and
+    freeze according to ``model.mode``."""
     check_model_config(cfg)
     mode = str(cfg.get("mode", "scratch"))
     pretrained = bool(cfg.get("pretrained", mode != "scratch"))
     model = MODELS.get(str(cfg["name"]))(num_classes, pretrained=pretrained)
     if str(cfg.get("norm", "batch")) == "group":
         batchnorm_to_groupnorm(model)
+    if str(cfg.get("feature_norm", "none")) == "l2":
+        normalise_classifier_input(model)
     model = set_trainable(model, cut_index(model, mode, int(cfg.get("finetune_blocks", 1))))
     model.bn_frozen = bool(cfg.get("freeze_bn", False)) and str(cfg.get("norm")) != "group"
     if cfg.get("dp_compatible", False):  # set by privacy=dp_sgd
