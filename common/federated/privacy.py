@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -328,12 +328,12 @@ def dp_local_fit(
     """A site's local epochs under DP-SGD; ``ledger`` is extended in place.
 
     Raises :class:`BudgetExhausted` *before* training when these epochs would
-    take the site past ``dp.target_epsilon``. FedProx's proximal pull is applied
-    as a separate step after each private update (it does not touch the data,
-    so it costs no privacy); Opacus' per-sample clipping never sees it.
+    take the site past ``dp.target_epsilon``, and :class:`ConfigError` when the
+    plan cannot work at all (:func:`planned_noise`). FedProx's proximal pull is
+    applied as a separate step after each private update (it does not touch the
+    data, so it costs no privacy); Opacus' per-sample clipping never sees it.
     """
     from opacus import PrivacyEngine
-    from opacus.utils.batch_memory_manager import BatchMemoryManager
 
     n = len(indices)
     delta = dp.site_delta(n)
@@ -341,20 +341,10 @@ def dp_local_fit(
         dp, n_train=n, batch_size=settings.batch_size, epochs_total=epochs_total, delta=delta
     )
     steps = steps_per_epoch(n, settings.batch_size)
-    rate = 1.0 / steps
-    if dp.target_epsilon is not None:
-        after = ledger.projected(delta, noise=noise, rate=rate, steps=steps * epochs)
-        if after > dp.target_epsilon * 1.001:
-            raise BudgetExhausted(
-                f"privacy budget spent: epsilon {ledger.epsilon(delta):.3f} of "
-                f"{dp.target_epsilon:g} used, this round would reach {after:.3f}"
-            )
-
+    _refuse_over_budget(ledger, dp, delta, noise=noise, rate=1.0 / steps, steps=steps * epochs)
     place_model(model, device)
     model.train()
-    frozen = model.stages[start : model.frozen_until]
-    anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-    params = [p for p in model.parameters() if p.requires_grad]
+    pull = _proximal_pull(model, proximal_mu)
     optimizer = make_optimizer(model, settings)
     loss_fn = loss_function(settings, labels[indices], model.num_classes).to(device)
     loader = DataLoader(
@@ -375,12 +365,82 @@ def dp_local_fit(
     )
     private.train()
     check_no_batch_mixing(private)
+    loss, accuracy = _private_epochs(
+        private,
+        optimizer,
+        loader,
+        loss_fn,
+        frozen=model.stages[start : model.frozen_until],
+        physical=dp.max_physical_batch_size,
+        device=device,
+        epochs=epochs,
+        augment=augment,
+        after_step=pull,
+    )
+    private._close()
+    ledger.history = [tuple(h) for h in engine.accountant.history]
+    return DPRound(
+        loss=loss,
+        accuracy=accuracy,
+        epsilon=ledger.epsilon(delta),
+        delta=delta,
+        noise_multiplier=noise,
+        steps=ledger.steps,
+    )
+
+
+def _refuse_over_budget(
+    ledger: PrivacyLedger, dp: DPSGDSettings, delta: float, *, noise: float, rate: float, steps: int
+) -> None:
+    """:class:`BudgetExhausted` when ``steps`` more would take the site past its target."""
+    if dp.target_epsilon is None:
+        return
+    after = ledger.projected(delta, noise=noise, rate=rate, steps=steps)
+    if after > dp.target_epsilon * 1.001:
+        raise BudgetExhausted(
+            f"privacy budget spent: epsilon {ledger.epsilon(delta):.3f} of "
+            f"{dp.target_epsilon:g} used, this round would reach {after:.3f}"
+        )
+
+
+def _proximal_pull(model: StagedModel, mu: float) -> Callable[[torch.optim.Optimizer], None]:
+    """FedProx's pull towards the received weights, as a step of its own after each
+    private update (``mu`` = 0: nothing)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params]
+
+    def pull(optimizer: torch.optim.Optimizer) -> None:
+        if mu <= 0 or optimizer._is_last_step_skipped:  # an accumulation step: no update
+            return
+        lr = optimizer.param_groups[0]["lr"]
+        with torch.no_grad():
+            for p, a in zip(params, anchor, strict=True):
+                p.sub_(lr * mu * (p - a))
+
+    return pull
+
+
+def _private_epochs(
+    private: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    loss_fn: nn.Module,
+    *,
+    frozen: Sequence[nn.Module],
+    physical: int,
+    device: torch.device,
+    epochs: int,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None,
+    after_step: Callable[[torch.optim.Optimizer], None],
+) -> tuple[float, float]:
+    """Opacus' Poisson batches, split into physical batches of at most ``physical``;
+    the training loss and accuracy over what was seen."""
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
     total, correct, loss_sum = 0, 0, 0.0
     for _ in range(epochs):
         with BatchMemoryManager(
-            data_loader=loader,
-            max_physical_batch_size=dp.max_physical_batch_size,
-            optimizer=optimizer,
+            data_loader=loader, max_physical_batch_size=physical, optimizer=optimizer
         ) as batches:
             for xb, yb in batches:
                 xb, yb = xb.to(device), yb.to(device)
@@ -398,24 +458,11 @@ def dp_local_fit(
                     raise FloatingPointError(f"non-finite training loss ({loss.item()})")
                 loss.backward()
                 optimizer.step()
-                if proximal_mu > 0 and not optimizer._is_last_step_skipped:
-                    lr = optimizer.param_groups[0]["lr"]
-                    with torch.no_grad():
-                        for p, a in zip(params, anchor, strict=True):
-                            p.sub_(lr * proximal_mu * (p - a))
+                after_step(optimizer)
                 total += len(yb)
                 loss_sum += loss.item() * len(yb)
                 correct += int((logits.argmax(1) == yb).sum())
-    private._close()
-    ledger.history = [tuple(h) for h in engine.accountant.history]
-    return DPRound(
-        loss=loss_sum / max(total, 1),
-        accuracy=correct / max(total, 1),
-        epsilon=ledger.epsilon(delta),
-        delta=delta,
-        noise_multiplier=noise,
-        steps=ledger.steps,
-    )
+    return loss_sum / max(total, 1), correct / max(total, 1)
 
 
 def dp_site_round(
