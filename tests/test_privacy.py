@@ -344,8 +344,7 @@ def test_the_run_long_epsilon_is_opacus_accountant_over_every_step_taken(
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [
-        (["privacy.max_grad_norm=0"], r"privacy\.max_grad_norm"),
-        (["privacy.max_grad_norm=-1"], r"privacy\.max_grad_norm"),
+        # (a clip norm <= 0: test_bad_dp_setting_stops_a_simulation_before_it_starts)
         # no noise multiplier reaches it (Opacus' search gives up at sigma 1e6)
         (["privacy.target_epsilon=1e-7"], r"privacy\.target_epsilon.*cannot be reached"),
         # a fixed noise that would spend the budget before the planned rounds end
@@ -530,3 +529,17 @@ def test_efficientnet_with_frozen_batchnorm_passes_opacus_validation() -> None:
     assert ModuleValidator.validate(trainable, strict=False) == []
     assert GradSampleModule.validate(trainable, strict=False) == []
     assert any(p.requires_grad for p in trainable.parameters())  # the convolutions train
+
+
+def test_recipe_dp_is_private_and_the_command_line_still_wins() -> None:
+    from fedscan.common.core.config import load_config
+
+    cfg = load_config(["dataset=synthetic", "recipe=dp"])
+    assert cfg.privacy.name == "dp_sgd" and cfg.model.dp_compatible
+    assert (cfg.model.mode, cfg.model.feature_norm) == ("features", "l2")
+    assert dp_settings(cfg.privacy) is not None  # a complete, valid privacy section
+    # the recipe overrides the tree; the command line overrides the recipe
+    assert load_config(["dataset=synthetic", "recipe=dp", "train.lr=0.123"]).train.lr == 0.123
+    twin = load_config(["dataset=synthetic", "recipe=dp", "privacy=off"])
+    assert twin.privacy.name == "off" and dp_settings(twin.privacy) is None
+    assert (twin.model.feature_norm, twin.train.lr) == ("l2", cfg.train.lr)  # the same model
