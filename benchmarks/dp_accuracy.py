@@ -354,7 +354,7 @@ def tune(a: argparse.Namespace, out: Path) -> str:
             a_c = argparse.Namespace(**{**vars(a), "overrides": c})
             base = base_overrides(a_c, mode, partition)
             values = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in c}
-            name = "-".join(f"{k.split('.')[-1]}{values[k]}" for k in swept)
+            name = "-".join(f"{k.split('.')[-1]}{values[k]}" for k in swept) or "as-given"
             cell = cell_dir(out, "tune", partition, mode, eps_label(eps), name)
             run = run_cell(cell, merged(base, private(eps)), a.rounds, train=not a.report_only)
             if run is None:
