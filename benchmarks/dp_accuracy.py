@@ -182,7 +182,8 @@ def table(a: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
         base = base_overrides(a, mode, partition)
         for eps in [None, *a.epsilons]:
             cell = cell_dir(out, partition, mode, eps_label(eps))
-            overrides = merged(base, private(eps) + (a.twin if eps is None else []))
+            own = a.twin if eps is None else a.per_eps.get(eps_label(eps), [])
+            overrides = merged(base, private(eps) + own)
             need = not a.report_only and finished(cell, a.rounds) is None
             need = need and twin_of(out, overrides, a.rounds) is None
             if need and not warmed:  # decode, fingerprints, frozen-trunk features: untimed
@@ -315,6 +316,11 @@ def write_page(a: argparse.Namespace, rows: list[dict[str, Any]], out: Path) -> 
         *gaps(rows, a.epsilons),
         "",
     ]
+    for e, extra in a.per_eps.items():
+        lines += [
+            f"At epsilon {e} the private runs used `{' '.join(extra)}` (chosen on validation).",
+            "",
+        ]
     if a.twin:
         lines += [
             f"The non-private twin (`off`) ran with `{' '.join(a.twin)}` on top of the same "
@@ -409,11 +415,22 @@ def main(argv: list[str] | None = None) -> None:
         help="'key=value ...': overrides for the non-private runs only (their own "
         "choice on validation)",
     )
+    ap.add_argument(
+        "--per-epsilon",
+        nargs="*",
+        default=[],
+        metavar="EPS:key=value,...",
+        help="overrides for the private runs at one epsilon (their choice on validation)",
+    )
     ap.add_argument("--tune", action="store_true", help="the validation grid (sweep overrides)")
     ap.add_argument("--tune-off", action="store_true", help="--tune: also without DP")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
+    a.per_eps = {}
+    for item in a.per_epsilon:
+        eps, _, extra = item.partition(":")
+        a.per_eps[f"{float(eps):g}"] = [x for x in extra.split(",") if x]
     a.command = "python benchmarks/dp_accuracy.py " + " ".join(
         shlex.quote(x) for x in without_note(argv if argv is not None else sys.argv[1:])
     )
