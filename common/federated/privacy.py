@@ -15,8 +15,10 @@ Three concerns, kept apart (the Opacus habit):
 Only the trainable stages are made private: the frozen pretrained trunk never
 sees a gradient, so it leaks nothing about the site's data and keeps its
 BatchNorm (its cached features stay valid). BatchNorm inside trainable stages
-is replaced by GroupNorm (``ModuleValidator.fix``) at model construction, on
-the server and at every site alike, so the exchanged parameters match.
+is replaced by GroupNorm (``ModuleValidator.fix``) at model construction, or,
+with ``model.freeze_bn=true``, kept frozen in eval mode (why that is private:
+``common/learn/models/dp.py``), on the server and at every site alike, so the
+exchanged parameters match.
 """
 
 from __future__ import annotations
