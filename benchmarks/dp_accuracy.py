@@ -328,12 +328,9 @@ def write_page(a: argparse.Namespace, rows: list[dict[str, Any]], out: Path) -> 
             "learning rate is tuned for clipped, noisy gradients).",
             "",
         ]
-    if (out / "tune.md").exists():
-        lines += [
-            "## The settings, chosen on the sites' validation splits",
-            "",
-            (out / "tune.md").read_text(),
-        ]
+    grid = grid_markdown(out, a.rounds)
+    if grid:
+        lines += ["## The settings, chosen on the sites' validation splits", "", *grid]
     text = "\n".join(lines)
     page = Path(a.page)
     page.parent.mkdir(parents=True, exist_ok=True)
@@ -377,14 +374,64 @@ def tune(a: argparse.Namespace, out: Path) -> str:
     return "\n".join(lines)
 
 
-def without_note(args: list[str]) -> list[str]:
-    """The command line as a reader re-runs it: ``--note`` describes this machine only."""
+# The recipe's knobs, as the grid's columns.
+KNOBS = (
+    "train.lr",
+    "privacy.max_grad_norm",
+    "train.batch_size",
+    "federation.local_epochs",
+    "privacy.accountant",
+)
+
+
+def grid_markdown(out: Path, rounds: int) -> list[str]:
+    """Every finished cell of the validation grid (``--tune``) under ``out``: its
+    epsilon, the recipe's knobs and the sites' validation accuracy, the best per
+    epsilon marked; the commands that ran them from ``out/tune/commands.txt``."""
+    rows = []
+    for wall in sorted((out / "tune").glob("**/wall.json")):
+        run = finished(wall.parent, rounds)
+        if run is None:
+            continue
+        rec = read_run(run)
+        private = str(rec.cfg.privacy.name) == "dp_sgd"
+        eps = f"{float(rec.cfg.privacy.target_epsilon):g}" if private else "off"
+        knobs = [
+            str(OmegaConf.select(rec.cfg, k)) if private or k.startswith(("train", "fed")) else "-"
+            for k in KNOBS
+        ]
+        rows.append((eps, knobs, rec.mean_site_val_accuracy(), rec.partition))
+    if not rows:
+        return []
+    rows.sort(key=lambda r: (-1.0 if r[0] == "off" else float(r[0]), float(r[1][0])))
+    best = {e: max(v for e2, _, v, _ in rows if e2 == e) for e, _, _, _ in rows}
+    commands = out / "tune" / "commands.txt"
+    lines = []
+    if commands.exists():
+        lines += ["```bash", *commands.read_text().splitlines(), "```", ""]
+    lines += [
+        f"{rows[0][3]}, {rounds} rounds; the score is the sites' validation accuracy of the "
+        "final global model, example-weighted (`metrics.json`, `sites.evaluate` rows); no "
+        "test split was read. The best per epsilon in bold.",
+        "",
+        "| epsilon | " + " | ".join(f"`{k}`" for k in KNOBS) + " | sites' validation acc |",
+        "|" + "---|" * (len(KNOBS) + 2),
+    ]
+    for eps, knobs, val, _ in rows:
+        score = f"**{pct(val)}**" if val == best[eps] else pct(val)
+        lines.append(f"| {eps} | " + " | ".join(knobs) + f" | {score} |")
+    return [*lines, ""]
+
+
+def as_reader_runs(args: list[str]) -> list[str]:
+    """The command line as a reader re-runs it: ``--note`` and ``--out`` describe this
+    machine only."""
     out, skip = [], False
     for x in args:
-        if skip or x.startswith("--note="):
+        if skip or x.startswith(("--note=", "--out=")):
             skip = False
             continue
-        if x == "--note":
+        if x in ("--note", "--out"):
             skip = True
             continue
         out.append(x)
@@ -432,22 +479,16 @@ def main(argv: list[str] | None = None) -> None:
         eps, _, extra = item.partition(":")
         a.per_eps[f"{float(eps):g}"] = [x for x in extra.split(",") if x]
     a.command = "python benchmarks/dp_accuracy.py " + " ".join(
-        shlex.quote(x) for x in without_note(argv if argv is not None else sys.argv[1:])
+        shlex.quote(x) for x in as_reader_runs(argv if argv is not None else sys.argv[1:])
     )
     a.date = date.today().isoformat()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     out = Path(a.out).expanduser().resolve()
-    if a.tune:  # kept beside the cells; the table's page quotes it
-        text = tune(a, out)
-        print("\n" + text)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "tune.md").write_text(
-            f"Generated on {a.date}:\n\n```bash\n{a.command}\n```\n\n"
-            f"{a.partitions[0]}, {a.sites} sites, {a.rounds} rounds; the score is the sites' "
-            "validation accuracy of the final global model, example-weighted (`metrics.json`, "
-            "`sites.evaluate` rows); no test split was read.\n\n"
-            f"{text}\n"
-        )
+    if a.tune:  # the table's page shows every finished grid cell, and these commands
+        (out / "tune").mkdir(parents=True, exist_ok=True)
+        with (out / "tune" / "commands.txt").open("a") as f:
+            f.write(f"{a.command}  # {a.date}\n")
+        print("\n" + tune(a, out))
         return
     rows = table(a, out)
     print(f"\n{a.dataset}, {a.sites} sites, {a.rounds} rounds, FedAvg\n")
