@@ -132,7 +132,7 @@ def test_dp_accuracy_runs() -> None:
             *SMALL,
         ]
     )
-    assert "| features | 8 |" in out.stdout
+    assert "| iid | features | 8 |" in out.stdout
 
 
 def test_secure_aggregation_benchmark_runs() -> None:
