@@ -328,6 +328,8 @@ def write_page(a: argparse.Namespace, rows: list[dict[str, Any]], out: Path) -> 
             "learning rate is tuned for clipped, noisy gradients).",
             "",
         ]
+    if a.append:  # what no finished cell shows (runs stopped, and why), written by hand
+        lines += [Path(a.append).read_text().strip(), ""]
     grid = grid_markdown(out, a.rounds)
     if grid:
         lines += ["## The settings, chosen on the sites' validation splits", "", *grid]
@@ -455,6 +457,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="runs/dp-accuracy")
     ap.add_argument("--page", default=None, help="markdown page to write (default: none)")
     ap.add_argument("--note", default="", help="what the machine was doing, for the page")
+    ap.add_argument(
+        "--append",
+        default=None,
+        help="a markdown file added to the page before the grid (runs no cell shows)",
+    )
     ap.add_argument(
         "--twin",
         type=str.split,
