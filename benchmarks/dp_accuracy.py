@@ -281,13 +281,15 @@ def setting_text(run: Path) -> str:
 
 
 def write_page(a: argparse.Namespace, rows: list[dict[str, Any]], out: Path) -> str:
+    private_cells = [
+        c / "run"
+        for c in sorted(out.glob("*/*/*"))
+        if (c / "run" / "config.yaml").exists() and c.name != "off"
+    ]
+    # the setting line describes a private cell on the shared overrides, not --per-epsilon's
     first = next(
-        (
-            c / "run"
-            for c in sorted(out.glob("*/*/*"))
-            if (c / "run" / "config.yaml").exists() and c.name != "off"
-        ),
-        None,
+        (r for r in private_cells if r.parent.name not in a.per_eps),
+        private_cells[0] if private_cells else None,
     )
     lines = [
         "# Differential privacy: accuracy against epsilon",
@@ -427,10 +429,10 @@ def grid_markdown(out: Path, rounds: int) -> list[str]:
 
 def as_reader_runs(args: list[str]) -> list[str]:
     """The command line as a reader re-runs it: ``--note`` and ``--out`` describe this
-    machine only."""
+    machine only, and ``--report-only`` a page written from cells already trained."""
     out, skip = [], False
     for x in args:
-        if skip or x.startswith(("--note=", "--out=")):
+        if skip or x.startswith(("--note=", "--out=")) or x == "--report-only":
             skip = False
             continue
         if x in ("--note", "--out"):
