@@ -15,7 +15,7 @@ fedscan's split, applied to the plain pipeline's per-file predictions).
 Prints the table and the wall-time ratio; ``--json`` writes them. ``--seeds`` runs
 one pair per seed (the plain pipeline's ``--seed``, fedscan's ``seed=``) and adds
 their mean: on one machine the plain pipeline's test accuracy moved by up to 0.8
-points between seeds 0-2 and fedscan's default by up to 0.5 (README).
+points between seeds 0-2 and fedscan's default by up to 0.5 (docs/results/default-vs-plain.md).
 
     python benchmarks/default_vs_plain.py [--data DIR] [--seeds 0 1 2] [--json out.json] \
         [overrides ...]

@@ -1,6 +1,6 @@
 """``fedscan certs``: a development PKI for a TLS SuperLink and authenticated SuperNodes.
 
-Writes what the runbook (docs/deploy.md) needs and nothing else:
+Writes what the runbook (docs/how-to/coordinate.md, step 2) needs and nothing else:
 
 - ``ca.crt`` / ``ca.key``: a private certificate authority. Hospitals get
   ``ca.crt`` only, to check that they talk to the real SuperLink.

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The loopback rehearsal of docs/deploy.md: every step of the runbook on 127.0.0.1, with
+# The loopback rehearsal (docs/tutorials/first-federation.md): every step of the runbook
+# (docs/how-to/coordinate.md, docs/how-to/join-as-site.md) on 127.0.0.1, with
 # two SYNTHETIC sites, TLS and SuperNode authentication. Linux (it reads /proc).
 #
 #   bash deploy/rehearsal.sh            # from the fedscan checkout, its venv active
@@ -27,9 +28,9 @@ say() { printf '%s rehearsal: %s\n' "$(date +%H:%M:%S)" "$*"; }
 fail() { say "FAILED: $*" >&2; exit 1; }
 
 for cmd in fedscan flower-superlink flower-supernode flwr python; do
-  command -v "$cmd" >/dev/null || fail "'$cmd' not found: activate the fedscan venv (docs/deploy.md, step 0)"
+  command -v "$cmd" >/dev/null || fail "'$cmd' not found: activate the fedscan venv (docs/how-to/join-as-site.md, step 0)"
 done
-[ -d /proc ] || fail "this script reads /proc (Linux); elsewhere run the steps of docs/deploy.md by hand"
+[ -d /proc ] || fail "this script reads /proc (Linux); elsewhere run the steps of docs/how-to/coordinate.md and join-as-site.md by hand"
 
 marked_pids() {  # processes whose environment carries the mark
   grep -lsaF "$MARK" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3 || true

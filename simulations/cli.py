@@ -131,7 +131,7 @@ def _cmd_certs(args: argparse.Namespace) -> int:
     print(f"  SuperLink: {out / 'ca.crt'}, {out / 'superlink.crt'}, {out / 'superlink.key'}")
     for site in args.site:
         print(f"  site {site}: {out / 'sites' / site} (give it ca.crt and this folder only)")
-    print("next: docs/deploy.md, step 3 (start the SuperLink)")
+    print("next: docs/how-to/coordinate.md, step 3 (start the SuperLink)")
     return 0
 
 

@@ -4,7 +4,7 @@ Why: on a 2-core CPU the default simulation runs one site at a time anyway (a si
 gets every core), so Ray buys nothing but its cost: ~17 s to start Ray and an actor
 that imports torch and fedscan again, every run. A feature-mode federation trains a
 linear head in well under a second per round, so that start-up was most of a
-study's 80-odd federated runs (docs/results.md).
+study's 80-odd federated runs (docs/results/study.md).
 
 Flower 1.42's simulation engine (``flwr.server.superlink.fleet.vce``) has no
 backend registry: ``vce_api.start_vce``'s ``backend_fn`` ignores ``backend_name`` and

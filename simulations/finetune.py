@@ -11,7 +11,7 @@ at IID and at Dirichlet alpha = 0.1? One seed; the server scores both test
 splits after every round, and the page gives accuracy per round with each
 round's wall time. The centralised reference is the harness's pooled run (all
 sites' training data, ``rounds x local epochs`` epochs, the same cached inputs).
-The page goes to ``docs/finetune.md``.
+The page goes to ``docs/results/finetune.md``, its figures to ``finetune/`` beside it.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ from fedscan.simulations.harness import (
 
 log = logging.getLogger("fedscan.finetune")
 ROOT = Path(__file__).resolve().parents[1]
+# The page (--docs); its figures go to finetune/ beside it, linked relative to it.
+PAGE = ROOT / "docs" / "results" / "finetune.md"
 
 DATASETS = {"brain_mri": [], "lung_ct": ["dataset.split.fold=0"], "synthetic": []}
 METHODS = {
@@ -49,14 +51,14 @@ METHODS = {
     "fedavg+bsm": ["strategy=fedavg", "train.loss=balanced_softmax"],
     # FedAvg, then the head re-solved from the sites' Fed3R sums of the final features;
     # ridge 0.01 chosen on the sites' validation splits from {0.001, 0.01, 0.1, 1}
-    # (brain, Dirichlet 0.1; docs/skew.md): fine-tuned features are small (norm ~3)
+    # (brain, Dirichlet 0.1; docs/results/skew.md): fine-tuned features are small (norm ~3)
     "fedavg+refit": [
         "strategy=fedavg",
         "federation.head_refit=fed3r",
         "federation.head_ridge=0.01",
     ],
     # + the BatchNorm statistics of the final model re-estimated at the sites first
-    # (federation.bn_refit): FedAvg's are its drifted local models' (docs/skew.md)
+    # (federation.bn_refit): FedAvg's are its drifted local models' (docs/results/skew.md)
     "fedavg+bnrefit": [
         "strategy=fedavg",
         "federation.bn_refit=true",
@@ -275,7 +277,7 @@ def write_page(
         png = figures / f"curves_{ds}.png"
         fig.savefig(png, dpi=110)
         plt.close(fig)
-        lines += [f"![{ds}](finetune/{png.name})", ""]
+        lines += [f"![{ds}]({figures.name}/{png.name})", ""]
     docs.write_text("\n".join(lines))
 
 
@@ -293,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--blocks", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    args = driver_args(p, argv, out="runs/finetune", docs=ROOT / "docs" / "finetune.md")
+    args = driver_args(p, argv, out="runs/finetune", docs=PAGE)
     out = Path(args.out).resolve()
     base = [
         "model.mode=finetune",

@@ -100,11 +100,11 @@ def run_sweep(overrides: Sequence[str]) -> list[Path]:
 
 
 # The image size the drivers' pages were measured at: brain's default until 2026-11-27
-# (160 px since, README: default vs plain). Pinned so that each page's command still
+# (160 px since, docs/results/default-vs-plain.md). Pinned so that each page's command still
 # regenerates it, and a re-run reuses its finished cells.
 PAGES_IMAGE_SIZE = 224
 # Likewise the label smoothing: none until 2026-11-27 (0.1 since, chosen on brain's
-# validation split, README: default vs plain). An override of it wins.
+# validation split, docs/results/default-vs-plain.md). An override of it wins.
 PAGES_LABEL_SMOOTHING = 0.0
 # And without flips of a cached prefix (brain's default since 2026-11-27).
 PAGES_CACHED_FLIPS = False

@@ -9,7 +9,8 @@ same sites: one long FedAvg run and one long FedProx run, evaluated every few
 rounds, so their accuracy is read at each checkpoint from a single trajectory;
 pooled is trained once per checkpoint with the *same number of epochs*, because
 its cosine schedule depends on the budget and a 100-epoch pooled model is a
-stronger reference than a 10-epoch one. The page goes to ``docs/horizon.md``.
+stronger reference than a 10-epoch one. The page goes to ``docs/results/horizon.md``,
+its figures beside it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from fedscan.simulations.harness import driver_args, run_one, smoothing_text, va
 
 log = logging.getLogger("fedscan.horizon")
 ROOT = Path(__file__).resolve().parents[1]
+# The page (--docs); its figures are written beside it and linked relative to it.
+PAGE = ROOT / "docs" / "results" / "horizon.md"
 
 
 def horizon_rows(
@@ -158,7 +161,8 @@ def write_page(runs: Sequence[Path], args: argparse.Namespace, docs: Path) -> st
     first = load_run(runs[0], figures="last")
     dataset = first[0]["dataset"]
     splits = [r["split"] for r in first]
-    figures = docs.parent / "results"
+    figures = docs.parent  # beside the page: its links are the bare file names
+    figures.mkdir(parents=True, exist_ok=True)
     lines = [
         f"# Longer training at the hardest skew ({dataset}, Dirichlet alpha = {args.alpha:g})",
         "",
@@ -196,7 +200,7 @@ def write_page(runs: Sequence[Path], args: argparse.Namespace, docs: Path) -> st
         png = plot_horizon(
             runs, split, figures / f"horizon_{dataset}_{split}.png", title=f"{dataset}: {split}"
         )
-        lines += [f"![horizon {split}](results/{png.name})", ""]
+        lines += [f"![horizon {split}]({png.name})", ""]
     docs.write_text("\n".join(lines))
     return "\n".join(lines)
 
@@ -210,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sites", type=int, default=5)
     p.add_argument("--checkpoints", nargs="+", type=int, default=[10, 30, 100])
     p.add_argument("--every", type=int, default=5, help="test evaluation every N rounds")
-    args = driver_args(p, argv, out="runs/horizon", docs=ROOT / "docs" / "horizon.md")
+    args = driver_args(p, argv, out="runs/horizon", docs=PAGE)
     out = Path(args.out).resolve()
     if args.report_only:
         runs = sorted(d.parent for d in out.glob("*/metrics.json"))

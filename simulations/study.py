@@ -21,7 +21,7 @@ remedies' rows cost the time it freed.
 Everything runs through ``fedscan simulate``'s harness in the frozen-trunk
 feature mode (the pretrained trunk computed once per image and cached; sites
 train the classifier head), so it fits a 2-core CPU. The table goes to
-``docs/results.md`` with the wall time and the command.
+``docs/results/study.md`` with the wall time and the command, its figures beside it.
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ from fedscan.simulations.harness import (
 
 log = logging.getLogger("fedscan.study")
 ROOT = Path(__file__).resolve().parents[1]
+# The page (--docs); its figures are written beside it and linked relative to it.
+PAGE = ROOT / "docs" / "results" / "study.md"
 
 # The pooled references: softmax head trained for the epoch budget; ridge and NCM
 # heads in closed form (no epoch), the heads Fed3R / FedNCM must equal.
@@ -70,7 +72,7 @@ FEDERATED = (
     ["federation.head_init=fed3r"],
 )
 # At the hardest skew only: FedNCM's class means were the weaker head in every
-# measurement (docs/skew.md); IID and 0.3 rows of it would cost 12 runs per dataset.
+# measurement (docs/results/skew.md); IID and 0.3 rows of it would cost 12 runs per dataset.
 HARDEST_ONLY = (["federation.head_init=fedncm"],)
 
 
@@ -313,12 +315,13 @@ NOTUMOR_CAVEAT = (
 
 
 def write_results(runs: list[Path], meta: dict, args: argparse.Namespace, docs: Path) -> None:
-    """``docs/results.md``: the command, wall times, tuned mu, the table, a few plots."""
+    """``docs/results/study.md``: the command, wall times, tuned mu, the table, a few plots
+    (written beside the page)."""
     report_dir = Path(args.out) / "report"
     # methods compared after the same rounds (the last), as the page's figures always were
     files = write_report(runs, report_dir, figures="last")
     table = aggregate(row for r in runs for row in load_run(r, figures="last"))
-    figures = docs.parent / "results"
+    figures = docs.parent  # beside the page: its links are the bare file names
     figures.mkdir(parents=True, exist_ok=True)
     keep = [k for k in files if k.startswith("curves_") or k.startswith("partition_")]
     keep = [k for k in keep if k.startswith("curves_") or k.endswith("(alpha=0.1)")]
@@ -360,9 +363,10 @@ def write_results(runs: list[Path], meta: dict, args: argparse.Namespace, docs: 
         "`fed3r+fedavg` / `fedncm+fedavg` runs (what `rounds=0` would train); "
         "`fed3r+fedavg` / `fedncm+fedavg` start FedAvg from that head "
         f"(`federation.head_scale={scales}`, chosen on the sites' validation "
-        "splits, see [skew.md](skew.md)); `scaffold` is SCAFFOLD (Option I control "
-        "variates) with the same AdamW local optimiser. Dirichlet alpha = 1.0 is no longer "
-        "in the grid (in the previous study it sat between IID and 0.3 on every row).",
+        "splits, see [the label-skew measurements](skew.md)); `scaffold` is SCAFFOLD "
+        "(Option I control variates) with the same AdamW local optimiser. Dirichlet "
+        "alpha = 1.0 is no longer in the grid (in the previous study it sat between IID "
+        "and 0.3 on every row).",
         "",
         _wall_time(meta) + " The recommended fine-tune model (`model.finetune_blocks=4`: "
         "the last blocks train from the cached prefix) costs minutes per brain epoch on this "
@@ -381,10 +385,10 @@ def write_results(runs: list[Path], meta: dict, args: argparse.Namespace, docs: 
         to_markdown(table),
         "",
         "Whether more rounds close the gap at the hardest skew (pooled trained for the same "
-        "epochs beside each checkpoint): [`docs/horizon.md`](horizon.md), "
+        "epochs beside each checkpoint): [longer training](horizon.md), "
         "`python -m fedscan.simulations.horizon`.",
         "",
-        *[f"![{k}](results/{files[k].name})" for k in keep],
+        *[f"![{k}]({files[k].name})" for k in keep],
         "",
     ]
     docs.write_text("\n".join(lines))
@@ -399,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sites", type=int, default=5)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--local-epochs", type=int, default=2)
-    args = driver_args(p, argv, out="runs/study", docs=ROOT / "docs" / "results.md")
+    args = driver_args(p, argv, out="runs/study", docs=PAGE)
     out = Path(args.out).resolve()
     started = time.time()
     if not args.report_only:

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-# A tiny federation on the embedded synthetic default: paper CNN, 32 px, two sites.
+# A tiny federation on the embedded synthetic default: paper CNN, 32 px, two sites, no
+# experiment tracking (a test of tracking adds tracking=mlflow after these: the last wins).
 SIM_BASE = [
+    "tracking=none",
     "model=paper_cnn",
     "dataset.image_size=32",
     "dataset.size=32",

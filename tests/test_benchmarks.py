@@ -15,6 +15,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 BRAIN = ("glioma", "meningioma", "notumor", "pituitary")
 
+# Each test runs a benchmark or study driver end to end (minutes on 2 cores): .ci/run's slow
+# stage runs them; the default suite stays fast.
+pytestmark = pytest.mark.slow
+
 
 def _brain_like(root: Path, per_class: int = 12) -> Path:
     """A tiny ``brain-tumor-mri/Training|Testing/<class>/*.jpg`` tree of distinct images."""
@@ -165,7 +169,7 @@ def test_site_scale_runs(tmp_path: Path) -> None:
 
 
 def test_the_study_runs_and_writes_its_page(tmp_path: Path) -> None:
-    docs = tmp_path / "results.md"
+    docs = tmp_path / "docs" / "results" / "study.md"
     _synthetic(
         [
             "-m",
@@ -197,10 +201,13 @@ def test_the_study_runs_and_writes_its_page(tmp_path: Path) -> None:
         "| local |",
     ):
         assert row in page, row
+    # the figures beside the page, linked relative to it
+    assert (docs.parent / "curves_synthetic.png").exists()
+    assert "![curves_synthetic](curves_synthetic.png)" in page
 
 
 def test_the_horizon_driver_runs(tmp_path: Path) -> None:
-    docs = tmp_path / "horizon.md"
+    docs = tmp_path / "docs" / "results" / "horizon.md"
     _synthetic(
         [
             "-m",

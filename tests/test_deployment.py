@@ -1,5 +1,6 @@
-"""A real federation on loopback, as docs/deploy.md sets it up: TLS SuperLink with
-SuperNode authentication, one SuperNode per site folder, ``flwr run``, and faults.
+"""A real federation on loopback, as docs/how-to/coordinate.md and join-as-site.md set it
+up: TLS SuperLink with SuperNode authentication, one SuperNode per site folder, ``flwr
+run``, and faults.
 
 Every process is started in its own session and stopped by PID (its process
 group) at the end. Marked slow (about 3 minutes); ``.ci/run`` runs it.
@@ -264,7 +265,8 @@ def _rehearsal_processes(rehearsal_dir: Path) -> list[str]:
 
 
 def _rehearsal(tmp_path: Path) -> tuple[list[str], dict[str, str], Path]:
-    """``bash deploy/rehearsal.sh`` as docs/deploy.md shows it, in ``tmp_path`` on free ports."""
+    """``bash deploy/rehearsal.sh`` as docs/tutorials/first-federation.md shows it, in
+    ``tmp_path`` on free ports."""
     port = _free_port()
     while not all(_port_free(port + k) for k in range(3)):
         port = _free_port()
@@ -291,8 +293,9 @@ def _port_free(port: int) -> bool:
 def test_the_rehearsal_script_runs_as_written_and_leaves_no_process_behind(
     tmp_path: Path,
 ) -> None:
-    """docs/deploy.md's rehearsal, as a user runs it: it waits for each service (no
-    fixed sleep), the federation completes, and every process it started is gone."""
+    """The tutorial's rehearsal (docs/tutorials/first-federation.md), as a user runs it: it
+    waits for each service (no fixed sleep), the federation completes, and every process it
+    started is gone."""
     cmd, env, rehearsal = _rehearsal(tmp_path)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
     text = out.stdout + out.stderr

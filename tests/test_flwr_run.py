@@ -11,6 +11,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Real `flwr run` processes (a SuperLink, SuperNodes, a federation each): .ci/run's slow stage.
+pytestmark = pytest.mark.slow
+
 
 def _superlinks_of(flwr_home: Path) -> list[int]:
     pids = []

@@ -302,10 +302,12 @@ def test_horizon_reads_each_checkpoint_from_one_trajectory_beside_an_equal_budge
         image_size=224,
         label_smoothing=0.0,
     )
-    page = write_page(runs, args, tmp_path / "docs" / "horizon.md")
+    page = write_page(runs, args, tmp_path / "docs" / "results" / "horizon.md")
     assert "| site 0 | 3 | 0 | 3 |" in page
     assert "- fedavg: 30.0 points below pooled at round 2, 20.0 at round 4." in page
+    # the figure beside the page, linked relative to it
     assert (tmp_path / "docs" / "results" / "horizon_brain_mri_test_official.png").exists()
+    assert "![horizon test_official](horizon_brain_mri_test_official.png)" in page
 
 
 def test_study_wall_time_reports_the_cache_build_apart_only_when_it_was_timed():
@@ -342,10 +344,11 @@ def test_report_keeps_runs_that_differ_in_more_than_the_seed_apart(tmp_path: Pat
     assert [(r["method"], r["seeds"]) for r in same] == [("fedprox(mu=0.01)", 2)]
 
 
+@pytest.mark.slow
 def test_the_finetune_driver_runs_and_writes_its_page(tmp_path: Path) -> None:
     from fedscan.simulations.finetune import main as finetune
 
-    docs = tmp_path / "docs" / "finetune.md"
+    docs = tmp_path / "docs" / "results" / "finetune.md"
     small = ["dataset.image_size=32", "dataset.size=32", "dataset.per_class=24"]
     args = ["--datasets", "synthetic", "--alphas", "0", "--sites", "2", "--rounds", "1"]
     assert (
@@ -372,7 +375,9 @@ def test_the_finetune_driver_runs_and_writes_its_page(tmp_path: Path) -> None:
     assert [r["round"] for r in rows] == [1] and "before_refit" in rows[0]
     assert "bn_statistics" in rows[0]["sites"] and "statistics" in rows[0]["sites"]
     assert "| 1, before the refit |" in page  # round 1 before and after its head refit
-    assert (tmp_path / "docs" / "finetune" / "curves_synthetic.png").exists()
+    # the figures in finetune/ beside the page, linked relative to it
+    assert (tmp_path / "docs" / "results" / "finetune" / "curves_synthetic.png").exists()
+    assert "![synthetic](finetune/curves_synthetic.png)" in page
 
 
 def test_a_run_from_before_an_added_key_compares_as_its_old_behaviour() -> None:

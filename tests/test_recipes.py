@@ -19,7 +19,7 @@ from fedscan.common.runs.validate import validate
 
 pytestmark = pytest.mark.usefixtures("_no_real_data")
 
-# docs/skew.md, "Today's brain defaults: the same recipe with cached flips", seed 0
+# docs/results/skew.md, "Today's brain defaults: the same recipe with cached flips", seed 0
 LONG_SKEW_COMMAND = [
     *("dataset=brain_mri", "model.mode=finetune", "model.finetune_blocks=4", "num_sites=5"),
     *("federation.min_nodes=5", "rounds=10", "federation.local_epochs=1", "seed=0"),
@@ -34,7 +34,7 @@ def _resolved(overrides: list[str]) -> dict:
 
 def test_recipe_skew_is_the_documented_long_command_key_for_key(tmp_path: Path) -> None:
     """`recipe=skew partition.alpha=0.1 num_sites=5` trains exactly the run of the long
-    command docs/skew.md shows, so it reproduces its figure to the digit."""
+    command docs/results/skew.md shows, so it reproduces its figure to the digit."""
     root = f"data_root={tmp_path}"  # a data root: brain_mri itself, not the synthetic stand-in
     short = _resolved(["recipe=skew", "partition.alpha=0.1", "num_sites=5", "seed=0", root])
     long = _resolved([*LONG_SKEW_COMMAND, root])

@@ -302,6 +302,7 @@ def test_sites_refuse_a_server_on_another_generator_and_the_round_halts_by_name(
     assert [r["round"] for r in rounds] == [1] and not rounds[0]["sites"].get("train")
 
 
+@pytest.mark.slow
 def test_a_resumed_secure_run_equals_an_uninterrupted_one(tmp_path) -> None:
     whole = run_federated([*BASE, "rounds=2", f"runs_dir={tmp_path / 'whole'}"])
     first = run_federated([*BASE, "rounds=1", f"runs_dir={tmp_path / 'cut'}"])

@@ -48,6 +48,7 @@ def test_two_deployed_sites_get_two_names_everywhere(
     runs = tmp_path / "runs"
     overrides = [
         *SIM_BASE,
+        "tracking=mlflow",  # the MLflow keys are part of what is checked
         "dataset=synthetic",
         "rounds=1",
         "privacy=dp_sgd",

@@ -112,7 +112,7 @@ def test_scan_groups_follow_slice_similarity(tmp_path: Path):
 def test_real_lung_scan_grouped_split_has_no_leak(real_data: Path, tmp_path: Path):
     c = load_dataset({"name": "lung_ct"}, data_root=real_data, cache_root=tmp_path)
     fp = compute_fingerprints(c, tmp_path)
-    assert len(exact_duplicate_groups(fp)) > 0  # the README says a few exist
+    assert len(exact_duplicate_groups(fp)) > 0  # scan-group rule, step 4 (docs/explanation/data.md)
     s = make_splits(c, fp, policy="scan_groups", val_fraction=0.15, test_fraction=0.2, seed=0)
     assert_no_leak(s, fp)
     test = s.tests["test_scan_grouped"]

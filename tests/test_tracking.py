@@ -18,7 +18,7 @@ from fedscan.simulations.federated import run_federated
 from fedscan.simulations.harness import sweep_experiment
 from tests.conftest import SIM_BASE
 
-BASE = ["dataset=synthetic", *SIM_BASE]
+BASE = ["dataset=synthetic", *SIM_BASE, "tracking=mlflow"]
 
 
 def _client(runs: Path) -> MlflowClient:

@@ -134,7 +134,7 @@ REMOVED: dict[str, tuple[Any, str]] = {
         False,
         "removed in fedscan 0.2.0: every BatchNorm held at its ImageNet statistics was "
         "measured only to harm (brain, Dirichlet 0.1, finetune_blocks=4: 43.7 / 31.4 % "
-        "test_official after rounds 1-2 against FedAvg's 69.8 / 75.7 %; docs/skew.md). To "
+        "test_official after rounds 1-2 against FedAvg's 69.8 / 75.7 %; docs/results/skew.md). To "
         "hold the federation's own statistics from a later round use remedy=fixbn (FixBN)",
     ),
 }

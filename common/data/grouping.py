@@ -4,7 +4,7 @@ Leakage in medical imaging comes from the same patient (or the same pixels) on
 both sides of a split. Every split and every federated partition in fedscan is
 made over *groups* computed here, never over single images.
 
-Scan-group rule for IQ-OTH/NCCD (derived from the images, see docs/data.md):
+Scan-group rule for IQ-OTH/NCCD (derived from the images, see docs/explanation/data.md):
 files are numbered per class, and consecutive numbers are mostly consecutive
 slices of one scan. Neighbouring slices differ little; the first slice of the
 next patient differs a lot (body outline, field of view, table position). A new

@@ -16,7 +16,7 @@ the normalisation the global blocks were trained under (within-site batches), no
 pooled data's. Brain, Dirichlet 0.1, the worst seed: a ridge head on the final model's
 features scored 95.0 % with FedAvg's averaged statistics, 94.9 % with the pooled
 statistics of each layer's input (a fixed point of exact pooled sums, measured and
-rejected) and 97.1 % with these (docs/skew.md).
+rejected) and 97.1 % with these (docs/results/skew.md).
 
 What a site reveals: per trained BatchNorm channel, the mean and variance of its
 activations over its training split, and its image count; no per-image row.

@@ -471,10 +471,10 @@ def _private_epochs(
 @contextmanager
 def _known_warnings_quiet() -> Iterator[None]:
     """Two warnings every site repeated in every round, both known and documented:
-    Opacus runs without secure_mode (README, "Differential privacy"), and torch's full
-    backward hook fires on module outputs because the cached-feature inputs need no
-    gradient (Opacus' per-sample hooks are unaffected). Silenced for the round only:
-    the process's own warning filters are left as they were."""
+    Opacus runs without secure_mode (docs/how-to/differential-privacy.md, "Before
+    production"), and torch's full backward hook fires on module outputs because the
+    cached-feature inputs need no gradient (Opacus' per-sample hooks are unaffected).
+    Silenced for the round only: the process's own warning filters are left as they were."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off", module="opacus")
         warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients")

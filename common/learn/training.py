@@ -143,7 +143,7 @@ class MirroredRows(FeatureRows):
 
     Kept compact because only training rows need it
     (:func:`~common.learn.features.mirrored_features`): a second pass over every image
-    would cost the time budget of the default ``fedscan train`` (README: default vs plain).
+    would cost the time budget of the default ``fedscan train`` (docs/results/default-vs-plain.md).
     """
 
 

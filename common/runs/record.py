@@ -158,7 +158,7 @@ ADDED_LATER = {
     "federation.bn_refit": False,
     # before it the frozen prefix computed in float32 on CPUs and autocast on GPUs; "auto"
     # is the same on CPUs without native bfloat16, and the features differ by bfloat16
-    # rounding where they have it (README, Models), too little to re-run a study over
+    # rounding where they have it (docs/results/benchmarks.md), too little to re-run a study over
     "model.prefix_precision": "auto",
     # before it a cached prefix meant no augmentation at all
     "train.cached_flips": False,
