@@ -124,7 +124,9 @@ def test_federated_overhead_runs() -> None:
     )
 
 
-def test_dp_accuracy_runs() -> None:
+def test_dp_accuracy_runs(tmp_path: Path) -> None:
+    note = tmp_path / "stopped.md"
+    note.write_text("## Fine-tune mode\n\nNot reached: stopped at round 3.\n")
     out = _synthetic(
         [
             "benchmarks/dp_accuracy.py",
@@ -133,10 +135,16 @@ def test_dp_accuracy_runs() -> None:
             "--rounds=1",
             "--epsilons=8",  # the = form: a bare list option would swallow the overrides
             "--modes=features",
+            f"--out={tmp_path / 'out'}",
+            f"--page={tmp_path / 'dp.md'}",
+            f"--append={note}",
             *SMALL,
         ]
     )
-    assert "| features | 8 |" in out.stdout
+    assert "| iid | features | 8 |" in out.stdout
+    page = (tmp_path / "dp.md").read_text()
+    assert "| iid | features | 8 |" in page and "`privacy.batchnorm=group`" in page
+    assert "Not reached: stopped at round 3." in page  # the hand-written section, kept
 
 
 def test_secure_aggregation_benchmark_runs() -> None:

@@ -65,6 +65,7 @@ def test_planned_noise_spends_the_target_over_the_planned_epochs() -> None:
         ("accountant", "moments", "privacy.accountant"),
         ("target_epsilon", "lots", "privacy.target_epsilon.*expected a number"),
         ("epsilon", 3, "privacy.epsilon.*unknown key"),
+        ("batchnorm", "batch", "privacy.batchnorm.*group.*frozen"),
     ],
 )
 def test_bad_dp_settings_name_the_key(key: str, value: object, message: str) -> None:
@@ -262,3 +263,321 @@ def test_bad_dp_setting_stops_a_simulation_before_it_starts(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match=r"privacy\.max_grad_norm"):
         run_federated([*BASE, f"runs_dir={tmp_path}", "privacy=dp_sgd", "privacy.max_grad_norm=0"])
     assert not any(tmp_path.iterdir())  # no run folder: nothing started
+
+
+# ------------------------------------------------- the noise and the accountant
+
+
+def _linear_site(
+    n: int, d: int, k: int, *, bias: bool = False
+) -> tuple[StagedModel, np.ndarray, np.ndarray]:
+    """Feature mode in miniature: cached features [n, d] into a zero linear head."""
+    stages = [("input", nn.Identity()), ("classifier", nn.Linear(d, k, bias=bias))]
+    model = set_trainable(StagedModel("linear", stages, k), 1)
+    nn.init.zeros_(model.stages[1].weight)
+    x = np.zeros((n, d), np.float32)
+    return model, x, np.zeros(n, np.int64)
+
+
+def test_the_noise_added_is_the_calibrated_multiplier_times_the_clip_norm() -> None:
+    """One full-batch step from a zero head on identical samples: every per-sample
+    gradient is the same vector, clipped to norm C, so the update is
+    -lr x (C g/|g| + N(0, sigma^2 C^2) / B). What is left after the clipped mean must
+    be Gaussian with std sigma x C / B, sigma the multiplier planned for the target."""
+    n, d, k, clip, lr = 64, 2048, 8, 0.5, 2.0
+    model, x, labels = _linear_site(n, d, k)
+    x[:] = 10.0 / np.sqrt(d)  # norm 10: the per-sample gradient (|p - y| x 10) is clipped
+    settings = tree_train_settings(
+        batch_size=n, lr=lr, optimizer="sgd", weight_decay=0.0, label_smoothing=0.0
+    )
+    dp = tree_dp_settings(target_epsilon=3.0, delta=1e-3, max_grad_norm=clip)
+    idx = np.arange(n)
+    before = model.stages[1].weight.detach().clone()
+    r = dp_local_fit(
+        model, x, labels, idx, settings, dp, PrivacyLedger(),
+        device=CPU, start=1, epochs=1, epochs_total=1, seed=0,
+    )  # fmt: skip
+    sigma = planned_noise(dp, n_train=n, batch_size=n, epochs_total=1, delta=1e-3)
+    assert r.noise_multiplier == sigma and r.steps == 1
+    step = -(model.stages[1].weight.detach() - before).double() / lr  # the privatised gradient
+    p_minus_y = torch.full((k,), 1.0 / k, dtype=torch.float64)
+    p_minus_y[0] -= 1.0
+    g = torch.outer(p_minus_y, torch.from_numpy(x[0]).double())  # every sample's gradient
+    residual = (step - clip * g / g.norm()).flatten().numpy()
+    expected = sigma * clip / n  # Opacus: (sum of clipped + N(0, sigma^2 C^2)) / B
+    m = residual.size
+    assert abs(residual.mean()) < 5 * expected / np.sqrt(m)
+    # the sample std of m Gaussian draws has relative standard error 1 / sqrt(2 m)
+    assert residual.std() == pytest.approx(expected, rel=6 / np.sqrt(2 * m))
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_the_run_long_epsilon_is_opacus_accountant_over_every_step_taken(
+    accountant: str,
+) -> None:
+    """Three rounds, each with a fresh PrivacyEngine resumed from the ledger; Opacus'
+    own accountant, stepped once per step actually taken, gives the same epsilon,
+    and it spends the planned target (Opacus' search stops within 0.01 below it)."""
+    from opacus.accountants import create_accountant
+
+    n, batch, rounds, delta, target = 64, 16, 3, 1e-3, 2.0
+    model, x, labels = _linear_site(n, 32, 3, bias=True)
+    x[:] = np.random.default_rng(0).normal(size=x.shape)
+    settings = tree_train_settings(batch_size=batch, lr=0.1, optimizer="sgd")
+    dp = tree_dp_settings(target_epsilon=target, delta=delta, accountant=accountant)
+    ledger = PrivacyLedger([], accountant)
+    for rnd in range(rounds):
+        r = dp_local_fit(
+            model, x, labels, np.arange(n), settings, dp, ledger,
+            device=CPU, start=1, epochs=1, epochs_total=rounds, seed=rnd,
+        )  # fmt: skip
+    reference = create_accountant(accountant)
+    for _ in range(rounds * steps_per_epoch(n, batch)):
+        reference.step(noise_multiplier=r.noise_multiplier, sample_rate=batch / n)
+    assert r.steps == rounds * n // batch
+    assert r.epsilon == pytest.approx(reference.get_epsilon(delta=delta), rel=1e-6)
+    assert target - 0.011 <= r.epsilon <= target * 1.001
+
+
+# ----------------------------------------------------------- plans that cannot work
+
+
+@pytest.mark.usefixtures("_no_real_data")
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        # (a clip norm <= 0: test_bad_dp_setting_stops_a_simulation_before_it_starts)
+        # no noise multiplier reaches it (Opacus' search gives up at sigma 1e6)
+        (["privacy.target_epsilon=1e-7"], r"privacy\.target_epsilon.*cannot be reached"),
+        # a fixed noise that would spend the budget before the planned rounds end
+        (
+            ["privacy.noise_multiplier=0.3", "federation.rounds=5"],
+            r"privacy\.noise_multiplier.*more than privacy\.target_epsilon=8",
+        ),
+    ],
+)
+def test_a_dp_plan_that_cannot_work_stops_a_simulation_before_it_starts(
+    tmp_path: Path, overrides: list[str], key: str
+) -> None:
+    from fedscan.simulations.federated import run_federated
+    from tests.conftest import SIM_BASE as BASE
+
+    with pytest.raises(ConfigError, match=key):
+        run_federated([*BASE, f"runs_dir={tmp_path}", "privacy=dp_sgd", *overrides])
+    assert not any(tmp_path.iterdir())  # no run folder: nothing started
+
+
+def test_a_site_refuses_an_unreachable_plan_before_its_first_step() -> None:
+    """In deployment only the site knows its size: the same check, before training."""
+    model, x, labels = _linear_site(40, 8, 2)
+    before = model.stages[1].weight.detach().clone()
+    dp = tree_dp_settings(target_epsilon=1e-7, delta=1e-3)
+    with pytest.raises(ConfigError, match=r"privacy\.target_epsilon.*40 training samples"):
+        dp_local_fit(
+            model, x, labels, np.arange(40), tree_train_settings(batch_size=8), dp,
+            PrivacyLedger(), device=CPU, start=1, epochs=1, epochs_total=2,
+        )  # fmt: skip
+    assert torch.equal(before, model.stages[1].weight)
+
+
+# ----------------------------------------------------- what the recipe adds
+
+
+def test_l2_feature_norm_is_the_classifiers_first_module_and_scale_free() -> None:
+    from fedscan.common.federated.head_init import classifier_features, linear_head
+    from fedscan.common.learn.models.staged import L2Normalize
+
+    cfg = {"name": "efficientnet_lite0", "mode": "features", "feature_norm": "l2"}
+    model = build_model(cfg, 4).eval()
+    assert isinstance(model.stages[-1][0], L2Normalize)
+    assert linear_head(model) is model.stages[-1][-1]  # Fed3R / FedNCM still find the head
+    feats = torch.rand(5, 1280) * 3
+    cut = model.frozen_until
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.forward_from(feats, cut), model.forward_from(7.5 * feats, cut)
+        )
+    # the closed-form heads are solved on what the linear layer sees: unit-norm rows
+    rows = classifier_features(model, feats.numpy(), np.arange(5), start=cut, device=CPU)
+    np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, rtol=1e-6)
+    with pytest.raises(ConfigError, match=r"model\.feature_norm"):
+        build_model({**cfg, "feature_norm": "l1"}, 4)
+
+
+@pytest.mark.usefixtures("_no_real_data")
+def test_the_exported_model_normalises_its_features(tmp_path: Path) -> None:
+    """A trained run with feature_norm=l2, exported: the package predicts what the
+    model with its normalisation does, not what it would without it."""
+    from fedscan.common.core.config import load_config
+    from fedscan.common.learn.models.staged import L2Normalize
+    from fedscan.deploy.export import export_run, load_run_model
+    from fedscan.deploy.package import ModelPackage
+    from fedscan.simulations.centralised import run_centralised
+
+    cfg = load_config(
+        [
+            "dataset=synthetic",
+            "dataset.image_size=32",
+            "model.mode=features",
+            "model.feature_norm=l2",
+            "train.epochs=1",
+            "tracking=none",
+            f"runs_dir={tmp_path}",
+        ]
+    )
+    run = run_centralised(cfg)
+    package = ModelPackage(export_run(run, fmt="torchscript"))
+    model, _ = load_run_model(run)
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32), dtype=np.uint8)
+    batch = torch.from_numpy(np.stack([package.prepare(im) for im in images]))
+    with torch.no_grad():
+        with_norm = torch.softmax(model(batch), 1).numpy()
+        model.stages[-1][0] = nn.Identity()
+        assert not any(isinstance(m, L2Normalize) for m in model.modules())
+        without = torch.softmax(model(batch), 1).numpy()
+    np.testing.assert_allclose(package.probabilities(batch.numpy()), with_norm, atol=1e-5)
+    assert np.abs(without - with_norm).max() > 1e-3
+
+
+class _BNBlock(nn.Module):
+    """conv -> BatchNorm -> ReLU, with a record of the mode BatchNorm ran in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.ReLU(inplace=True)
+        self.modes: list[bool] = []
+        self.bn.register_forward_pre_hook(self._record)
+
+    def _record(self, module: nn.Module, _: object) -> None:
+        self.modes.append(module.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+def _bn_model(frozen: bool) -> StagedModel:
+    torch.manual_seed(0)
+    stages = [
+        ("input", InputAdapter(1, [0.5], [0.5])),
+        ("block", _BNBlock()),
+        ("classifier", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))),
+    ]
+    model = set_trainable(StagedModel("bn", stages, 3), 1)
+    with torch.no_grad():  # "pretrained" statistics and affine
+        bn = model.stages[1].bn
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    model.bn_frozen = frozen
+    return make_dp_compatible(model)
+
+
+def test_frozen_batchnorm_stays_frozen_and_in_eval_mode_under_dp_sgd() -> None:
+    """The frozen-BatchNorm route: Opacus accepts it (its validators see only trainable
+    modules), the convolution and head train privately, and BatchNorm normalises with
+    its stored statistics in every step, changing nothing of its own."""
+    model = _bn_model(frozen=True)
+    bn = model.stages[1].bn
+    assert isinstance(bn, nn.BatchNorm2d) and not any(p.requires_grad for p in bn.parameters())
+    assert model.stages[1].conv.weight.requires_grad
+    state = {k: v.clone() for k, v in bn.state_dict().items()}
+    conv = model.stages[1].conv.weight.detach().clone()
+    x, labels = _site(n=48)
+    settings = tree_train_settings(batch_size=16, lr=0.05)
+    dp = tree_dp_settings(target_epsilon=5.0, delta=1e-3, max_physical_batch_size=8)
+    dp_local_fit(
+        model, x, labels, np.arange(48), settings, dp, PrivacyLedger(),
+        device=CPU, start=0, epochs=2, epochs_total=2, seed=0,
+    )  # fmt: skip
+    modes = model.stages[1].modes
+    assert modes and not any(modes)  # every private forward pass: eval mode
+    assert all(torch.equal(v, bn.state_dict()[k]) for k, v in state.items())
+    assert not torch.equal(conv, model.stages[1].conv.weight)
+    # the GroupNorm route of the same model swaps it instead
+    swapped = _bn_model(frozen=False)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in swapped.stages[1].modules())
+
+
+def test_a_batchnorm_that_would_mix_samples_is_refused() -> None:
+    from fedscan.common.learn.models.dp import check_no_batch_mixing
+
+    model = _bn_model(frozen=True)
+    check_no_batch_mixing(model.stages[1].eval())  # frozen and in eval mode: accepted
+    model.stages[1].bn.train()  # frozen parameters, but batch statistics: Opacus would pass it
+    with pytest.raises(RuntimeError, match=r"BatchNorm layers.*bn"):
+        check_no_batch_mixing(model.stages[1])
+
+
+def _dp_finetune_model(*overrides: str) -> StagedModel:
+    """EfficientNet-Lite0 with 2 trainable blocks under privacy=dp_sgd, built from the
+    config tree as the server and the sites build it."""
+    from fedscan.common.core.config import load_config
+
+    base = ["dataset=synthetic", "privacy=dp_sgd", "model.mode=finetune"]
+    cfg = load_config([*base, "model.finetune_blocks=2", *overrides], check_data=False)
+    return build_model(cfg.model, 4)
+
+
+def test_efficientnet_with_frozen_batchnorm_passes_opacus_validation() -> None:
+    """privacy.batchnorm=frozen reaches the model through the tree: BatchNorm kept,
+    its parameters fixed, Opacus' validators content; group (default) swaps it."""
+    from opacus.grad_sample import GradSampleModule
+    from opacus.validators import ModuleValidator
+
+    model = _dp_finetune_model("privacy.batchnorm=frozen")
+    assert model.bn_frozen
+    cut = model.frozen_until
+    trainable = nn.Sequential(*model.stages[cut:]).train()
+    bns = [m for m in trainable.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(bns) >= 4  # block6's and the head's BatchNorm are kept, not swapped
+    assert not any(p.requires_grad for m in bns for p in m.parameters())
+    assert ModuleValidator.validate(trainable, strict=False) == []
+    assert GradSampleModule.validate(trainable, strict=False) == []
+    assert any(p.requires_grad for p in trainable.parameters())  # the convolutions train
+    group = _dp_finetune_model()
+    assert not group.bn_frozen
+    assert _batchnorm_count(nn.Sequential(*group.stages[group.frozen_until :])) == 0
+
+
+def test_bad_batchnorm_routes_are_config_errors_naming_privacy_batchnorm() -> None:
+    with pytest.raises(ConfigError, match=r"privacy\.batchnorm.*group.*frozen.*got 'eval'"):
+        _dp_finetune_model("privacy.batchnorm=eval")
+    with pytest.raises(ConfigError, match=r"privacy\.batchnorm.*pretrained"):
+        build_model({"name": "paper_cnn", "dp_compatible": True, "dp_batchnorm": "frozen"}, 4)
+    # the removed non-private knob stays refused, with its reason
+    from fedscan.common.core.config import load_config
+
+    with pytest.raises(ConfigError, match=r"model\.freeze_bn.*removed"):
+        load_config(["dataset=synthetic", "privacy=dp_sgd", "model.freeze_bn=true"])
+
+
+def test_a_dp_checkpoint_records_the_batchnorm_route_resolved(tmp_path: Path) -> None:
+    """model.dp_batchnorm is an interpolation of privacy.batchnorm: model.pt holds its
+    value, so an export rebuilds the same architecture without the privacy group."""
+    from fedscan.common.core.config import load_config
+    from fedscan.common.runs.record import write_model
+
+    cfg = load_config(
+        ["dataset=synthetic", "privacy=dp_sgd", "privacy.batchnorm=frozen"], check_data=False
+    )
+    path = write_model(tmp_path, nn.Linear(2, 2), cfg)
+    saved = torch.load(path, weights_only=False)["model"]
+    assert saved["dp_batchnorm"] == "frozen" and saved["dp_compatible"] is True
+
+
+def test_recipe_dp_is_private_and_the_command_line_still_wins() -> None:
+    from fedscan.common.core.config import load_config
+
+    cfg = load_config(["dataset=synthetic", "recipe=dp"])
+    assert cfg.privacy.name == "dp_sgd" and cfg.model.dp_compatible
+    assert (cfg.model.mode, cfg.model.feature_norm) == ("features", "l2")
+    assert dp_settings(cfg.privacy) is not None  # a complete, valid privacy section
+    # the recipe overrides the tree; the command line overrides the recipe
+    assert load_config(["dataset=synthetic", "recipe=dp", "train.lr=0.123"]).train.lr == 0.123
+    assert cfg.recipe == "dp" and cfg.privacy.batchnorm == "group"
+    twin = load_config(["dataset=synthetic", "recipe=dp", "privacy=off"])
+    assert twin.privacy.name == "off" and dp_settings(twin.privacy) is None
+    assert (twin.model.feature_norm, twin.train.lr) == ("l2", cfg.train.lr)  # the same model

@@ -300,3 +300,30 @@ def test_old_run_folders_with_removed_keys_still_read_and_compare(tmp_path: Path
     table = {r["method"]: r for r in aggregate(rows)}
     assert sorted(table) == ["pooled [model.freeze_bn=-]", "pooled [model.freeze_bn=True]"]
     assert table["pooled [model.freeze_bn=-]"]["seeds"] == 2
+
+
+def test_a_dp_sgd_folder_from_before_privacy_batchnorm_reads_as_the_groupnorm_route(
+    tmp_path: Path,
+) -> None:
+    """privacy.batchnorm (and the model's copy) are added only to folders that chose
+    privacy=dp_sgd, at the route DP-SGD had before the key (GroupNorm); a non-private
+    folder gains no privacy key (privacy=central would refuse an unknown one)."""
+    private = _cfg(tmp_path, "privacy=dp_sgd", "run_name=dp")
+    plain = _cfg(tmp_path, "run_name=plain")
+    dirs = []
+    for cfg in (private, plain):
+        run_dir = new_run_dir(cfg, "pooled")
+        write_config(run_dir, cfg)
+        saved = OmegaConf.load(run_dir / "config.yaml")
+        saved.privacy.pop("batchnorm", None)
+        saved.model.pop("dp_batchnorm", None)
+        OmegaConf.save(saved, run_dir / "config.yaml")
+        final = {"val": split_metrics(0.5), "test_grouped": split_metrics(0.8)}
+        write_centralised(
+            run_dir, kind="pooled", label="L", synthetic=True, dataset="synthetic",
+            history=[], final=final,
+        )  # fmt: skip
+        dirs.append(run_dir)
+    old_dp, old_plain = (read_run(d).cfg for d in dirs)
+    assert old_dp.privacy.batchnorm == "group" and old_dp.model.dp_batchnorm == "group"
+    assert "batchnorm" not in old_plain.privacy and "dp_batchnorm" not in old_plain.model

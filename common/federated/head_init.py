@@ -34,20 +34,21 @@ from torch import nn
 from fedscan.common.core.errors import ConfigError, DataError
 from fedscan.common.core.options import HEAD_INITS
 from fedscan.common.data.transforms import to_float
-from fedscan.common.learn.models.staged import StagedModel
+from fedscan.common.learn.models.staged import L2Normalize, StagedModel
 from fedscan.common.learn.training import autocast
 
 STAT_KEYS = {"fed3r": ("gram", "cross"), "fedncm": ("class_sums", "class_counts")}
 
 
 def linear_head(model: StagedModel, *, key: str = "federation.head_init") -> nn.Linear:
-    """The model's final ``nn.Linear`` (the classifier stage, after dropout / identity);
-    a model without one is refused naming ``key``, the setting that needs it."""
+    """The model's final ``nn.Linear`` (the classifier stage, after dropout / identity /
+    ``model.feature_norm``'s normalisation); a model without one is refused naming
+    ``key``, the setting that needs it."""
     stage = model.stages[-1]
     modules = list(stage) if isinstance(stage, nn.Sequential) else [stage]
     head, rest = modules[-1], modules[:-1]
     if not isinstance(head, nn.Linear) or not all(
-        isinstance(m, nn.Dropout | nn.Identity) for m in rest
+        isinstance(m, nn.Dropout | nn.Identity | L2Normalize) for m in rest
     ):
         raise ConfigError(
             key,
@@ -67,20 +68,27 @@ def classifier_features(
     device: torch.device,
     batch_size: int = 128,
 ) -> np.ndarray:
-    """float64 inputs of the classifier for ``x[indices]`` (``x`` feeds ``stages[start]``).
+    """float64 inputs of the final linear layer for ``x[indices]`` (``x`` feeds
+    ``stages[start]``).
 
-    Runs ``stages[start:-1]`` of the current model in eval mode; in feature mode
-    (``start`` = the classifier) the cached rows are the features themselves.
+    Runs ``stages[start:-1]`` of the current model in eval mode, then what precedes
+    the linear layer in the classifier stage (dropout: nothing in eval mode; the
+    normalisation of ``model.feature_norm=l2``), so a solved head sees what the model
+    feeds it; in feature mode (``start`` = the classifier) the cached rows are the
+    features before that.
     """
     model.eval()
     model.to(device)
     stop = len(model.stages) - 1
-    out = [np.zeros((0, linear_head(model).in_features))]
+    head = linear_head(model)
+    last = model.stages[-1]
+    before_head = list(last)[:-1] if isinstance(last, nn.Sequential) else []
+    out = [np.zeros((0, head.in_features))]
     for s in range(0, len(indices), batch_size):
         xb = torch.from_numpy(np.ascontiguousarray(x[np.asarray(indices[s : s + batch_size])]))
         xb = (to_float(xb) if xb.dtype == torch.uint8 else xb.float()).to(device)
         with autocast(device):
-            for stage in model.stages[start:stop]:
+            for stage in [*model.stages[start:stop], *before_head]:
                 xb = stage(xb)
         out.append(xb.float().flatten(1).cpu().numpy().astype(np.float64))
     return np.concatenate(out)

@@ -15,8 +15,10 @@ Three concerns, kept apart (the Opacus habit):
 Only the trainable stages are made private: the frozen pretrained trunk never
 sees a gradient, so it leaks nothing about the site's data and keeps its
 BatchNorm (its cached features stay valid). BatchNorm inside trainable stages
-is replaced by GroupNorm (``ModuleValidator.fix``) at model construction, on
-the server and at every site alike, so the exchanged parameters match.
+is replaced by GroupNorm (``ModuleValidator.fix``) at model construction, or,
+with ``privacy.batchnorm=frozen``, kept frozen in inference mode (why that is
+private: ``common/learn/models/dp.py``), on the server and at every site alike,
+so the exchanged parameters match.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from fedscan.common.core.errors import ConfigError
 from fedscan.common.core.settings import from_section
 from fedscan.common.data.transforms import to_float
 from fedscan.common.federated.wire import NUM_EXAMPLES
+from fedscan.common.learn.models.dp import DP_BATCHNORMS, check_no_batch_mixing
 from fedscan.common.learn.models.staged import StagedModel
 from fedscan.common.learn.settings import TrainSettings
 from fedscan.common.learn.training import loss_function, make_optimizer, place_model
@@ -66,6 +69,7 @@ class DPSGDSettings:
     max_grad_norm: float
     accountant: str
     max_physical_batch_size: int
+    batchnorm: str  # group | frozen: the trainable stages' BatchNorm (models/dp.py)
 
     def __post_init__(self) -> None:
         if self.target_epsilon is None and self.noise_multiplier is None:
@@ -90,6 +94,10 @@ class DPSGDSettings:
             raise ConfigError(
                 "privacy.max_physical_batch_size",
                 f"must be >= 1, got {self.max_physical_batch_size}",
+            )
+        if self.batchnorm not in DP_BATCHNORMS:
+            raise ConfigError(
+                "privacy.batchnorm", f"use one of {DP_BATCHNORMS}, got '{self.batchnorm}'"
             )
 
     def site_delta(self, n_train: int) -> float:
@@ -197,11 +205,42 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
 def planned_noise(
     dp: DPSGDSettings, *, n_train: int, batch_size: int, epochs_total: int, delta: float
 ) -> float:
-    """The noise multiplier that spends exactly the target over the planned epochs."""
-    if dp.noise_multiplier is not None:
-        return dp.noise_multiplier
+    """The noise multiplier that spends exactly the target over the planned epochs.
+
+    A plan that cannot work is a :class:`ConfigError` naming the key, raised before
+    any step: a target epsilon no noise multiplier reaches in the planned steps
+    (``privacy.target_epsilon``), or a fixed ``privacy.noise_multiplier`` that
+    would spend more than the target before the planned epochs end (the sites
+    would refuse to train part-way through the run).
+    """
     steps = steps_per_epoch(n_train, batch_size)
-    return _noise_for(dp.target_epsilon, delta, 1.0 / steps, steps * epochs_total, dp.accountant)
+    rate, total = 1.0 / steps, steps * epochs_total
+    plan = (
+        f"{total} steps at sample rate {rate:.4g} (federation.rounds x local_epochs = "
+        f"{epochs_total} epochs of {steps} step(s), train.batch_size={batch_size}, "
+        f"{n_train} training samples), delta {delta:.3g}"
+    )
+    if dp.noise_multiplier is not None:
+        if dp.target_epsilon is not None:
+            spent = PrivacyLedger([(dp.noise_multiplier, rate, total)], dp.accountant)
+            eps = spent.epsilon(delta)
+            if eps > dp.target_epsilon * 1.001:
+                raise ConfigError(
+                    "privacy.noise_multiplier",
+                    f"{dp.noise_multiplier:g} spends epsilon {eps:.3g} in the planned {plan}, "
+                    f"more than privacy.target_epsilon={dp.target_epsilon:g}; raise the noise, "
+                    "plan fewer steps, or set privacy.target_epsilon=null to report epsilon only",
+                )
+        return dp.noise_multiplier
+    try:
+        return _noise_for(dp.target_epsilon, delta, rate, total, dp.accountant)
+    except (ValueError, ArithmeticError) as exc:  # Opacus' search gave up
+        raise ConfigError(
+            "privacy.target_epsilon",
+            f"epsilon {dp.target_epsilon:g} cannot be reached in the planned {plan}: "
+            f"Opacus' {dp.accountant} accountant found no noise multiplier ({exc}); "
+            "raise the target or plan fewer steps",
+        ) from exc
 
 
 @lru_cache(maxsize=256)
@@ -235,11 +274,24 @@ class _Rows(Dataset):
 
 
 class _Trainable(nn.Module):
-    """The stages Opacus wraps: from the first trainable stage to the classifier."""
+    """The stages Opacus wraps: from the first trainable stage to the classifier.
+
+    Its ``train()`` follows :meth:`StagedModel.train`: with ``bn_frozen`` every
+    BatchNorm stays in eval mode, whoever switches the wrapper to training.
+    """
 
     def __init__(self, model: StagedModel) -> None:
         super().__init__()
         self.stages = nn.ModuleList(model.stages[model.frozen_until :])
+        self.bn_frozen = model.bn_frozen
+
+    def train(self, mode: bool = True) -> _Trainable:
+        super().train(mode)
+        if self.bn_frozen:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for stage in self.stages:
@@ -303,9 +355,10 @@ def dp_local_fit(
     """A site's local epochs under DP-SGD; ``ledger`` is extended in place.
 
     Raises :class:`BudgetExhausted` *before* training when these epochs would
-    take the site past ``dp.target_epsilon``. FedProx's proximal pull is applied
-    as a separate step after each private update (it does not touch the data,
-    so it costs no privacy); Opacus' per-sample clipping never sees it.
+    take the site past ``dp.target_epsilon``, and :class:`ConfigError` when the
+    plan cannot work at all (:func:`planned_noise`). FedProx's proximal pull is
+    applied as a separate step after each private update (it does not touch the
+    data, so it costs no privacy); Opacus' per-sample clipping never sees it.
     """
     from opacus import PrivacyEngine
 
@@ -336,6 +389,8 @@ def dp_local_fit(
         poisson_sampling=True,
         noise_generator=torch.Generator(device=device).manual_seed(seed + 1),
     )
+    private.train()
+    check_no_batch_mixing(private)
     total, correct, loss_sum = _private_epochs(
         private,
         optimizer,

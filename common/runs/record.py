@@ -125,7 +125,9 @@ def write_centralised(
 def write_model(run_dir: Path, model: torch.nn.Module, cfg: DictConfig, **meta: Any) -> Path:
     """``model.pt``: the trained weights with what rebuilding the model needs."""
     path = run_dir / "model.pt"
-    state = {"state_dict": model.state_dict(), "model": OmegaConf.to_container(cfg.model)}
+    # resolved: model.dp_batchnorm is an interpolation of privacy.batchnorm
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    state = {"state_dict": model.state_dict(), "model": model_cfg}
     torch.save({**state, **meta}, path)
     return path
 
@@ -160,6 +162,16 @@ ADDED_LATER = {
     "model.prefix_precision": "auto",
     # before it a cached prefix meant no augmentation at all
     "train.cached_flips": False,
+    # before it the classifier read the features as they came
+    "model.feature_norm": "none",
+}
+
+# Keys one choice of a group added later (``key: (choice key, choice, value)``): added,
+# like ADDED_LATER's, only to a run folder that made that choice. Before
+# privacy.batchnorm, DP-SGD always swapped BatchNorm for GroupNorm.
+ADDED_LATER_IN = {
+    "privacy.batchnorm": ("privacy.name", "dp_sgd", "group"),
+    "model.dp_batchnorm": ("privacy.name", "dp_sgd", "group"),
 }
 
 # In a federated checkpoint: the head refit after the last round (federation.head_refit)
@@ -302,7 +314,7 @@ class FederatedRun:
             "best_score": self.best_score,
             "best": self.best,
             "classes": self.classes,
-            "model": OmegaConf.to_container(self.cfg.model),
+            "model": OmegaConf.to_container(self.cfg.model, resolve=True),
         }
         save_atomic(state, self.dir / "last.pt")
         if best:
@@ -666,6 +678,10 @@ def read_run(run_dir: Path | str) -> RunRecord:
     cfg = OmegaConf.load(cpath)
     for key, value in ADDED_LATER.items():
         if OmegaConf.select(cfg, key, default=None) is None and key.split(".")[0] in cfg:
+            OmegaConf.update(cfg, key, value, force_add=True)
+    for key, (choice_key, choice, value) in ADDED_LATER_IN.items():
+        chosen = OmegaConf.select(cfg, choice_key, default=None) == choice
+        if chosen and OmegaConf.select(cfg, key, default=None) is None:
             OmegaConf.update(cfg, key, value, force_add=True)
     drop_removed(cfg)
     return RunRecord(dir=run_dir, kind=doc["kind"], cfg=cfg, doc=doc)

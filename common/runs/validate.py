@@ -27,6 +27,7 @@ from fedscan.common.federated.privacy import (
     DPSGDSettings,
     central_dp_settings,
     dp_settings,
+    planned_noise,
 )
 from fedscan.common.federated.secure import (
     SecureAggregationSettings,
@@ -167,8 +168,9 @@ def check_sampling(fed: FederationSettings) -> None:
 def check_sites(cfg: DictConfig) -> None:
     """Partition the data as the simulated sites will: a partition that cannot give
     every site its minimum, or a site too small to hold out its own validation split,
-    fails here with the site named. The decode cache this builds is the one the
-    sites then read."""
+    fails here with the site named; so does a DP-SGD plan that cannot reach its
+    epsilon at a site's size (:func:`planned_noise`). The decode cache this builds
+    is the one the sites then read."""
     data = prepare_data(cfg)
     keys = [k for k in ("head_init", "head_refit") if str(cfg.federation.get(k, "none")) != "none"]
     if bool(cfg.federation.get("head_freeze", False)):
@@ -181,5 +183,14 @@ def check_sites(cfg: DictConfig) -> None:
         if bn:  # ... and a BatchNorm statistics round, BatchNorm in the trained stages
             check_bn_refit(model, model.frozen_until)
     n = int(cfg.federation.num_sites)
+    dp = dp_settings(cfg.privacy)
     for pid in range(n):
-        site_indices(cfg, data, partition_id=pid, num_partitions=n)
+        train, _ = site_indices(cfg, data, partition_id=pid, num_partitions=n)
+        if dp is not None:  # each site's DP-SGD plan: its noise, or the key that breaks it
+            planned_noise(
+                dp,
+                n_train=len(train),
+                batch_size=int(cfg.train.batch_size),
+                epochs_total=federation_settings(cfg).epoch_budget,
+                delta=dp.site_delta(len(train)),
+            )

@@ -12,10 +12,12 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from fedscan.common.core.errors import ConfigError
 
 MODES = ("scratch", "features", "finetune")
+FEATURE_NORMS = ("none", "l2")
 
 
 class InputAdapter(nn.Module):
@@ -31,6 +33,22 @@ class InputAdapter(nn.Module):
         if x.shape[1] != self.channels:
             x = x.expand(-1, self.channels, -1, -1)
         return (x - self.mean) / self.std
+
+
+class L2Normalize(nn.Module):
+    """Each sample's features scaled to unit Euclidean norm (``model.feature_norm=l2``).
+
+    DP-SGD clips every per-sample gradient to ``privacy.max_grad_norm``; for a linear
+    head that gradient is (softmax - one-hot) x features, so with unit-norm features
+    its norm is at most 2 for every image and clipping no longer throws away the
+    signal of the bright or large-activation images. It is the classifier stage's
+    first module, not part of the cached prefix: the exported model normalises the
+    same way, and the feature cache stays shared with un-normalised runs. Parameter-
+    free, and per sample, so Opacus needs nothing of it.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x.flatten(1), dim=1).view_as(x)
 
 
 class StagedModel(nn.Module):
@@ -107,6 +125,15 @@ def set_trainable(model: StagedModel, cut: int) -> StagedModel:
         for p in stage.parameters():
             p.requires_grad_(i >= cut)
     return model.train(model.training)
+
+
+def normalise_classifier_input(model: StagedModel) -> StagedModel:
+    """Put :class:`L2Normalize` first in the classifier stage (``model.feature_norm=l2``)."""
+    stage = model.stages[-1]
+    modules = list(stage) if isinstance(stage, nn.Sequential) else [stage]
+    if not any(isinstance(m, L2Normalize) for m in modules):
+        model.stages[-1] = nn.Sequential(L2Normalize(), *modules)
+    return model
 
 
 def batchnorm_to_groupnorm(module: nn.Module, max_groups: int = 32) -> nn.Module:
