@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from fedscan.common.core.config import ALIASES
+from fedscan.common.core.config import ALIASES, flat_keys
 from fedscan.common.core.errors import DataError
 from fedscan.common.runs import cross_site
 from fedscan.common.runs.plots import plot_confusion, plot_site_histogram
@@ -67,20 +67,11 @@ NOT_COMPARED = (
 )
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
 def compared_config(cfg: Any) -> dict[str, str]:
     """The config as flat ``key -> value`` text, minus :data:`NOT_COMPARED` and the
     ``federation.*`` aliases of top-level keys (a difference is named once, at its key)."""
     tree = OmegaConf.to_container(cfg, resolve=True) if cfg is not None else {}
-    flat = _flat(tree)
+    flat = flat_keys(tree)
     if flat:
         for k, v in ADDED_LATER.items():
             flat.setdefault(k, v)

@@ -235,3 +235,14 @@ def overrides_from_run_config(run_config: dict) -> list[str]:
             out.append(f"{target}='{value}'" if quoted else f"{target}={value}")
     out += str(run_config.get("overrides", "") or "").split()
     return out
+
+
+def flat_keys(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config (plain dicts) as dotted keys, ``{"train.lr": 0.001, ...}``: the
+    form overrides, recipes and report columns name settings in."""
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(flat_keys(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}

@@ -13,18 +13,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from fedscan.common.core.config import config_dir
+from fedscan.common.core.config import config_dir, flat_keys
 
 log = logging.getLogger("fedscan.recipe")
-
-
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
 
 
 def recipe_settings(name: str) -> dict[str, Any]:
@@ -37,7 +28,7 @@ def recipe_settings(name: str) -> dict[str, Any]:
         for key, option in entry.items() if isinstance(entry, dict) else []:
             group = key.removeprefix("override").strip().lstrip("/")
             out[group] = option
-    out.update({k: v for k, v in _flat(doc).items() if k not in ("defaults", "recipe")})
+    out.update({k: v for k, v in flat_keys(doc).items() if k not in ("defaults", "recipe")})
     return out
 
 
