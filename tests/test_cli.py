@@ -48,7 +48,6 @@ def test_train_on_synthetic_default_writes_a_labelled_run(tmp_path: Path, monkey
     assert "ci" not in m["final"]["val"]
 
 
-@pytest.mark.slow
 def test_feature_cache_path_trains(tmp_path: Path, monkeypatch):
     monkeypatch.delenv("FEDSCAN_DATA", raising=False)
     code = main(

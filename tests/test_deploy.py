@@ -259,7 +259,6 @@ def test_package_pixels_are_the_image_cache_pixels(
         np.testing.assert_array_equal(with_bytes, trained_on, err_msg=path.name)
 
 
-@pytest.mark.slow
 def test_metrics_json_is_the_exported_packages_score(
     trained_run: Path, packages: dict[str, Path]
 ) -> None:
@@ -268,7 +267,6 @@ def test_metrics_json_is_the_exported_packages_score(
     assert_package_scores_as_recorded(trained_run, packages["onnx"])
 
 
-@pytest.mark.slow
 @pytest.mark.realdata
 def test_export_then_evaluate_equals_metrics_json_on_real_brain(
     brain_subset: Path, tmp_path: Path

@@ -42,7 +42,6 @@ def test_set_exchanged_refuses_bad_updates():
         set_exchanged(m, {**good, "stages.99.weight": torch.zeros(1)}, keys)
 
 
-@pytest.mark.slow
 def test_proximal_term_pulls_local_model_towards_global():
     import numpy as np
 

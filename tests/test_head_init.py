@@ -381,7 +381,6 @@ def test_a_head_setting_needs_a_linear_head_and_says_which_key(key: str, fix: st
     assert err.value.key == key and f"use {key}{fix}" in str(err.value)
 
 
-@pytest.mark.slow
 @pytest.mark.usefixtures("_no_real_data")
 def test_pooled_and_local_runs_refit_their_trained_head(tmp_path: Path) -> None:
     """``method=pooled`` / ``local`` with ``federation.head_refit``: the trained model's

@@ -104,7 +104,6 @@ def _site(n: int = 96, size: int = 16, seed: int = 0) -> tuple[np.ndarray, np.nd
     return x, labels
 
 
-@pytest.mark.slow
 def test_batchnorm_cnn_trains_under_dp_and_rounds_accumulate() -> None:
     model = build_model({"name": "paper_cnn", "mode": "scratch", "dp_compatible": True}, 3)
     assert _batchnorm_count(model) == 0
