@@ -134,6 +134,7 @@ def plot_site_histogram(
     ax.set_xlabel("site")
     ax.set_ylabel("training samples")
     ax.set_title(title, fontsize=9)
+    ax.set_ylim(0, max(float(bottom.max()), 1.0) * 1.05)  # the tallest bar's top in view
     # beside the bars: inside the axes it covered the tallest one
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="class")
     return _save(fig, path)
