@@ -1,7 +1,7 @@
 """Run the simulated sites in this process, one after another, instead of in Ray actors.
 
 Why: on a 2-core CPU the default simulation runs one site at a time anyway (a site
-gets every core), so Ray buys nothing but its cost: ~17 s to start Ray and an actor
+gets every core), so Ray buys nothing but its cost: 7-17 s to start Ray and an actor
 that imports torch and fedscan again, every run. A feature-mode federation trains a
 linear head in well under a second per round, so that start-up was most of a
 study's 80-odd federated runs (docs/results/study.md).
