@@ -136,10 +136,15 @@ class _Site:
         """A statistics round (``federation.head_init``, ``bn_refit``, ``head_refit``):
         sums only."""
         trainer = self.trainer(context)
-        kind = str(msg.content[CONFIG][HEAD_INIT])
+        config = msg.content[CONFIG]
+        state = _load_state(context)
         stats = trainer.statistics(
-            msg.content[ARRAYS].to_torch_state_dict(), kind=kind, state=_load_state(context)
+            msg.content[ARRAYS].to_torch_state_dict(),
+            kind=str(config[HEAD_INIT]),
+            state=state,
+            run_key=str(config.get(RUN_KEY, "")),
         )
+        _save_state(context, state)  # a DP site's ledger holds the centring query
         metrics = {NUM_EXAMPLES: len(trainer.site.train), SITE_ID: trainer.site_id}
         content = RecordDict(
             {

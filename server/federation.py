@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 from fedscan.common.core.errors import ConfigError
 from fedscan.common.data.splits import groups_are_scans
 from fedscan.common.federated.bn_stats import BN_KIND, check_bn_refit
+from fedscan.common.federated.centre import CENTRE_KIND, centre_module
 from fedscan.common.federated.exchange import get_exchanged, set_exchanged
 from fedscan.common.federated.head_init import linear_head
 from fedscan.common.federated.refit import describe, install_round, refit
@@ -97,6 +98,8 @@ class Federation:
             "frozen-trunk features); round %d is slower than the rest",
             first,
         )
+        if self.done == 0 and not fed.resume and centre_module(self.model) is not None:
+            self._centre()  # before the head: a head_init is solved on the centred features
         if first == 0:
             self._initial_head()
         arrays = get_exchanged(self.model.cpu(), self.keys)
@@ -110,6 +113,15 @@ class Federation:
         if fed.refits and not self.refitted:  # also a run stopped before its refit
             self._refit(arrays)
         self.record.finish()
+
+    def _centre(self) -> None:
+        """``model.feature_norm=centred``: the sites' mean unit feature, one statistics
+        round before round 1 (noised at each site under DP-SGD, ``centre.py``)."""
+        sites: dict[str, list[dict]] = {}
+        install_round(self.model, CENTRE_KIND, partial(self._statistics, sites), self.fed)
+        norm = centre_module(self.model)
+        assert norm is not None
+        log.info("feature centre: norm %.3f, the sites' mean unit feature", norm.centre.norm())
 
     def _initial_head(self) -> None:
         """``federation.head_init``: the one-shot head from the sites' sums, round 0.

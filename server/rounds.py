@@ -105,7 +105,10 @@ class MessageRounds:
         messages = [
             Message(
                 content=RecordDict(
-                    {ARRAYS: ArrayRecord(arrays), CONFIG: ConfigRecord({HEAD_INIT: kind})}
+                    {
+                        ARRAYS: ArrayRecord(arrays),
+                        CONFIG: ConfigRecord({HEAD_INIT: kind, RUN_KEY: self.run_key}),
+                    }
                 ),
                 dst_node_id=node,
                 message_type=MessageType.QUERY,

@@ -169,9 +169,15 @@ class SecureSums(LegacyFedAvg):
     stay well below the ridge ``lambda`` or it stops being positive definite."""
 
     def __init__(
-        self, *, names: list[str], kind: str, settings: SecureAggregationSettings, min_nodes: int
+        self,
+        *,
+        names: list[str],
+        kind: str,
+        settings: SecureAggregationSettings,
+        min_nodes: int,
+        run_key: str = "",
     ) -> None:
-        self.names = names
+        self.names, self.run_key = names, run_key
         super().__init__(
             fraction_fit=1.0,
             fraction_evaluate=0.0,
@@ -187,6 +193,7 @@ class SecureSums(LegacyFedAvg):
         pairs = super().configure_fit(server_round, parameters, client_manager)
         extra = {
             HEAD_INIT: self.kind,
+            RUN_KEY: self.run_key,  # a DP site accounts the centring query in its ledger
             PARAMETER_NAMES: json.dumps(self.names),
             STATISTICS_SCALE: self.scale,
             CLIPPING_RANGE: self.clipping_range,
@@ -329,11 +336,15 @@ class SecureRounds:
         return self.evaluation.evaluate(rnd, arrays)
 
     def sum_statistics(self, kind: str, arrays: Arrays) -> tuple[dict | None, list[dict]]:
-        """The summed ``kind`` statistics (fed3r | fedncm | bn) from one SecAgg+ round, at
+        """The summed ``kind`` statistics (centre | fed3r | fedncm | bn) from one SecAgg+ round, at
         the statistics round's finer quantisation; the server never holds one site's
         sums."""
         sums = SecureSums(
-            names=self.keys, kind=kind, settings=self.settings, min_nodes=self.fed.min_nodes
+            names=self.keys,
+            kind=kind,
+            settings=self.settings,
+            min_nodes=self.fed.min_nodes,
+            run_key=self.mean.run_key,
         )
         fine = dataclasses.replace(
             self.settings,

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedscan.common.data.splits import groups_are_scans
 from fedscan.common.federated.head_init import linear_head
-from fedscan.common.federated.refit import install_round, local_statistics, refit
+from fedscan.common.federated.refit import initial_kinds, install_round, local_statistics, refit
 from fedscan.common.federated.site import site_indices
 from fedscan.common.federated.site_names import site_label
 from fedscan.common.federated.trainer import site_seed
@@ -59,7 +59,7 @@ def run_local(cfg: DictConfig) -> Path:
     t0 = time.perf_counter()
     checked = validate(cfg, "local")
     fed = checked.federation
-    budget, head = fed.epoch_budget, fed.head_init
+    budget = fed.epoch_budget
     settings = dataclasses.replace(checked.train, epochs=max(budget, 1))
     n_sites = fed.num_sites
     run = prepare_run(cfg)
@@ -104,8 +104,8 @@ def run_local(cfg: DictConfig) -> Path:
                 seed=site_seed(settings.seed, 0, pid),
             )
 
-        if head != "none":
-            install_round(model, head, own_sums, fed)
+        for stat in initial_kinds(model, fed):  # the centre, then the head
+            install_round(model, stat, own_sums, fed)
         if fed.head_freeze:  # as at a federated site: the head stays as it starts
             linear_head(model).requires_grad_(False)
         train = Batches(

@@ -12,7 +12,13 @@ from omegaconf import DictConfig
 from fedscan.common.data.splits import groups_are_scans
 from fedscan.common.data.transforms import Augment
 from fedscan.common.federated.head_init import linear_head
-from fedscan.common.federated.refit import describe, install_round, local_statistics, refit
+from fedscan.common.federated.refit import (
+    describe,
+    initial_kinds,
+    install_round,
+    local_statistics,
+    refit,
+)
 from fedscan.common.learn.features import mirrored_features
 from fedscan.common.learn.prepare import prepare_run
 from fedscan.common.learn.shipped import shipped_inputs
@@ -57,8 +63,9 @@ def run_centralised(cfg: DictConfig, *, kind: str = "centralised", train: bool =
             seed=settings.seed,
         )
 
+    for stat in initial_kinds(model, fed):  # the centre, then the head
+        install_round(model, stat, pooled_sums, fed)
     if head != "none":
-        install_round(model, head, pooled_sums, fed)
         log.info("classifier: the closed-form %s head of %d training images", head, len(s.train))
     if fed.head_freeze:  # the solved head, or with head_init=none the initial one (FedBABU)
         linear_head(model).requires_grad_(False)

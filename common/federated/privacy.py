@@ -70,6 +70,7 @@ class DPSGDSettings:
     accountant: str
     max_physical_batch_size: int
     batchnorm: str  # group | frozen: the trainable stages' BatchNorm (models/dp.py)
+    average_tail: float  # the share of a round's last private steps whose weights are averaged
 
     def __post_init__(self) -> None:
         if self.target_epsilon is None and self.noise_multiplier is None:
@@ -95,6 +96,8 @@ class DPSGDSettings:
                 "privacy.max_physical_batch_size",
                 f"must be >= 1, got {self.max_physical_batch_size}",
             )
+        if not 0.0 <= self.average_tail < 1.0:
+            raise ConfigError("privacy.average_tail", f"must be in [0, 1), got {self.average_tail}")
         if self.batchnorm not in DP_BATCHNORMS:
             raise ConfigError(
                 "privacy.batchnorm", f"use one of {DP_BATCHNORMS}, got '{self.batchnorm}'"
@@ -202,10 +205,36 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
     return max(1, math.ceil(n_train / batch_size))
 
 
+# The centring query of model.feature_norm=centred (common/federated/centre.py) costs
+# what this share of the planned training steps would cost at sample rate 1.
+CENTRE_SHARE = 0.1
+
+
+def centre_noise(noise: float, total_steps: int) -> float:
+    """The centring sum's noise multiplier: ``noise / sqrt(m)`` for ``m`` = CENTRE_SHARE x
+    the planned steps. At sample rate 1 one Gaussian query at ``sigma / sqrt(m)`` composes
+    exactly like ``m`` steps at ``sigma`` (the Gaussian mechanism's composition); the
+    ledger records the query as what it is, one step at rate 1 with this multiplier."""
+    return noise / math.sqrt(max(1, round(CENTRE_SHARE * total_steps)))
+
+
+def _history(noise: float, rate: float, steps: int, centred: bool) -> list:
+    """The run's planned accountant history: the centring query first, then training."""
+    centre = [(centre_noise(noise, steps), 1.0, 1)] if centred else []
+    return [*centre, (noise, rate, steps)]
+
+
 def planned_noise(
-    dp: DPSGDSettings, *, n_train: int, batch_size: int, epochs_total: int, delta: float
+    dp: DPSGDSettings,
+    *,
+    n_train: int,
+    batch_size: int,
+    epochs_total: int,
+    delta: float,
+    centred: bool = False,
 ) -> float:
-    """The noise multiplier that spends exactly the target over the planned epochs.
+    """The noise multiplier that spends exactly the target over the planned epochs
+    (``centred``: and the centring query before them, :func:`centre_noise`).
 
     A plan that cannot work is a :class:`ConfigError` naming the key, raised before
     any step: a target epsilon no noise multiplier reaches in the planned steps
@@ -222,7 +251,8 @@ def planned_noise(
     )
     if dp.noise_multiplier is not None:
         if dp.target_epsilon is not None:
-            spent = PrivacyLedger([(dp.noise_multiplier, rate, total)], dp.accountant)
+            history = _history(dp.noise_multiplier, rate, total, centred)
+            spent = PrivacyLedger(history, dp.accountant)
             eps = spent.epsilon(delta)
             if eps > dp.target_epsilon * 1.001:
                 raise ConfigError(
@@ -233,6 +263,8 @@ def planned_noise(
                 )
         return dp.noise_multiplier
     try:
+        if centred:
+            return _noise_with_centre(dp.target_epsilon, delta, rate, total, dp.accountant)
         return _noise_for(dp.target_epsilon, delta, rate, total, dp.accountant)
     except (ValueError, ArithmeticError) as exc:  # Opacus' search gave up
         raise ConfigError(
@@ -258,6 +290,53 @@ def _noise_for(epsilon: float, delta: float, rate: float, steps: int, accountant
             accountant=accountant,
         )
     )
+
+
+@lru_cache(maxsize=64)
+def _noise_with_centre(
+    epsilon: float, delta: float, rate: float, steps: int, accountant: str
+) -> float:
+    """:func:`_noise_for` with the centring query first: Opacus' accountant over the
+    whole planned history, its root in the noise multiplier found by scipy's ``brentq``
+    (Opacus' own search takes one sample rate only). The training alone needs less
+    noise, so Opacus' answer for it brackets the root from below."""
+    from scipy.optimize import brentq
+
+    def excess(noise: float) -> float:
+        return (
+            PrivacyLedger(_history(noise, rate, steps, True), accountant).epsilon(delta) - epsilon
+        )
+
+    low = _noise_for(epsilon, delta, rate, steps, accountant)
+    high = low * 1.25
+    while excess(high) > 0:
+        if high > 1e6:
+            raise ArithmeticError(f"no noise multiplier up to {high:.3g} reaches it")
+        high *= 2
+    return float(brentq(excess, low, high, rtol=1e-6))
+
+
+def dp_centre_query(
+    dp: DPSGDSettings, ledger: PrivacyLedger, *, n: int, batch_size: int, epochs_total: int
+) -> float:
+    """The centring sum's noise multiplier (:func:`centre_noise` of the planned training
+    noise), written into ``ledger`` as one step at sample rate 1; :class:`BudgetExhausted`
+    when it would take the site past the target (a ledger already spent)."""
+    delta = dp.site_delta(n)
+    total = steps_per_epoch(n, batch_size) * epochs_total
+    noise = planned_noise(
+        dp, n_train=n, batch_size=batch_size, epochs_total=epochs_total, delta=delta, centred=True
+    )
+    query = centre_noise(noise, total)
+    if dp.target_epsilon is not None:
+        after = ledger.projected(delta, noise=query, rate=1.0, steps=1)
+        if after > dp.target_epsilon * 1.001:
+            raise BudgetExhausted(
+                f"privacy budget spent: the centring query would reach epsilon {after:.3f} "
+                f"of {dp.target_epsilon:g}"
+            )
+    ledger.history.append((query, 1.0, 1))
+    return query
 
 
 # ---------------------------------------------------------------------- training
@@ -299,6 +378,39 @@ class _Trainable(nn.Module):
         return x
 
 
+class _TailAverage:
+    """The mean of the weights after each of a round's last private steps
+    (``privacy.average_tail``), installed in place of the last step's weights.
+
+    Why: every DP-SGD step adds fresh Gaussian noise, and the last iterate carries the
+    noise of the last steps nearly undamped; near the optimum the iterates wander
+    around it, and their mean cancels much of that noise (Polyak-Ruppert averaging;
+    De et al. 2022 average the iterates of DP-SGD for the same reason). It reads only
+    the noised weights, so it is post-processing: no privacy cost, nothing to account.
+    torch's :class:`~torch.optim.swa_utils.AveragedModel` keeps the running mean;
+    ``first`` is the first step (1-based) it averages; ``None``: off.
+    """
+
+    def __init__(self, module: nn.Module, *, first: int | None) -> None:
+        from torch.optim.swa_utils import AveragedModel
+
+        self.module, self.first, self.done = module, first, 0
+        self.mean = None if first is None else AveragedModel(module)
+
+    def step(self) -> None:
+        self.done += 1
+        if self.mean is not None and self.first is not None and self.done >= self.first:
+            self.mean.update_parameters(self.module)
+
+    def install(self) -> None:
+        """Write the mean into the module (nothing when no step was averaged)."""
+        if self.mean is None or int(self.mean.n_averaged) == 0:
+            return
+        with torch.no_grad():
+            for p, m in zip(self.module.parameters(), self.mean.module.parameters(), strict=True):
+                p.copy_(m)
+
+
 @dataclass(frozen=True)
 class DPRound:
     loss: float
@@ -317,12 +429,18 @@ def _planned_round(
     batch_size: int,
     epochs: int,
     epochs_total: int,
+    centred: bool,
 ) -> tuple[float, float]:
     """This round's ``(delta, noise multiplier)``; :class:`BudgetExhausted` when its
     epochs would take the site past ``dp.target_epsilon``."""
     delta = dp.site_delta(n)
     noise = planned_noise(
-        dp, n_train=n, batch_size=batch_size, epochs_total=epochs_total, delta=delta
+        dp,
+        n_train=n,
+        batch_size=batch_size,
+        epochs_total=epochs_total,
+        delta=delta,
+        centred=centred,
     )
     steps = steps_per_epoch(n, batch_size)
     if dp.target_epsilon is not None:
@@ -348,6 +466,7 @@ def dp_local_fit(
     start: int,
     epochs: int,
     epochs_total: int,
+    centred: bool = False,
     proximal_mu: float = 0.0,
     seed: int = 0,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -364,7 +483,7 @@ def dp_local_fit(
 
     delta, noise = _planned_round(
         dp, ledger, n=len(indices), batch_size=settings.batch_size, epochs=epochs,
-        epochs_total=epochs_total,
+        epochs_total=epochs_total, centred=centred,
     )  # fmt: skip
     place_model(model, device)
     model.train()
@@ -378,10 +497,15 @@ def dp_local_fit(
         batch_size=settings.batch_size,
         generator=torch.Generator().manual_seed(seed),
     )
+    trainable = _Trainable(model)
+    steps = steps_per_epoch(len(indices), settings.batch_size) * epochs
+    tail = _TailAverage(
+        trainable, first=steps - int(dp.average_tail * steps) + 1 if dp.average_tail else None
+    )
     engine = PrivacyEngine(accountant=dp.accountant)
     engine.accountant.history = [tuple(h) for h in ledger.history]
     private, optimizer, loader = engine.make_private(
-        module=_Trainable(model),
+        module=trainable,
         optimizer=optimizer,
         data_loader=loader,
         noise_multiplier=noise,
@@ -402,7 +526,9 @@ def dp_local_fit(
         augment=augment,
         device=device,
         proximal=(proximal_mu, params, anchor),
+        tail=tail,
     )
+    tail.install()
     private._close()
     ledger.history = [tuple(h) for h in engine.accountant.history]
     return DPRound(
@@ -427,10 +553,11 @@ def _private_epochs(
     augment: Callable[[torch.Tensor], torch.Tensor] | None,
     device: torch.device,
     proximal: tuple[float, list[torch.Tensor], list[torch.Tensor]],
+    tail: _TailAverage,
 ) -> tuple[int, int, float]:
     """:func:`dp_local_fit`'s epochs on Opacus' private module, optimizer and loader;
     returns (images, correct, summed loss). ``proximal``: FedProx's (mu, parameters,
-    anchor), a separate step after each private update."""
+    anchor), a separate step after each private update; ``tail`` sees every step."""
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
     proximal_mu, params, anchor = proximal
@@ -462,6 +589,8 @@ def _private_epochs(
                     with torch.no_grad():
                         for p, a in zip(params, anchor, strict=True):
                             p.sub_(lr * proximal_mu * (p - a))
+                if not optimizer._is_last_step_skipped:  # a logical step, not a physical batch
+                    tail.step()
                 total += len(yb)
                 loss_sum += loss.item() * len(yb)
                 correct += int((logits.argmax(1) == yb).sum())

@@ -2,7 +2,8 @@
 
 A statistics round asks the holders of the data for sums under the model's current
 weights, adds them up, and installs what they determine: the BatchNorm statistics
-(``bn``, :mod:`bn_stats`) or a closed-form head (``fed3r`` / ``fedncm``,
+(``bn``, :mod:`bn_stats`), the centre of the unit features (``centre``,
+:mod:`centre`, before round 1) or a closed-form head (``fed3r`` / ``fedncm``,
 :mod:`head_init`). Three callers run them and differ only in *whose* sums they add:
 
 - a federation asks its sites (plain replies summed, or one SecAgg+ round);
@@ -24,6 +25,12 @@ import numpy as np
 import torch
 
 from fedscan.common.federated.bn_stats import BN_KIND, install_bn, site_bn_statistics
+from fedscan.common.federated.centre import (
+    CENTRE_KIND,
+    centre_module,
+    install_centre,
+    site_centre_statistics,
+)
 from fedscan.common.federated.head_init import (
     classifier_features,
     linear_head,
@@ -36,6 +43,14 @@ from fedscan.common.learn.models.staged import StagedModel
 
 # A way to get the summed ``kind`` statistics under the model's current weights
 Sums = Callable[[str], Mapping[str, np.ndarray]]
+
+
+def initial_kinds(model: StagedModel, fed: FederationSettings) -> list[str]:
+    """The statistics rounds before round 1, in their order: the feature centre
+    (``model.feature_norm=centred``), then the head (``federation.head_init``), solved
+    on the centred features."""
+    kinds = [CENTRE_KIND] if centre_module(model) is not None else []
+    return kinds + ([fed.head_init] if fed.head_init != "none" else [])
 
 
 def refit_kinds(fed: FederationSettings) -> list[str]:
@@ -70,6 +85,8 @@ def local_statistics(
         return site_bn_statistics(
             model, x, indices, start=start, device=device, batch_size=batch_size, seed=seed
         )
+    if kind == CENTRE_KIND:
+        return site_centre_statistics(model, x, indices, start=start, device=device)
     feats = classifier_features(model, x, indices, start=start, device=device)
     return site_statistics(kind, feats, labels[indices], linear_head(model).out_features)
 
@@ -78,9 +95,11 @@ def install_statistics(
     model: StagedModel, kind: str, total: Mapping[str, np.ndarray], *, ridge: float, scale: float
 ) -> None:
     """Write what the summed ``kind`` statistics determine into ``model``: the BatchNorm
-    layers' running statistics, or the solved head times ``scale``."""
+    layers' running statistics, the feature centre, or the solved head times ``scale``."""
     if kind == BN_KIND:
         install_bn(model, total)
+    elif kind == CENTRE_KIND:
+        install_centre(model, total)
     else:
         set_head(model, *solve_head(kind, total, ridge=ridge), scale=scale)
 

@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -26,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedscan.common.core.errors import DataError
 from fedscan.common.data.transforms import Augment
+from fedscan.common.federated.centre import CENTRE_KIND, centre_module, site_centre_statistics
 from fedscan.common.federated.exchange import (
     exchanged_keys,
     get_exchanged,
@@ -33,7 +35,12 @@ from fedscan.common.federated.exchange import (
     set_exchanged,
 )
 from fedscan.common.federated.head_init import linear_head
-from fedscan.common.federated.privacy import PrivacyLedger, dp_settings, dp_site_round
+from fedscan.common.federated.privacy import (
+    PrivacyLedger,
+    dp_centre_query,
+    dp_settings,
+    dp_site_round,
+)
 from fedscan.common.federated.refit import local_statistics
 from fedscan.common.federated.scaffold import correction, site_variate
 from fedscan.common.federated.settings import federation_settings
@@ -291,10 +298,13 @@ class SiteTrainer:
             **self._val_metrics(model),
         }
 
-    def statistics(self, arrays: Arrays, *, kind: str, state: SiteState) -> dict[str, np.ndarray]:
+    def statistics(
+        self, arrays: Arrays, *, kind: str, state: SiteState, run_key: str = ""
+    ) -> dict[str, np.ndarray]:
         """A statistics round: sums over the features entering the classifier of the
-        global model (see ``head_init``), or over its BatchNorm inputs (``kind="bn"``, see
-        ``bn_stats``), on this site's training split only."""
+        global model (see ``head_init``), over its BatchNorm inputs (``kind="bn"``, see
+        ``bn_stats``) or over its unit features (``kind="centre"``, see ``centre``; noised
+        and accounted under DP-SGD), on this site's training split only."""
         if len(self.site.train) == 0:
             raise DataError(
                 self.site.prepared.collection.root,
@@ -302,6 +312,8 @@ class SiteTrainer:
             )
         model, _ = self._model(arrays, state)
         site = self.site
+        if kind == CENTRE_KIND and self.dp is not None:
+            return self._dp_centre(model, run_key, state)
         return local_statistics(
             model,
             kind,
@@ -374,18 +386,53 @@ class SiteTrainer:
             linear_head(model).requires_grad_(False)
         return model, keys
 
+    def _ledger(self, state: SiteState, run_key: str) -> tuple[PrivacyLedger, Path | None]:
+        """The site's privacy ledger: from node state, else from its file; and that file."""
+        assert self.dp is not None
+        path = self._file("privacy", ".json", run_key)
+        if state.ledger is not None:
+            return PrivacyLedger.from_dict(state.ledger), path
+        if path is not None:
+            return PrivacyLedger.load(path, self.dp.accountant), path
+        return PrivacyLedger([], self.dp.accountant), path
+
+    def _keep(self, ledger: PrivacyLedger, state: SiteState, path: Path | None) -> None:
+        state.ledger = ledger.to_dict()
+        if path is not None:
+            ledger.save(path)
+
+    def _dp_centre(self, model: StagedModel, run_key: str, state: SiteState) -> dict:
+        """The centring sums under DP-SGD: the unit-feature sum noised with the planned
+        centring noise, the query written into the ledger before the sums leave."""
+        assert self.dp is not None
+        ledger, path = self._ledger(state, run_key)
+        site = self.site
+        noise = dp_centre_query(
+            self.dp,
+            ledger,
+            n=len(site.train),
+            batch_size=self.settings.batch_size,
+            epochs_total=self.federation.epoch_budget,
+        )
+        self._keep(ledger, state, path)
+        log.info("%s: centring sum noised (noise multiplier %.3g)", self.name, noise)
+        seed = site_seed(self.settings.seed, 0, self.partition_id)
+        return site_centre_statistics(
+            model,
+            site.x,
+            site.train,
+            start=site.start,
+            device=self.device,
+            noise=noise,
+            generator=np.random.default_rng(seed),
+        )
+
     def _dp_round(
         self, model: StagedModel, rnd: int, run_key: str, state: SiteState, fit: dict[str, Any]
     ) -> dict[str, float | int]:
         """DP-SGD for this round; the ledger continues from node state, else from its file."""
         assert self.dp is not None
-        path = self._file("privacy", ".json", run_key)
-        if state.ledger is not None:
-            ledger = PrivacyLedger.from_dict(state.ledger)
-        elif path is not None:
-            ledger = PrivacyLedger.load(path, self.dp.accountant)
-        else:
-            ledger = PrivacyLedger([], self.dp.accountant)
+        ledger, path = self._ledger(state, run_key)
         site = self.site
         out = dp_site_round(
             model,
@@ -398,11 +445,10 @@ class SiteTrainer:
             site=self.name,
             rnd=rnd,
             epochs_total=self.federation.epoch_budget,
+            centred=centre_module(model) is not None,
             **fit,
         )
-        state.ledger = ledger.to_dict()
-        if path is not None:
-            ledger.save(path)
+        self._keep(ledger, state, path)
         return out
 
     def _val_metrics(self, model: StagedModel) -> dict[str, float]:

@@ -66,8 +66,9 @@ def build_model(cfg: Mapping[str, Any], num_classes: int) -> StagedModel:
     model = MODELS.get(str(cfg["name"]))(num_classes, pretrained=pretrained)
     if str(cfg.get("norm", "batch")) == "group":
         batchnorm_to_groupnorm(model)
-    if str(cfg.get("feature_norm", "none")) == "l2":
-        normalise_classifier_input(model)
+    feature_norm = str(cfg.get("feature_norm", "none"))
+    if feature_norm != "none":
+        normalise_classifier_input(model, centred=feature_norm == "centred")
     model = set_trainable(model, cut_index(model, mode, int(cfg.get("finetune_blocks", 1))))
     if cfg.get("dp_compatible", False):  # set by privacy=dp_sgd
         # privacy.batchnorm=frozen: BatchNorm in inference mode instead of GroupNorm

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from fedscan.common.core.errors import ConfigError
 
 MODES = ("scratch", "features", "finetune")
-FEATURE_NORMS = ("none", "l2")
+FEATURE_NORMS = ("none", "l2", "centred")
 
 
 class InputAdapter(nn.Module):
@@ -36,19 +36,40 @@ class InputAdapter(nn.Module):
 
 
 class L2Normalize(nn.Module):
-    """Each sample's features scaled to unit Euclidean norm (``model.feature_norm=l2``).
+    """Each sample's features scaled to unit Euclidean norm (``model.feature_norm=l2``),
+    and with ``centre_dim`` (``centred``) then moved by the federation's mean unit
+    feature (the ``centre`` buffer) and scaled to unit norm again.
 
     DP-SGD clips every per-sample gradient to ``privacy.max_grad_norm``; for a linear
     head that gradient is (softmax - one-hot) x features, so with unit-norm features
     its norm is at most 2 for every image and clipping no longer throws away the
     signal of the bright or large-activation images. It is the classifier stage's
     first module, not part of the cached prefix: the exported model normalises the
-    same way, and the feature cache stays shared with un-normalised runs. Parameter-
-    free, and per sample, so Opacus needs nothing of it.
+    same way, and the feature cache stays shared with un-normalised runs. Per sample,
+    so Opacus needs nothing of it.
+
+    Why centre: pretrained features of one kind of scan all point one way (on brain,
+    the mean unit feature has norm 0.73), so most of each unit vector is the part all
+    images share; it cancels in the averaged gradient but fills the clipping norm, and
+    the noise is scaled to that norm. Centred and rescaled, the part that tells the
+    classes apart fills it instead. The centre is one statistics round before round 1
+    (``common/federated/centre.py``); it stays zero until then (plain ``l2``).
     """
 
+    def __init__(self, centre_dim: int | None = None) -> None:
+        super().__init__()
+        if centre_dim is not None:
+            self.register_buffer("centre", torch.zeros(centre_dim))
+
+    @property
+    def centred(self) -> bool:
+        return hasattr(self, "centre")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x.flatten(1), dim=1).view_as(x)
+        y = F.normalize(x.flatten(1), dim=1)
+        if self.centred:
+            y = F.normalize(y - self.centre, dim=1)
+        return y.view_as(x)
 
 
 class StagedModel(nn.Module):
@@ -127,12 +148,16 @@ def set_trainable(model: StagedModel, cut: int) -> StagedModel:
     return model.train(model.training)
 
 
-def normalise_classifier_input(model: StagedModel) -> StagedModel:
-    """Put :class:`L2Normalize` first in the classifier stage (``model.feature_norm=l2``)."""
+def normalise_classifier_input(model: StagedModel, *, centred: bool = False) -> StagedModel:
+    """Put :class:`L2Normalize` first in the classifier stage (``model.feature_norm=l2``;
+    ``centred``: with a centre the size of the classifier's input)."""
     stage = model.stages[-1]
     modules = list(stage) if isinstance(stage, nn.Sequential) else [stage]
     if not any(isinstance(m, L2Normalize) for m in modules):
-        model.stages[-1] = nn.Sequential(L2Normalize(), *modules)
+        dim = next((m.in_features for m in modules if isinstance(m, nn.Linear)), None)
+        if centred and dim is None:
+            raise ConfigError("model.feature_norm", "centred needs a linear classifier")
+        model.stages[-1] = nn.Sequential(L2Normalize(dim if centred else None), *modules)
     return model
 
 
