@@ -70,7 +70,6 @@ class DPSGDSettings:
     accountant: str
     max_physical_batch_size: int
     batchnorm: str  # group | frozen: the trainable stages' BatchNorm (models/dp.py)
-    average_tail: float  # the share of a round's last private steps whose weights are averaged
 
     def __post_init__(self) -> None:
         if self.target_epsilon is None and self.noise_multiplier is None:
@@ -96,8 +95,6 @@ class DPSGDSettings:
                 "privacy.max_physical_batch_size",
                 f"must be >= 1, got {self.max_physical_batch_size}",
             )
-        if not 0.0 <= self.average_tail < 1.0:
-            raise ConfigError("privacy.average_tail", f"must be in [0, 1), got {self.average_tail}")
         if self.batchnorm not in DP_BATCHNORMS:
             raise ConfigError(
                 "privacy.batchnorm", f"use one of {DP_BATCHNORMS}, got '{self.batchnorm}'"
@@ -250,17 +247,22 @@ def planned_noise(
         f"{n_train} training samples), delta {delta:.3g}"
     )
     if dp.noise_multiplier is not None:
-        if dp.target_epsilon is not None:
-            history = _history(dp.noise_multiplier, rate, total, centred)
-            spent = PrivacyLedger(history, dp.accountant)
-            eps = spent.epsilon(delta)
-            if eps > dp.target_epsilon * 1.001:
-                raise ConfigError(
-                    "privacy.noise_multiplier",
-                    f"{dp.noise_multiplier:g} spends epsilon {eps:.3g} in the planned {plan}, "
-                    f"more than privacy.target_epsilon={dp.target_epsilon:g}; raise the noise, "
-                    "plan fewer steps, or set privacy.target_epsilon=null to report epsilon only",
-                )
+        history = _history(dp.noise_multiplier, rate, total, centred)
+        try:  # also when only reported: a plan the accountant cannot bound fails now
+            eps = PrivacyLedger(history, dp.accountant).epsilon(delta)
+        except MemoryError as exc:  # PRV's grid for a tiny multiplier (0.001: 882 GiB)
+            raise ConfigError(
+                "privacy.accountant",
+                f"Opacus' {dp.accountant} accountant cannot bound noise multiplier "
+                f"{dp.noise_multiplier:g} over the planned {plan} ({exc}); use rdp",
+            ) from exc
+        if dp.target_epsilon is not None and eps > dp.target_epsilon * 1.001:
+            raise ConfigError(
+                "privacy.noise_multiplier",
+                f"{dp.noise_multiplier:g} spends epsilon {eps:.3g} in the planned {plan}, "
+                f"more than privacy.target_epsilon={dp.target_epsilon:g}; raise the noise, "
+                "plan fewer steps, or set privacy.target_epsilon=null to report epsilon only",
+            )
         return dp.noise_multiplier
     try:
         if centred:
@@ -378,39 +380,6 @@ class _Trainable(nn.Module):
         return x
 
 
-class _TailAverage:
-    """The mean of the weights after each of a round's last private steps
-    (``privacy.average_tail``), installed in place of the last step's weights.
-
-    Why: every DP-SGD step adds fresh Gaussian noise, and the last iterate carries the
-    noise of the last steps nearly undamped; near the optimum the iterates wander
-    around it, and their mean cancels much of that noise (Polyak-Ruppert averaging;
-    De et al. 2022 average the iterates of DP-SGD for the same reason). It reads only
-    the noised weights, so it is post-processing: no privacy cost, nothing to account.
-    torch's :class:`~torch.optim.swa_utils.AveragedModel` keeps the running mean;
-    ``first`` is the first step (1-based) it averages; ``None``: off.
-    """
-
-    def __init__(self, module: nn.Module, *, first: int | None) -> None:
-        from torch.optim.swa_utils import AveragedModel
-
-        self.module, self.first, self.done = module, first, 0
-        self.mean = None if first is None else AveragedModel(module)
-
-    def step(self) -> None:
-        self.done += 1
-        if self.mean is not None and self.first is not None and self.done >= self.first:
-            self.mean.update_parameters(self.module)
-
-    def install(self) -> None:
-        """Write the mean into the module (nothing when no step was averaged)."""
-        if self.mean is None or int(self.mean.n_averaged) == 0:
-            return
-        with torch.no_grad():
-            for p, m in zip(self.module.parameters(), self.mean.module.parameters(), strict=True):
-                p.copy_(m)
-
-
 @dataclass(frozen=True)
 class DPRound:
     loss: float
@@ -497,15 +466,10 @@ def dp_local_fit(
         batch_size=settings.batch_size,
         generator=torch.Generator().manual_seed(seed),
     )
-    trainable = _Trainable(model)
-    steps = steps_per_epoch(len(indices), settings.batch_size) * epochs
-    tail = _TailAverage(
-        trainable, first=steps - int(dp.average_tail * steps) + 1 if dp.average_tail else None
-    )
     engine = PrivacyEngine(accountant=dp.accountant)
     engine.accountant.history = [tuple(h) for h in ledger.history]
     private, optimizer, loader = engine.make_private(
-        module=trainable,
+        module=_Trainable(model),
         optimizer=optimizer,
         data_loader=loader,
         noise_multiplier=noise,
@@ -526,9 +490,7 @@ def dp_local_fit(
         augment=augment,
         device=device,
         proximal=(proximal_mu, params, anchor),
-        tail=tail,
     )
-    tail.install()
     private._close()
     ledger.history = [tuple(h) for h in engine.accountant.history]
     return DPRound(
@@ -553,11 +515,10 @@ def _private_epochs(
     augment: Callable[[torch.Tensor], torch.Tensor] | None,
     device: torch.device,
     proximal: tuple[float, list[torch.Tensor], list[torch.Tensor]],
-    tail: _TailAverage,
 ) -> tuple[int, int, float]:
     """:func:`dp_local_fit`'s epochs on Opacus' private module, optimizer and loader;
     returns (images, correct, summed loss). ``proximal``: FedProx's (mu, parameters,
-    anchor), a separate step after each private update; ``tail`` sees every step."""
+    anchor), a separate step after each private update."""
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
     proximal_mu, params, anchor = proximal
@@ -589,8 +550,6 @@ def _private_epochs(
                     with torch.no_grad():
                         for p, a in zip(params, anchor, strict=True):
                             p.sub_(lr * proximal_mu * (p - a))
-                if not optimizer._is_last_step_skipped:  # a logical step, not a physical batch
-                    tail.step()
                 total += len(yb)
                 loss_sum += loss.item() * len(yb)
                 correct += int((logits.argmax(1) == yb).sum())
