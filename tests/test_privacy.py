@@ -413,9 +413,11 @@ def test_l2_feature_norm_is_the_classifiers_first_module_and_scale_free() -> Non
 
 
 @pytest.mark.usefixtures("_no_real_data")
-def test_the_exported_model_normalises_its_features(tmp_path: Path) -> None:
-    """A trained run with feature_norm=l2, exported: the package predicts what the
-    model with its normalisation does, not what it would without it."""
+@pytest.mark.parametrize("feature_norm", ["l2", "centred"])
+def test_the_exported_model_normalises_its_features(tmp_path: Path, feature_norm: str) -> None:
+    """A trained run with feature_norm=l2 (centred), exported: the package predicts what
+    the model with its normalisation (and its installed centre) does, not what it would
+    without them."""
     from fedscan.common.core.config import load_config
     from fedscan.common.learn.models.staged import L2Normalize
     from fedscan.deploy.export import export_run, load_run_model
@@ -427,7 +429,7 @@ def test_the_exported_model_normalises_its_features(tmp_path: Path) -> None:
             "dataset=synthetic",
             "dataset.image_size=32",
             "model.mode=features",
-            "model.feature_norm=l2",
+            f"model.feature_norm={feature_norm}",
             "train.epochs=1",
             "tracking=none",
             f"runs_dir={tmp_path}",
@@ -440,6 +442,13 @@ def test_the_exported_model_normalises_its_features(tmp_path: Path) -> None:
     batch = torch.from_numpy(np.stack([package.prepare(im) for im in images]))
     with torch.no_grad():
         with_norm = torch.softmax(model(batch), 1).numpy()
+        if feature_norm == "centred":  # the pooled run's centre is in the package
+            norm = model.stages[-1][0]
+            assert norm.centre.norm() > 0.1
+            centre = norm.centre.clone()
+            norm.centre.zero_()
+            assert np.abs(torch.softmax(model(batch), 1).numpy() - with_norm).max() > 1e-3
+            norm.centre.copy_(centre)
         model.stages[-1][0] = nn.Identity()
         assert not any(isinstance(m, L2Normalize) for m in model.modules())
         without = torch.softmax(model(batch), 1).numpy()
@@ -581,11 +590,11 @@ def test_recipe_dp_is_private_and_the_command_line_still_wins() -> None:
 
     cfg = load_config(["dataset=synthetic", "recipe=dp"])
     assert cfg.privacy.name == "dp_sgd" and cfg.model.dp_compatible
-    assert (cfg.model.mode, cfg.model.feature_norm) == ("features", "l2")
+    assert (cfg.model.mode, cfg.model.feature_norm) == ("features", "centred")
     assert dp_settings(cfg.privacy) is not None  # a complete, valid privacy section
     # the recipe overrides the tree; the command line overrides the recipe
     assert load_config(["dataset=synthetic", "recipe=dp", "train.lr=0.123"]).train.lr == 0.123
     assert cfg.recipe == "dp" and cfg.privacy.batchnorm == "group"
     twin = load_config(["dataset=synthetic", "recipe=dp", "privacy=off"])
     assert twin.privacy.name == "off" and dp_settings(twin.privacy) is None
-    assert (twin.model.feature_norm, twin.train.lr) == ("l2", cfg.train.lr)  # the same model
+    assert (twin.model.feature_norm, twin.train.lr) == ("centred", cfg.train.lr)  # the same model
