@@ -136,21 +136,25 @@ def test_under_dp_the_centring_query_is_accounted_and_the_run_spends_its_target(
     tmp_path: Path,
 ) -> None:
     """privacy=dp_sgd with a centred feature norm: each site's ledger starts with the
-    centring query (one step at rate 1, the planned multiplier), and after the planned
-    rounds the site has spent its target, no more."""
+    centring query (one step at rate 1, the planned multiplier), after the planned
+    rounds the site has spent its target, no more, and the installed centre is the
+    exact mean unit feature plus Gaussian noise of the accounted size (statistical,
+    over the 256 coordinates: the sample std's own spread is about 4 %)."""
+    from fedscan.common.core.config import load_config
+    from fedscan.common.federated.site import site_indices
+    from fedscan.common.learn.prepare import prepare_run
     from fedscan.simulations.federated import run_federated
 
-    run = run_federated(
-        [
-            *SIM_BASE,
-            f"runs_dir={tmp_path}",
-            "model.feature_norm=centred",
-            "privacy=dp_sgd",
-            "privacy.target_epsilon=4",
-            "federation.rounds=2",
-        ]
-    )
+    overrides = [
+        *SIM_BASE,
+        "model.feature_norm=centred",
+        "privacy=dp_sgd",
+        "privacy.target_epsilon=4",
+        "federation.rounds=2",
+    ]
+    run = run_federated([*overrides, f"runs_dir={tmp_path}"])
     last = json.loads((run / "metrics.json").read_text())["rounds"][-1]
+    queries = []
     for row in last["sites"]["train"]:
         pid = row["partition-id"]
         ledger = PrivacyLedger.load(run / "site-privacy" / f"site-{pid}.json")
@@ -159,3 +163,16 @@ def test_under_dp_the_centring_query_is_accounted_and_the_run_spends_its_target(
         assert query == (pytest.approx(centre_noise(row["dp_noise_multiplier"], steps)), 1.0, 1)
         assert row["dp_epsilon"] == pytest.approx(ledger.epsilon(row["dp_delta"]))
         assert 4 * 0.98 < row["dp_epsilon"] <= 4 * 1.001
+        queries.append(query[0])
+    cfg = load_config(overrides)
+    prep = prepare_run(cfg)  # the initial model the centring round ran on
+    idx = np.concatenate(
+        [site_indices(cfg, prep.data, partition_id=p, num_partitions=2)[0] for p in (0, 1)]
+    )
+    exact = site_centre_statistics(prep.model, prep.x, idx, start=prep.start, device=CPU)
+    arrays = torch.load(run / "last.pt", weights_only=False)["arrays"]
+    (key,) = [k for k in arrays if k.endswith(".centre")]
+    noise = arrays[key].double().numpy() - exact["unit_sum"] / len(idx)
+    expected = np.sqrt(np.sum(np.square(queries))) / len(idx)  # the sum's noise / the count
+    assert noise.size == 256
+    assert noise.std() == pytest.approx(expected, rel=0.25)
