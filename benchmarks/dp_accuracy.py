@@ -155,8 +155,11 @@ def base_overrides(a: argparse.Namespace, mode: str, partition: str) -> list[str
 
 def private(eps: float | None) -> list[str]:
     """A cell's privacy: off (the twin, also where the overrides chose a private
-    recipe) or DP-SGD at ``eps``."""
-    return ["privacy=off"] if eps is None else ["privacy=dp_sgd", f"privacy.target_epsilon={eps:g}"]
+    recipe) or DP-SGD at ``eps``, its noise seeded from the run's seed so that a rerun
+    repeats the figures (``privacy.noise_seed=run``; deployments keep ``secret``)."""
+    if eps is None:
+        return ["privacy=off"]
+    return ["privacy=dp_sgd", f"privacy.target_epsilon={eps:g}", "privacy.noise_seed=run"]
 
 
 def eps_label(eps: float | None) -> str:

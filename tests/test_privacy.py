@@ -66,6 +66,7 @@ def test_planned_noise_spends_the_target_over_the_planned_epochs() -> None:
         ("target_epsilon", "lots", "privacy.target_epsilon.*expected a number"),
         ("epsilon", 3, "privacy.epsilon.*unknown key"),
         ("batchnorm", "batch", "privacy.batchnorm.*group.*frozen"),
+        ("noise_seed", "fixed", "privacy.noise_seed.*secret.*run"),
     ],
 )
 def test_bad_dp_settings_name_the_key(key: str, value: object, message: str) -> None:
@@ -598,3 +599,28 @@ def test_recipe_dp_is_private_and_the_command_line_still_wins() -> None:
     twin = load_config(["dataset=synthetic", "recipe=dp", "privacy=off"])
     assert twin.privacy.name == "off" and dp_settings(twin.privacy) is None
     assert (twin.model.feature_norm, twin.train.lr) == ("centred", cfg.train.lr)  # the same model
+
+
+def _noised_head(noise_seed: str) -> torch.Tensor:
+    """One private round of a linear head from zero, same data and run seed each time."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 48)
+    x = rng.normal(size=(48, 6)).astype(np.float32)
+    model = make_dp_compatible(StagedModel("head", [("classifier", nn.Linear(6, 3))], 3))
+    nn.init.zeros_(model.stages[0].weight)
+    dp = tree_dp_settings(target_epsilon=8.0, delta=1e-3, noise_seed=noise_seed)
+    dp_local_fit(
+        model, x, labels, np.arange(48), tree_train_settings(batch_size=16, lr=0.5), dp,
+        PrivacyLedger(), device=CPU, start=0, epochs=2, epochs_total=2, seed=7,
+    )  # fmt: skip
+    return model.stages[0].weight.detach().clone()
+
+
+def test_the_noise_is_secret_unless_a_reproducible_run_is_asked_for() -> None:
+    """privacy.noise_seed=secret (the default): the same site, data and run seed give
+    different private weights each time, since the run's seed is in the config the
+    coordinator writes and must not determine the noise; =run repeats them exactly."""
+    assert tree_dp_settings().noise_seed == "secret"
+    assert not torch.equal(_noised_head("secret"), _noised_head("secret"))
+    assert torch.equal(_noised_head("run"), _noised_head("run"))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import secrets
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -51,6 +52,7 @@ from fedscan.common.learn.training import loss_function, make_optimizer, place_m
 log = logging.getLogger("fedscan.privacy")
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")
+NOISE_SEEDS = ("secret", "run")
 
 
 class BudgetExhausted(RuntimeError):
@@ -70,6 +72,7 @@ class DPSGDSettings:
     accountant: str
     max_physical_batch_size: int
     batchnorm: str  # group | frozen: the trainable stages' BatchNorm (models/dp.py)
+    noise_seed: str  # secret | run: where DP-SGD's sampling and noise are seeded from
 
     def __post_init__(self) -> None:
         if self.target_epsilon is None and self.noise_multiplier is None:
@@ -95,6 +98,10 @@ class DPSGDSettings:
                 "privacy.max_physical_batch_size",
                 f"must be >= 1, got {self.max_physical_batch_size}",
             )
+        if self.noise_seed not in NOISE_SEEDS:
+            raise ConfigError(
+                "privacy.noise_seed", f"use one of {NOISE_SEEDS}, got '{self.noise_seed}'"
+            )
         if self.batchnorm not in DP_BATCHNORMS:
             raise ConfigError(
                 "privacy.batchnorm", f"use one of {DP_BATCHNORMS}, got '{self.batchnorm}'"
@@ -105,6 +112,20 @@ class DPSGDSettings:
         if delta >= 1.0 / max(n_train, 1):
             log.warning("privacy.delta=%g is not below 1/N (N=%d samples)", delta, n_train)
         return delta
+
+
+def noise_seed(dp: DPSGDSettings, seed: int) -> int:
+    """The seed of a private step's sampling and noise, or of the centring query's noise.
+
+    ``privacy.noise_seed=secret`` (default): 63 bits from the operating system's CSPRNG
+    (``secrets``), drawn per round, never sent or stored. The run's seed is in its
+    config, which the coordinator writes: noise derived from it could be regenerated
+    and subtracted by anyone holding the config, and the epsilon would protect nothing.
+    ``run``: ``seed`` itself (derived from the run's seed, site and round), so a rerun
+    gives the same figures (the benchmarks' choice); private against no one who knows
+    that seed.
+    """
+    return secrets.randbits(63) if dp.noise_seed == "secret" else seed
 
 
 def dp_settings(privacy: Mapping[str, Any]) -> DPSGDSettings | None:
@@ -447,6 +468,8 @@ def dp_local_fit(
     plan cannot work at all (:func:`planned_noise`). FedProx's proximal pull is
     applied as a separate step after each private update (it does not touch the
     data, so it costs no privacy); Opacus' per-sample clipping never sees it.
+    ``seed`` (the site's round seed) seeds the sampling and the noise only with
+    ``privacy.noise_seed=run`` (:func:`noise_seed`).
     """
     from opacus import PrivacyEngine
 
@@ -461,6 +484,7 @@ def dp_local_fit(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(model, settings)
     loss_fn = loss_function(settings, labels[indices], model.num_classes).to(device)
+    seed = noise_seed(dp, seed)  # Poisson sampling and noise: secret unless asked not to
     loader = DataLoader(
         _Rows(x, labels, indices),
         batch_size=settings.batch_size,

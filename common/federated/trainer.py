@@ -40,6 +40,7 @@ from fedscan.common.federated.privacy import (
     dp_centre_query,
     dp_settings,
     dp_site_round,
+    noise_seed,
 )
 from fedscan.common.federated.refit import local_statistics
 from fedscan.common.federated.scaffold import correction, site_variate
@@ -416,7 +417,7 @@ class SiteTrainer:
         )
         self._keep(ledger, state, path)
         log.info("%s: centring sum noised (noise multiplier %.3g)", self.name, noise)
-        seed = site_seed(self.settings.seed, 0, self.partition_id)
+        seed = noise_seed(self.dp, site_seed(self.settings.seed, 0, self.partition_id))
         return site_centre_statistics(
             model,
             site.x,

@@ -171,6 +171,8 @@ ADDED_LATER = {
 # privacy.batchnorm, DP-SGD always swapped BatchNorm for GroupNorm.
 ADDED_LATER_IN = {
     "privacy.batchnorm": ("privacy.name", "dp_sgd", "group"),
+    # before privacy.noise_seed, DP-SGD's sampling and noise were seeded from the run's seed
+    "privacy.noise_seed": ("privacy.name", "dp_sgd", "run"),
     "model.dp_batchnorm": ("privacy.name", "dp_sgd", "group"),
 }
 
