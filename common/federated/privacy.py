@@ -467,9 +467,8 @@ def dp_local_fit(
     take the site past ``dp.target_epsilon``, and :class:`ConfigError` when the
     plan cannot work at all (:func:`planned_noise`). FedProx's proximal pull is
     applied as a separate step after each private update (it does not touch the
-    data, so it costs no privacy); Opacus' per-sample clipping never sees it.
-    ``seed`` (the site's round seed) seeds the sampling and the noise only with
-    ``privacy.noise_seed=run`` (:func:`noise_seed`).
+    data, so it costs no privacy); Opacus' per-sample clipping never sees it. ``seed``
+    seeds sampling and noise only with ``privacy.noise_seed=run`` (:func:`noise_seed`).
     """
     from opacus import PrivacyEngine
 
@@ -486,10 +485,9 @@ def dp_local_fit(
     loss_fn = loss_function(settings, labels[indices], model.num_classes).to(device)
     seed = noise_seed(dp, seed)  # Poisson sampling and noise: secret unless asked not to
     loader = DataLoader(
-        _Rows(x, labels, indices),
-        batch_size=settings.batch_size,
+        _Rows(x, labels, indices), batch_size=settings.batch_size,
         generator=torch.Generator().manual_seed(seed),
-    )
+    )  # fmt: skip
     engine = PrivacyEngine(accountant=dp.accountant)
     engine.accountant.history = [tuple(h) for h in ledger.history]
     private, optimizer, loader = engine.make_private(
